@@ -1,0 +1,144 @@
+"""The calibration run: data -> capture -> stats -> solver -> artifacts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvq import __version__
+from kvq.artifact import file_sha256, write_files_atomically
+from kvq.calibrate.capture import StatsCache
+from kvq.data import Batch, batches, load_documents, select_samples
+from kvq.errors import KvqError
+from kvq.models import LoadedModel, ModelInfo, load_model
+from kvq.recipe import KVRecipe
+from kvq.scales import KVScales
+from kvq.solver import solve
+from kvq.stats import STATS_FILE, KVStats
+
+CAPTURE_POINT = "transformers Cache.update: keys after RoPE, values as given, per KV head before repeat_kv"
+
+
+@dataclass
+class CalibrationConfig:
+    model: str | None = None
+    dataset: str = "pydoc"
+    data_files: list[str] | None = None
+    samples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CalibrationResult:
+    info: ModelInfo
+    stats: KVStats
+    scales: KVScales
+    files: list[Path]
+    samples: int
+    tokens: int
+    seconds: float
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head: calibration needs K and V, not logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", model)
+    return decoder
+
+
+def collect_stats(
+    model: torch.nn.Module,
+    batch_iter: Iterable[Batch],
+    on_batch: Callable[[Batch], None] | None = None,
+) -> KVStats:
+    """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats`."""
+    stats = KVStats()
+    decoder = decoder_of(model)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for n, batch in enumerate(batch_iter):
+            mask = batch.attention_mask.to(device)
+            cache = StatsCache(stats, mask, config=model.config)
+            try:
+                decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True)
+            except TypeError as exc:
+                if "past_key_values" not in str(exc):
+                    raise
+                raise KvqError(
+                    f"model {type(model).__name__} does not take a transformers KV cache ({exc})",
+                    hint="kvq calibrates models whose attention writes through transformers' Cache.update",
+                ) from None
+            for i in sorted(set(cache.layers_seen)):
+                layer = stats.layers[i]
+                for name, ts in (("K", layer.k), ("V", layer.v)):
+                    if not (torch.isfinite(ts.min).all() and torch.isfinite(ts.max).all()):
+                        raise KvqError(
+                            f"layer {i}: {name} holds NaN or inf (batch {n})",
+                            hint="check the model's weights; if it overflows in float16, try --dtype bfloat16 or float32",
+                        )
+            if on_batch is not None:
+                on_batch(batch)
+    return stats
+
+
+def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress: bool = False) -> CalibrationResult:
+    """Calibrate ``cfg.model`` on ``cfg.dataset`` and write stats + scales into ``out_dir``."""
+    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
+    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     trust_remote_code=cfg.trust_remote_code)
+    tok = loaded.tokenizer
+    picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    start = time.perf_counter()
+    if progress:
+        from kvq.calibrate.report import calibration_progress
+
+        with calibration_progress(len(picked.token_ids), picked.total_tokens) as advance:
+            stats = collect_stats(loaded.model, batches(picked.token_ids, cfg.batch_size, pad_id), advance)
+    else:
+        stats = collect_stats(loaded.model, batches(picked.token_ids, cfg.batch_size, pad_id))
+    seconds = time.perf_counter() - start
+    info = loaded.info
+    stats.check_complete(info.num_layers)
+    for i, layer in stats.layers.items():
+        if tuple(layer.k.min.shape) != (info.num_kv_heads, info.head_dim):
+            raise KvqError(
+                f"layer {i}: captured keys have (kv_heads, head_dim) {tuple(layer.k.min.shape)}, "
+                f"the config says {(info.num_kv_heads, info.head_dim)}"
+            )
+    stats.metadata = {
+        "model": info.model_id,
+        "config_hash": info.config_hash,
+        "model_type": info.model_type,
+        "num_layers": str(info.num_layers),
+        "num_kv_heads": str(info.num_kv_heads),
+        "head_dim": str(info.head_dim),
+        "dataset": dataset.name,
+        "dataset_origin": dataset.origin,
+        "data_files": json.dumps([{"path": f, "sha256": file_sha256(f)} for f in dataset.files]),
+        "samples": str(len(picked.token_ids)),
+        "samples_requested": str(cfg.samples),
+        "documents_used": str(picked.documents_used),
+        "seqlen": str(cfg.seqlen),
+        "seed": str(cfg.seed),
+        "tokens": str(stats.total_tokens),
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "capture_point": CAPTURE_POINT,
+        "kvq_version": __version__,
+    }
+    scales = solve(stats, recipe)
+    out_dir = Path(out_dir)
+    files = {out_dir / STATS_FILE: stats.to_bytes(), **scales.files(out_dir)}
+    write_files_atomically(files)
+    return CalibrationResult(info, stats, scales, list(files), len(picked.token_ids), stats.total_tokens, seconds)

@@ -1,0 +1,101 @@
+"""Seeded, documented selection of calibration samples.
+
+1. Documents are shuffled with ``random.Random(seed)`` (a seed gives the same order everywhere).
+2. Each document is encoded as the tokenizer encodes it, special tokens included (chat
+   conversations are rendered with the model's chat template, whose text already carries them),
+   and cut into consecutive chunks of at most ``seqlen`` tokens.
+3. Samples are taken round-robin: the first chunk of every document in shuffled order, then the
+   second chunk of every document long enough to have one, and so on, until ``samples`` are taken.
+   So ``--samples N`` on a corpus of many documents calibrates on N different documents, and a
+   file holding one document longer than ``seqlen`` with ``--samples 1`` calibrates on exactly its
+   first ``seqlen`` tokens.
+4. Empty documents are skipped. Samples shorter than ``seqlen`` are padded in their batch; padding
+   never enters the statistics.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kvq.data.sources import Document
+from kvq.errors import KvqError
+
+
+@dataclass
+class Samples:
+    """Token ids of each sample (lists of different lengths, each at most seqlen)."""
+
+    token_ids: list[list[int]]
+    documents_used: int
+    documents_available: int
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+def encode_document(doc: Document, tokenizer) -> list[int]:
+    if doc.messages is not None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise KvqError("this dataset holds chat conversations but the model's tokenizer has no chat template",
+                           hint="use a plain-text dataset (c4, wikitext2, pile, or files with a 'text' field)")
+        text = tokenizer.apply_chat_template(list(doc.messages), tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(doc.text)["input_ids"])
+
+
+def select_samples(
+    documents: list[Document], tokenizer, samples: int, seqlen: int, seed: int
+) -> Samples:
+    """Pick ``samples`` token sequences of at most ``seqlen`` tokens (see the module docstring)."""
+    order = [i for i, d in enumerate(documents) if not d.is_empty]
+    if not order:
+        raise KvqError("the dataset holds no non-empty documents")
+    random.Random(seed).shuffle(order)
+    encoded: dict[int, list[int]] = {}
+    picked: list[list[int]] = []
+    used: set[int] = set()
+    chunk = 0
+    while len(picked) < samples:
+        took_any = False
+        for i in order:
+            if i not in encoded:
+                encoded[i] = encode_document(documents[i], tokenizer)
+            ids = encoded[i]
+            piece = ids[chunk * seqlen : (chunk + 1) * seqlen]
+            if not piece:
+                continue
+            picked.append(piece)
+            used.add(i)
+            took_any = True
+            if len(picked) == samples:
+                break
+        if not took_any:
+            break  # every document is exhausted
+        chunk += 1
+    return Samples(picked, documents_used=len(used), documents_available=len(order))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (batch, seq) long
+    attention_mask: torch.Tensor  # (batch, seq) long, 1 = real token, 0 = padding (right side)
+    num_samples: int
+    num_tokens: int
+
+
+def batches(token_ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Right-padded batches: real tokens keep positions 0..n-1, as without padding."""
+    for start in range(0, len(token_ids), batch_size):
+        group = token_ids[start : start + batch_size]
+        width = max(len(t) for t in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)  # (batch, seq)
+        mask = torch.zeros((len(group), width), dtype=torch.long)  # (batch, seq)
+        for row, t in enumerate(group):
+            ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[row, : len(t)] = 1
+        yield Batch(ids, mask, len(group), sum(len(t) for t in group))

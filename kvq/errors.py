@@ -1,0 +1,28 @@
+"""Errors a user can act on.
+
+Every error kvq raises on bad input is a :class:`KvqError` carrying a one-line message that names
+the thing at fault and, where there is one, a hint saying what to do. The CLI prints these as one
+line (two with the hint) and exits with ``exit_code``; ``KVQ_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+
+class KvqError(Exception):
+    """A failure while doing the work (exit code 1): bad data, NaN activations, an unobserved layer."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
+
+
+class UsageError(KvqError):
+    """The user asked for something that cannot be (exit code 2): a bad flag, recipe, or missing file."""
+
+    exit_code = 2

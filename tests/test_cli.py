@@ -1,0 +1,134 @@
+"""The command line: artifacts, `kvq solve` == `kvq calibrate`, one-line errors and exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kvq.cli import main
+
+
+def read_safetensors(path):
+    with safe_open(str(path), "pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+
+
+def calibrate_args(model, data, out, *extra, **replace):
+    flags = {"--model": str(model), "--dataset": "c4", "--data-files": str(data), "--samples": "3",
+             "--seqlen": "32", "--out": str(out)}
+    flags.update(replace)
+    return ["calibrate", *(x for kv in flags.items() for x in kv), *extra]
+
+
+@pytest.fixture
+def c4_file(shared_data):
+    return shared_data / "c4-en-validation-sample.jsonl"
+
+
+def test_calibrate_writes_the_artifacts(tiny_llama, c4_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(calibrate_args(tiny_llama, c4_file, out, "--recipe", "int8-asym-per-channel", "--batch-size", "2")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scales.json", "scales.safetensors", "stats.safetensors"]
+    stats, meta = read_safetensors(out / "stats.safetensors")
+    assert len(stats) == 3 * 6 and stats["layers.2.v.absmax"].shape == (2, 16)
+    assert all(t.dtype == torch.float32 for t in stats.values())
+    for key in ("model", "config_hash", "dataset", "data_files", "samples", "seqlen", "seed", "tokens", "dtype",
+                "capture_point", "kvq_version"):
+        assert key in meta, key
+    assert meta["samples"] == "3" and meta["seqlen"] == "32" and meta["dataset"] == "c4"
+    assert json.loads(meta["data_files"])[0]["sha256"].startswith("7e1b8856")
+    scales, smeta = read_safetensors(out / "scales.safetensors")
+    assert scales["layers.0.k_scale"].shape == (2, 16) and scales["layers.0.k_zero_point"].dtype == torch.int32
+    assert json.loads(smeta["recipe"])["name"] == "int8-asym-per-channel"
+    doc = json.loads((out / "scales.json").read_text())
+    assert doc["layers"]["1"]["v_scale"] == scales["layers.1.v_scale"].tolist()
+    assert doc["metadata"]["tokens"] == meta["tokens"]
+    assert "kvq calibration" in capsys.readouterr().out
+
+
+def test_solve_on_saved_stats_equals_calibrate(tiny_llama, c4_file, tmp_path):
+    cal, solved = tmp_path / "cal", tmp_path / "solved"
+    assert main(calibrate_args(tiny_llama, c4_file, cal, "--recipe", "int4-asym-per-head")) == 0
+    assert main(["solve", str(cal / "stats.safetensors"), "--recipe", "int4-asym-per-head", "--out", str(solved)]) == 0
+    a, a_meta = read_safetensors(cal / "scales.safetensors")
+    b, b_meta = read_safetensors(solved / "scales.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a_meta == b_meta
+    assert (cal / "scales.json").read_bytes() == (solved / "scales.json").read_bytes()
+
+
+def one_line_error(capsys, code, argv, expected):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    err = err[next(i for i, line in enumerate(err) if line.startswith("kvq: error: ")):]  # after any progress bar
+    assert expected in err[0], err
+    assert len(err) <= 2 and (len(err) == 1 or err[1].startswith("  hint: "))
+
+
+@pytest.mark.parametrize(
+    "argv_tail, expected",
+    [
+        ({"--recipe": "int3-per-head"}, "unknown recipe 'int3-per-head'"),
+        ({"--samples": "0"}, "argument --samples: 0 must be at least 1"),
+        ({"--dataset": "c5", "--data-files": None}, "unknown dataset 'c5'"),
+        ({"--data-files": "missing.jsonl"}, "data file missing.jsonl does not exist"),
+        ({"--model": "no/such/dir/"}, "model path no/such/dir/ does not exist"),
+    ],
+)
+def test_usage_errors_exit_2_and_write_nothing(tiny_llama, c4_file, tmp_path, capsys, argv_tail, expected):
+    out = tmp_path / "out"
+    argv = calibrate_args(tiny_llama, c4_file, out, **{k: v for k, v in argv_tail.items() if v is not None})
+    if "--data-files" in argv_tail and argv_tail["--data-files"] is None:
+        i = argv.index("--data-files")
+        del argv[i : i + 2]
+    one_line_error(capsys, 2, argv, expected)
+    assert not out.exists()
+
+
+def test_bad_recipe_file_exits_2(tiny_llama, c4_file, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("format: fp8_e4m3\nsymmetric: false\ngranularity: tensor\n")
+    out = tmp_path / "out"
+    one_line_error(capsys, 2, calibrate_args(tiny_llama, c4_file, out, "--recipe", str(recipe)),
+                   f"recipe {recipe}: (top level): format fp8_e4m3 is symmetric by construction")
+    assert not out.exists()
+
+
+def test_failure_exits_1_and_writes_nothing(tiny_llama, tmp_path, c4_file, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.v_proj.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(broken)
+    out = tmp_path / "out"
+    one_line_error(capsys, 1, calibrate_args(broken, c4_file, out), "layer 2: V holds NaN or inf (batch 0)")
+    assert not out.exists()
+
+
+def test_model_without_attention_is_refused(tmp_path, c4_file, capsys):
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    AutoModelForCausalLM.from_config(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1)).save_pretrained(
+        tmp_path / "mamba")
+    one_line_error(capsys, 2, calibrate_args(tmp_path / "mamba", c4_file, tmp_path / "out"),
+                   "model type 'mamba' has no attention layers")
+
+
+def test_solve_errors(tmp_path, capsys):
+    one_line_error(capsys, 2, ["solve", str(tmp_path / "nope"), "--recipe", "int8-sym-per-head", "--out", str(tmp_path)],
+                   "statistics file")
+    one_line_error(capsys, 2, ["solve", str(tmp_path), "--out", str(tmp_path)], "the following arguments are required: --recipe")
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    env = {"KVQ_DEBUG": "1", "PATH": "", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kvq.cli", "solve", str(tmp_path / "x"), "--recipe", "int3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "kvq: error: unknown recipe 'int3'" in proc.stderr

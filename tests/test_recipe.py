@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from kvq.errors import UsageError
+from kvq.recipe import DEFAULT_RECIPE, builtin_recipe_names, load_recipe
+
+BUILTINS = {
+    "fp8-e4m3-per-tensor": ("fp8_e4m3", True, "tensor"),
+    "fp8-e4m3-per-head": ("fp8_e4m3", True, "head"),
+    "fp8-e5m2-per-tensor": ("fp8_e5m2", True, "tensor"),
+    "int8-sym-per-head": ("int8", True, "head"),
+    "int8-asym-per-head": ("int8", False, "head"),
+    "int8-asym-per-channel": ("int8", False, "channel"),
+    "int4-asym-per-head": ("int4", False, "head"),
+    "int4-asym-per-channel": ("int4", False, "channel"),
+}
+
+
+def test_builtin_recipes_by_name():
+    assert set(builtin_recipe_names()) == set(BUILTINS)
+    assert DEFAULT_RECIPE == "fp8-e4m3-per-tensor"
+    for name, (fmt, sym, gran) in BUILTINS.items():
+        r = load_recipe(name)
+        assert r.name == name
+        for spec in (r.key, r.value):
+            assert (spec.format, spec.symmetric, spec.granularity, spec.observer) == (fmt, sym, gran, "minmax")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "my.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_overrides_for_keys_and_values(tmp_path):
+    r = load_recipe(write(tmp_path, "format: int8\nsymmetric: false\ngranularity: head\n"
+                          "keys: {granularity: channel}\nvalues: {format: int4}\n"))
+    assert r.name == "my"
+    assert (r.key.format, r.key.granularity, r.key.symmetric) == ("int8", "channel", False)
+    assert (r.value.format, r.value.granularity, r.value.symmetric) == ("int4", "head", False)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("format: int8\ngranularity: head\nsymetric: true\n", "symetric: unknown key"),
+        ("format: int9\ngranularity: head\n", "format: Input should be 'fp8_e4m3', 'fp8_e5m2', 'int8' or 'int4'"),
+        ("format: int8\ngranularity: heads\n", "granularity: Input should be 'tensor', 'head' or 'channel'"),
+        ("format: int8\ngranularity: head\nobserver: mse\n", "observer: Input should be 'minmax'"),
+        ("format: int8\ngranularity: head\nkeys: {granularty: channel}\n", "keys.granularty: unknown key"),
+        ("format: int8\ngranularity: head\nsymmetric: 'yes'\n", "symmetric: Input should be a valid boolean"),
+        ("granularity: head\n", "format: required field is missing"),
+        ("- format: int8\n", "expected a mapping"),
+        ("format: [int8\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_recipes_name_file_field_and_allowed_values(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(UsageError) as err:
+        load_recipe(path)
+    assert str(path) in err.value.message
+    assert expected in err.value.message
+    assert "\n" not in err.value.message
+
+
+def test_fp8_asymmetric_is_rejected_not_rewritten(tmp_path):
+    with pytest.raises(UsageError, match="fp8_e4m3 is symmetric by construction"):
+        load_recipe(write(tmp_path, "format: fp8_e4m3\nsymmetric: false\ngranularity: tensor\n"))
+    with pytest.raises(UsageError, match="values: .*fp8_e5m2 is symmetric"):
+        load_recipe(write(tmp_path, "format: int8\nsymmetric: false\ngranularity: head\nvalues: {format: fp8_e5m2}\n"))
+
+
+def test_unknown_name_and_missing_file():
+    with pytest.raises(UsageError, match="unknown recipe 'int3'") as err:
+        load_recipe("int3")
+    assert "int8-asym-per-head" in err.value.hint
+    with pytest.raises(UsageError, match="recipe file nowhere/r.yaml does not exist"):
+        load_recipe("nowhere/r.yaml")

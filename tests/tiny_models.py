@@ -1,0 +1,54 @@
+"""Small random models of several architectures, built from transformers configs (no download).
+
+They share the SmolLM2 tokenizer (vocab 49152), which the default model's converted checkpoint
+provides, so text goes through a real tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GemmaConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+VOCAB = 49152
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, max_position_embeddings=512)
+
+CONFIGS = {
+    # GQA: 4 query heads share 2 KV heads.
+    "llama": lambda: LlamaConfig(**COMMON, num_key_value_heads=2, head_dim=16),
+    "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=16),
+    "gemma": lambda: GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=32),
+    "gemma2": lambda: Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16),
+    "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0),
+    "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "intermediate_size"},
+                                      intermediate_size=128, rotary_pct=0.5),
+}
+
+
+def tokenizer_dir() -> Path:
+    from kvq.models import resolve_model
+
+    return resolve_model(None)[2]
+
+
+def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random ``arch`` model and the SmolLM2 tokenizer into ``folder``; return it."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(folder)
+    return folder
