@@ -1,9 +1,9 @@
 """The captured K/V are exactly what the model places in its own cache (keys post-RoPE)."""
 
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from kvq.calibrate import StatsCache, collect_stats
 from kvq.data import batches
 from kvq.errors import KvqError
