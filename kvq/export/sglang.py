@@ -1,0 +1,80 @@
+"""``--format sglang-json``: the KV-cache scales JSON of SGLang's ``--quantization-param-path``.
+
+The same file old vLLM releases read with ``--quantization-param-path``. Schema and validation (SGLang
+``python/sglang/srt/model_loader/weight_utils.py``: ``QuantParamSchema``, ``KVCacheQuantSchema``,
+``kv_cache_scales_loader``)::
+
+    {"model_type": "llama",
+     "kv_cache": {"dtype": "float8_e4m3fn",
+                  "scaling_factor": {"0": {"0": 0.0123, "1": ...}, "1": {...}}}}
+
+* ``dtype`` must be ``float8_e4m3fn``;
+* ``scaling_factor`` has exactly ``tp_size`` ranks, each with exactly ``num_hidden_layers`` layers,
+  every rank 0..tp-1 and layer 0..L-1 present;
+* ``model_type`` must equal the serving model's ``config.model_type``.
+
+One value per (rank, layer) is set as both ``k_scale`` and ``v_scale`` of the layer's attention
+(``load_kv_cache_scales`` in e.g. ``models/llama.py``), and the cache stores ``k / k_scale``
+(``mem_cache/memory_pool.py`` ``set_kv_buffer``). So the value is max(K scale, V scale) over the KV
+heads the rank holds: a larger scale never clips, and for symmetric fp8 scales the maximum is the
+scale of the merged range, exactly.
+"""
+
+from __future__ import annotations
+
+from kvq.artifact import json_bytes
+from kvq.errors import UsageError
+from kvq.export.common import (
+    Exporter,
+    ExportPlan,
+    ExportRequest,
+    check_tp,
+    float_list,
+    group_values,
+    heads_of_rank,
+    reduction_note,
+    refuse_format,
+)
+
+FMT = "sglang-json"
+
+
+def build(req: ExportRequest) -> ExportPlan:
+    scales, shape, tp = req.scales, req.shape, req.tp
+    refuse_format(
+        scales, FMT, ("fp8_e4m3",),
+        why="the file's kv_cache.dtype must be float8_e4m3fn (SGLang's KVCacheQuantSchema.check_is_fp8)",
+        hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor)",
+    )
+    if not shape.model_type:
+        raise UsageError(
+            "--format sglang-json records the model_type, which SGLang checks against the served model, "
+            "but the artifact records none",
+            hint="pass --model with the model the scales were calibrated on",
+        )
+    check_tp(shape.num_kv_heads, tp, FMT, allow_replication=True)
+    groups = [heads_of_rank(shape.num_kv_heads, tp, r) for r in range(tp)]
+    target = "per TP rank" if tp > 1 else "per tensor"
+    per_rank: dict[str, dict[str, float]] = {str(r): {} for r in range(tp)}
+    reduced: set[str] = set()
+    for i in range(shape.num_layers):
+        k = group_values(scales, i, "k", groups, req.reduce, FMT, target)
+        v = group_values(scales, i, "v", groups, req.reduce, FMT, target)
+        reduced |= {w for w, g in (("k", k), ("v", v)) if g.reduced}
+        for r, value in enumerate(float_list(k.scale.maximum(v.scale))):  # (tp,)
+            per_rank[str(r)][str(i)] = value
+    data = {
+        "model_type": shape.model_type,
+        "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": per_rank},
+    }
+    plan = ExportPlan(content=json_bytes(data))
+    plan.notes = [reduction_note(w.upper(), scales.recipe.spec(w), target.removeprefix("per ")) for w in sorted(reduced)]
+    plan.notes.append("K and V share one scale per layer and rank in this format: max(K scale, V scale)")
+    plan.notes.append(
+        "serve with: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype fp8_e4m3 "
+        f"--quantization-param-path {{out}} --tp {tp}"
+    )
+    return plan
+
+
+EXPORTER = Exporter(build=build, needs_model_files=False, uses_tp=True, output="file")

@@ -1,0 +1,127 @@
+"""``--format vllm``: a compressed-tensors checkpoint folder with FP8 KV-cache scales.
+
+What vLLM reads (checked in vLLM 0.33.0's source; see docs/engines.md for the citations):
+
+* ``config.json`` ``quantization_config`` with ``quant_method: compressed-tensors`` and a
+  ``kv_cache_scheme`` (``type: float``, ``num_bits: 8``, ``symmetric: true``, ``strategy`` ``tensor`` or
+  ``attn_head``), validated by ``CompressedTensorsKVCacheMethod.validate_kv_cache_scheme``.
+* tensors ``<attention module>.k_scale`` / ``.v_scale`` (``model.layers.{i}.self_attn.k_scale``), which
+  ``QuantizationConfig.get_cache_scale_mapper`` renames to ``self_attn.attn.k_scale``: shape (1,) per
+  tensor, (num_kv_heads, 1, 1) per head (``attn_head``; vLLM uses it on the FlashAttention backend).
+* the scale is the dequantization multiplier: the cache holds ``k / k_scale`` cast to fp8 e4m3
+  (``triton_reshape_and_cache_flash``), so ``k_scale = amax / 448``: kvq's fp8 scale, passed through.
+
+The kv_cache_scheme is built with compressed-tensors' own pydantic models (``QuantizationArgs``,
+``QuantizationConfig``); an existing compressed-tensors ``quantization_config`` (an FP8-weight
+checkpoint, say) keeps every key and gains only ``kv_cache_scheme``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from kvq.artifact import json_bytes
+from kvq.errors import UsageError
+from kvq.export.checkpoint import attention_modules, checkpoint_plan, read_weights, refuse_existing_scales
+from kvq.export.common import (
+    Exporter,
+    ExportPlan,
+    ExportRequest,
+    group_values,
+    reduction_note,
+    refuse_format,
+)
+
+FMT = "vllm"
+PER_HEAD_NOTE = (
+    "per-head scales (kv_cache_scheme strategy attn_head): vLLM applies them only on its FlashAttention "
+    "backend (FlashAttention 3); other backends and SGLang do not use per-head scales"
+)
+
+
+def kv_cache_scheme(strategy: str) -> dict:
+    """The compressed-tensors QuantizationArgs of an fp8 e4m3 symmetric static KV cache, as JSON."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False, strategy=strategy)
+    return args.model_dump(mode="json")
+
+
+def quantization_config(existing: dict | None, strategy: str, folder: str) -> dict:
+    """``existing`` (a compressed-tensors config or None) with the KV-cache scheme added, validated."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from pydantic import ValidationError
+
+    scheme = kv_cache_scheme(strategy)
+    if existing is None:
+        config = QuantizationConfig(config_groups={}, kv_cache_scheme=scheme, format="dense",
+                                    quantization_status="frozen")
+        return config.model_dump(mode="json")
+    method = existing.get("quant_method")
+    if method != "compressed-tensors":
+        raise UsageError(
+            f"model {folder} is already quantized with quant_method {method!r}; --format vllm adds a "
+            "compressed-tensors kv_cache_scheme and cannot merge it into another method's config",
+            hint="export from the unquantized model, or from a compressed-tensors checkpoint",
+        )
+    if existing.get("kv_cache_scheme") is not None:
+        raise UsageError(
+            f"model {folder} already declares a kv_cache_scheme: {json.dumps(existing['kv_cache_scheme'])}",
+            hint="export from the checkpoint without KV-cache quantization",
+        )
+    merged = dict(existing)
+    merged["kv_cache_scheme"] = scheme
+    try:
+        QuantizationConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise UsageError(f"model {folder}: its quantization_config does not validate with the KV scheme "
+                         f"added: {exc.errors()[0]['msg']}") from None
+    return merged
+
+
+def build(req: ExportRequest) -> ExportPlan:
+    scales, shape = req.scales, req.shape
+    refuse_format(
+        scales, FMT, ("fp8_e4m3",),
+        why="vLLM's compressed-tensors KV cache is float8 e4m3, symmetric (num_bits 8, type float)",
+        hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor), or use --format lmdeploy / trtllm for int8",
+    )
+    assert req.files is not None
+    notes: list[str] = []
+    granularities = {scales.recipe.spec(w).granularity for w in ("k", "v")}
+    per_head = bool(granularities - {"tensor"})
+    heads = shape.num_kv_heads
+    groups = [[h] for h in range(heads)] if per_head else [list(range(heads))]
+    target = "per KV head" if per_head else "per tensor"
+    index = read_weights(req.files)
+    refuse_existing_scales(index, req.files.folder)
+    modules = attention_modules(index, shape.num_layers, FMT)
+    tensors: dict[str, torch.Tensor] = {}
+    reduced: set[str] = set()
+    for i in range(shape.num_layers):
+        for which in ("k", "v"):
+            g = group_values(scales, i, which, groups, req.reduce, FMT, target)
+            if g.reduced:
+                reduced.add(which)
+            # per tensor: (1,); per head: (num_kv_heads,) -> (num_kv_heads, 1, 1) as compressed-tensors stores it
+            value = g.scale.reshape(heads, 1, 1) if per_head else g.scale.reshape(1)
+            tensors[f"{modules[i]}.{which}_scale"] = value.to(torch.float32).contiguous()
+    for which in sorted(reduced):
+        notes.append(reduction_note(which.upper(), scales.recipe.spec(which), target.removeprefix("per ")))
+    if per_head:
+        notes.append(PER_HEAD_NOTE)
+    if req.tp != 1:
+        notes.append(f"--tp {req.tp} ignored: vLLM splits the KV heads across ranks itself when loading")
+    config = dict(req.files.config)
+    config["quantization_config"] = quantization_config(
+        config.get("quantization_config"), "attn_head" if per_head else "tensor", str(req.files.folder)
+    )
+    plan = checkpoint_plan(req.files, index, tensors, {"config.json": json_bytes(config)})
+    plan.notes = notes + plan.notes
+    plan.notes.append("serve with: vllm serve {out} --kv-cache-dtype fp8")
+    return plan
+
+
+EXPORTER = Exporter(build=build, needs_model_files=True, uses_tp=False, output="folder")
