@@ -158,9 +158,13 @@ def _add_validate(sub) -> None:
 
 
 def _run_validate(args) -> int:
-    from rich.console import Console
-
-    from kvq.evaluate.report import print_validation, progress_bar, validation_json, write_json
+    from kvq.evaluate.report import (
+        print_validation,
+        progress_bar,
+        report_console,
+        validation_json,
+        write_json,
+    )
     from kvq.evaluate.validate import ValidateConfig, validate
 
     cfg = ValidateConfig(scales=args.scales, model=args.model, dataset=args.dataset, data_files=args.data_files,
@@ -175,7 +179,7 @@ def _run_validate(args) -> int:
         result = validate(cfg, on_start)
     out = Path(args.json) if args.json else result.scales_path.parent / "validate.json"
     write_json(out, validation_json(result))
-    console = Console()
+    console = report_console()
     print_validation(result, top=args.top, console=console)
     console.print(f"report: {out}")
     return 0
@@ -222,10 +226,8 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from rich.console import Console
-
     from kvq.evaluate.perplexity import EvalConfig, run_eval
-    from kvq.evaluate.report import eval_json, print_eval, progress_bar, write_json
+    from kvq.evaluate.report import eval_json, print_eval, progress_bar, report_console, write_json
 
     cfg = EvalConfig(model=args.model, dataset=args.dataset, data_files=args.data_files, scales=args.scales,
                      recipes=args.recipe, samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
@@ -237,10 +239,59 @@ def _run_eval(args) -> int:
             return stack.enter_context(progress_bar("evaluating", windows, "windows"))
 
         result = run_eval(cfg, on_start)
-    console = Console()
+    console = report_console()
     print_eval(result, console=console)
     if args.json:
         console.print(f"table: {write_json(args.json, eval_json(result))}")
+    return 0
+
+
+# --- export-scales ------------------------------------------------------------------------------
+
+
+def _add_export_scales(sub) -> None:
+    from kvq.export import FORMATS, REDUCTIONS
+
+    p = sub.add_parser(
+        "export-scales",
+        help="write calibrated scales in the form a serving engine loads (vLLM, SGLang, TRT-LLM, ...)",
+        description="Turn scales.safetensors (or a calibration output folder) into exactly what an engine "
+        "reads, after checking the scales against the model. Refuses what a format cannot express; "
+        "reduces finer scales only with --reduce max. Formats and engine flags: docs/engines.md.",
+    )
+    p.add_argument("artifact", help="scales.safetensors, or the calibration output folder holding it")
+    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                   help="vllm / modelopt: checkpoint folder; sglang-json: one JSON file; "
+                   "trtllm: TensorRT-LLM checkpoint ranks; lmdeploy: TurboMind parameter files")
+    p.add_argument("--model", default=None,
+                   help="the model the scales are for: HF checkpoint folder, .gguf file or hub id "
+                   "(vllm and modelopt need its files; default there: the embedded SmolLM2-135M-Instruct). "
+                   "Other formats check against it when given, else use the shape the artifact records")
+    p.add_argument("--out", required=True, help="output folder (output file for sglang-json)")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel size the engine runs with (sglang-json, trtllm, lmdeploy; default 1)")
+    p.add_argument("--reduce", choices=REDUCTIONS, default=None,
+                   help="merge finer scales (per channel / per head) into what the format holds by taking "
+                   "their maximum (exact for symmetric scales); without it such an export is refused")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--trtllm-checkpoint", default=None, metavar="DIR",
+                   help="(trtllm) a TensorRT-LLM checkpoint from convert_checkpoint.py to merge the scales into")
+
+
+def _run_export_scales(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from kvq.export import export_scales
+
+    result = export_scales(args.artifact, args.fmt, out=args.out, model=args.model, tp=args.tp,
+                           reduce=args.reduce, force=args.force, trtllm_checkpoint=args.trtllm_checkpoint)
+    console = Console()
+    linked = f", {result.linked} model file(s) linked" if result.linked else ""
+    console.print(f"[bold]{result.format}[/]: wrote {escape(str(result.out))} "
+                  f"({len(result.written)} new file(s){linked}{', ' + str(result.copied) + ' copied' if result.copied else ''})")
+    for note in result.notes:
+        console.print(f"  note: {escape(note)}")
     return 0
 
 
@@ -251,6 +302,7 @@ COMMANDS = {
     "solve": (_add_solve, _run_solve),
     "validate": (_add_validate, _run_validate),
     "eval": (_add_eval, _run_eval),
+    "export-scales": (_add_export_scales, _run_export_scales),
 }
 
 

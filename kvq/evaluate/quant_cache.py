@@ -1,0 +1,173 @@
+"""A KV cache that hands attention fake-quantized K/V, as an engine's quantized cache does.
+
+An engine with a quantized KV cache quantizes K and V when it writes them and dequantizes them
+when attention reads them, so attention sees ``dequantize(quantize(K))`` — in the prefill too when
+the engine reads the prompt's K/V back from its paged cache (vLLM's v1 backends). :class:`QuantCache`
+reproduces that at the cache write: transformers' attention layers hand their new K/V (keys after
+RoPE, per KV head, before ``repeat_kv``) to ``Cache.update`` and attend over what it returns, so a
+cache whose ``update`` returns ``fake_quantize(K), fake_quantize(V)`` makes the model compute with
+the quantized cache. Like :class:`~kvq.calibrate.capture.StatsCache` it stores nothing: every
+evaluation window is one prefill forward, whose attention needs only the K/V it was just given.
+
+A quantizer (:class:`KVQuantizer`) is any object with ``quantize(x, layer_idx, which) -> Tensor``
+(same shape and dtype), ``kv_bytes_per_token(shape, model_dtype)`` and what a report shows of it
+(``name``, ``kind``, ``source``, ``describe(which)``). This module has the static one (scales from
+``kvq calibrate`` / ``kvq solve``) and the identity; :mod:`kvq.evaluate.dynamic` has the eval-only
+ones (run-time per-token modes, fp8 with scale 1.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers import DynamicCache
+
+from kvq.errors import KvqError
+from kvq.kernels import fake_quantize
+from kvq.qparams import BITS
+from kvq.recipe import QuantSpec
+from kvq.scales import KVScales, LayerScales
+
+Which = Literal["k", "v"]
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What the KV cache holds per token: layers x KV heads x head_dim, for K and for V each."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def elements_per_token(self) -> int:
+        """K and V elements one token adds to the cache."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class KVQuantizer(Protocol):
+    """What :class:`QuantCache` calls on every K and V it is handed, and what a report shows of it."""
+
+    name: str
+    kind: str  # "baseline" | "static" | "uncalibrated" | "dynamic"
+    source: str  # where its scales come from (a path), or how they are made
+
+    def describe(self, which: Which) -> str:
+        """How K (``"k"``) or V (``"v"``) is stored, e.g. ``int8 asym per head``."""
+        ...
+
+    def quantize(self, x: torch.Tensor, layer_idx: int, which: Which) -> torch.Tensor:
+        """``x`` (batch, kv_heads, tokens, head_dim) as attention reads it back from the cache."""
+        ...
+
+    def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
+        """Bytes one token takes in the KV cache, per-token quantization parameters included."""
+        ...
+
+
+def describe_spec(spec: QuantSpec) -> str:
+    """``int8 asym per head`` style text for a table."""
+    sym = "sym" if spec.symmetric else "asym"
+    return f"{spec.format} {sym} per {spec.granularity}"
+
+
+class IdentityQuantizer:
+    """Returns K and V as they are: the unquantized cache, through the same code path."""
+
+    name = "identity"
+    kind = "baseline"
+    source = "model dtype, unquantized"
+
+    def describe(self, which: Which) -> str:
+        return "unquantized"
+
+    def quantize(self, x: torch.Tensor, layer_idx: int, which: Which) -> torch.Tensor:
+        return x
+
+    def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
+        return float(shape.elements_per_token * dtype_bytes(model_dtype))
+
+
+class StaticQuantizer:
+    """Fake-quantizes with fixed scales (and zero points) per layer: a calibrated artifact.
+
+    ``kvq.kernels.fake_quantize`` runs the Triton kernel on CUDA tensors and the torch reference on
+    the CPU; both follow :mod:`kvq.qparams`. Static scales cost no bytes per token (a few floats per
+    layer, whatever the context length), so the bytes per token are the codes alone.
+    """
+
+    def __init__(self, scales: KVScales, name: str | None = None, source: str = ""):
+        self.scales = scales
+        self.recipe = scales.recipe
+        self.name = name or scales.recipe.name
+        self.kind = "static"
+        self.source = source
+        self._on_device: dict[tuple[torch.device, int], LayerScales] = {}
+
+    def _layer(self, layer_idx: int, device: torch.device) -> LayerScales:
+        key = (device, layer_idx)
+        cached = self._on_device.get(key)
+        if cached is None:
+            layer = self.scales.layers.get(layer_idx)
+            if layer is None:
+                raise KvqError(
+                    f"recipe {self.name}: the scales have no layer {layer_idx} "
+                    f"(they hold layers {min(self.scales.layers)}..{max(self.scales.layers)})",
+                    hint="calibrate this model to get scales for every layer",
+                )
+
+            def move(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.to(device)
+
+            cached = LayerScales(move(layer.k_scale), move(layer.v_scale),
+                                 move(layer.k_zero_point), move(layer.v_zero_point))
+            self._on_device[key] = cached
+        return cached
+
+    def describe(self, which: Which) -> str:
+        return describe_spec(self.recipe.spec(which))
+
+    def quantize(self, x: torch.Tensor, layer_idx: int, which: Which) -> torch.Tensor:
+        layer = self._layer(layer_idx, x.device)
+        spec = self.recipe.spec(which)
+        return fake_quantize(x, layer.scale(which), layer.zero_point(which), spec.format)
+
+    def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
+        per_tensor = shape.elements_per_token // 2
+        return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
+
+
+class QuantCache(DynamicCache):
+    """A transformers cache whose ``update`` returns the K/V attention should read; stores nothing.
+
+    ``quantizer`` None (or :class:`IdentityQuantizer`) returns the inputs themselves. ``on_update``,
+    when set, is called with the layer index before anything else (the attention-error probe uses it
+    to find each layer's attention module). ``quantizer`` may be changed between calls.
+    """
+
+    def __init__(self, config=None, quantizer: KVQuantizer | None = None):
+        super().__init__(config=config)
+        self.quantizer = quantizer
+        self.on_update: Callable[[int], None] | None = None
+        self.layers_seen: list[int] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if key_states.dim() != 4 or value_states.dim() != 4:
+            raise KvqError(
+                f"layer {layer_idx}: Cache.update got keys {tuple(key_states.shape)} and values "
+                f"{tuple(value_states.shape)}, expected (batch, kv_heads, seq, head_dim)"
+            )
+        if self.on_update is not None:
+            self.on_update(layer_idx)
+        self.layers_seen.append(layer_idx)
+        if self.quantizer is None:
+            return key_states, value_states
+        return (self.quantizer.quantize(key_states, layer_idx, "k"),
+                self.quantizer.quantize(value_states, layer_idx, "v"))

@@ -1,0 +1,271 @@
+"""What ``kvq validate`` and ``kvq eval`` show: progress bars, tables, and the same data as JSON.
+
+JSON numbers that are not finite (an SQNR of +inf where the error is exactly 0) are written as
+``null``: JSON has no infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from kvq import __version__
+from kvq.artifact import json_bytes, write_files_atomically
+from kvq.errors import KvqError
+from kvq.evaluate.perplexity import EvalResult, Measured
+from kvq.evaluate.quant_cache import describe_spec
+from kvq.evaluate.validate import HeadError, ValidationResult
+
+PERPLEXITY_METHOD = (
+    "documents in file order joined by EOS into one token stream, cut into consecutive non-overlapping "
+    "windows of seqlen tokens from the start (tail dropped); each window is one forward pass without "
+    "earlier context; ppl = exp(mean NLL of tokens 1..seqlen-1 of every window)"
+)
+ATTENTION_ERROR_METHOD = (
+    "per layer, the attention module is re-run on its exact unquantized-run inputs with the quantized "
+    "cache; relative L2 error sqrt(sum|o_q - o|^2 / sum|o|^2) of its output, accumulated over all "
+    "windows; upstream layers stay unquantized, so each layer's error is its own"
+)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@contextmanager
+def progress_bar(label: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(n)``."""
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(n: int) -> None:
+            progress.update(task, advance=n)
+
+        yield advance
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    try:
+        write_files_atomically({path: json_bytes(data)})
+    except OSError as exc:
+        raise KvqError(f"cannot write {path}: {exc.strerror or exc}", hint="pass --json FILE in a writable folder") from None
+    return path
+
+
+# --- validate ---------------------------------------------------------------------------------
+
+
+def _recipe_line(result: ValidationResult) -> str:
+    r = result.scales.recipe
+    return f"{r.name}: K {describe_spec(r.key)}, V {describe_spec(r.value)}"
+
+
+def head_json(h: HeadError) -> dict:
+    return {
+        "layer": h.layer,
+        "kv_head": h.kv_head,
+        "tensor": h.tensor,
+        "sqnr_db": finite_or_none(h.sqnr_db),
+        "mse": h.mse,
+        "rmse": h.rmse,
+        "max_abs_err": h.max_abs_err,
+        "clip_rate": h.clip_rate,
+        "clipped": h.clipped,
+        "count": h.count,
+    }
+
+
+def _total_json(t: dict[str, float]) -> dict:
+    return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in t.items()}
+
+
+def validation_json(result: ValidationResult) -> dict:
+    """The whole validation report: every (layer, head, K|V), worst first, plus totals."""
+    meta = result.scales.metadata
+    info = result.info
+    k_layers, v_layers = result.layer_totals("k"), result.layer_totals("v")
+    return {
+        "kvq_version": __version__,
+        "report": "validate",
+        "scales": str(result.scales_path),
+        "recipe": result.scales.recipe.to_json(),
+        "model": {"id": info.model_id, "config_hash": info.config_hash, "num_layers": info.num_layers,
+                  "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim},
+        "calibration": {k: meta[k] for k in ("model", "config_hash", "dataset", "dataset_origin", "samples",
+                                             "seqlen", "seed", "tokens") if k in meta},
+        "data": {"dataset": result.dataset.name, "origin": result.dataset.origin,
+                 "files": list(result.dataset.files), "samples": result.samples, "tokens": result.tokens},
+        "warnings": list(result.warnings),
+        "sort": "heads by SQNR ascending (worst first); ties by clip rate descending, then layer, head, K before V",
+        "overall": {"k": _total_json(result.overall("k")), "v": _total_json(result.overall("v"))},
+        "layers": [{"layer": i, "k": _total_json(k_layers[i]), "v": _total_json(v_layers[i])} for i in sorted(k_layers)],
+        "heads": [head_json(h) for h in result.heads()],
+    }
+
+
+def _db(x: float) -> str:
+    return "inf (exact)" if x == math.inf else f"{x:.1f}"
+
+
+def print_validation(result: ValidationResult, top: int = 20, console: Console | None = None) -> None:
+    console = console or report_console()
+    info = result.info
+    summary = Table(title="kvq validate", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("scales", f"{result.scales_path} ({_recipe_line(result)})")
+    summary.add_row("model", f"{info.model_id} ({info.num_layers} layers x {info.num_kv_heads} KV heads x "
+                    f"head_dim {info.head_dim})")
+    summary.add_row("data", f"{result.dataset.name} ({result.dataset.origin}), {result.samples} samples, "
+                    f"{result.tokens:,} tokens ({result.seconds:.1f} s)")
+    for which in ("k", "v"):
+        t = result.overall(which)
+        summary.add_row(f"overall {which.upper()}", f"SQNR {_db(t['sqnr_db'])} dB, RMSE {math.sqrt(t['mse']):.4g}, "
+                        f"max |err| {t['max_abs_err']:.4g}, clipped {100 * t['clip_rate']:.4f}%")
+    console.print(summary)
+    heads = result.heads()
+    shown = heads[:top]
+    table = Table(title=f"worst {len(shown)} of {len(heads)} (layer, KV head, K|V) by SQNR", title_justify="left")
+    for col, justify in (("layer", "right"), ("head", "right"), ("K/V", "center"), ("SQNR dB", "right"),
+                         ("RMSE", "right"), ("max |err|", "right"), ("clipped", "right")):
+        table.add_column(col, justify=justify)
+    for h in shown:
+        table.add_row(str(h.layer), str(h.kv_head), h.tensor.upper(), _db(h.sqnr_db), f"{h.rmse:.4g}",
+                      f"{h.max_abs_err:.4g}", f"{100 * h.clip_rate:.4f}%")
+    console.print(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+
+def _attention_json(m: Measured) -> dict | None:
+    errs = m.attention_error
+    if not errs:
+        return None
+    worst = max(errs, key=errs.get)
+    return {
+        "mean": sum(errs.values()) / len(errs),
+        "max": errs[worst],
+        "max_layer": worst,
+        "per_layer": {str(i): e for i, e in sorted(errs.items())},
+    }
+
+
+def eval_rows(result: EvalResult) -> list[dict]:
+    """The table's rows: the baseline first, then every quantizer in the order evaluated."""
+    shape = result.kv_shape
+    dtype = result.model_dtype
+    m = result.measurement
+    base_bytes = m.baseline.quantizer.kv_bytes_per_token(shape, dtype)
+    rows = []
+    for entry in (m.baseline, *m.entries):
+        q = entry.quantizer
+        kv_bytes = q.kv_bytes_per_token(shape, dtype)
+        row = {
+            "name": q.name if entry is not m.baseline else f"baseline ({str(dtype).removeprefix('torch.')})",
+            "kind": q.kind,
+            "source": q.source,
+            "key": q.describe("k"),
+            "value": q.describe("v"),
+            "kv_bytes_per_token": kv_bytes,
+            "memory_saved": 1.0 - kv_bytes / base_bytes,
+            "ppl": entry.ppl,
+            "mean_nll": entry.mean_nll,
+            "delta_ppl": entry.ppl - m.baseline.ppl,
+            "delta_pct": 100.0 * (entry.ppl / m.baseline.ppl - 1.0),
+            "delta_pct_stderr": None if entry is m.baseline else finite_or_none(100.0 * m.delta_stderr(entry)),
+            "attention_error": _attention_json(entry),
+        }
+        rows.append(row)
+    return rows
+
+
+def eval_json(result: EvalResult) -> dict:
+    info = result.info
+    w = result.windows
+    return {
+        "kvq_version": __version__,
+        "report": "eval",
+        "model": {"id": info.model_id, "config_hash": info.config_hash, "dtype": str(result.model_dtype).removeprefix("torch."),
+                  "num_layers": info.num_layers, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim},
+        "data": {"dataset": result.dataset.name, "origin": result.dataset.origin, "files": list(result.dataset.files),
+                 "windows": w.num_windows, "seqlen": w.seqlen, "predicted_tokens": w.predicted_tokens,
+                 "documents_used": w.documents_used},
+        "method": {"perplexity": PERPLEXITY_METHOD, "attention_error": ATTENTION_ERROR_METHOD,
+                   "delta_pct_stderr": "one standard error, in percent, of the mean per-token NLL difference to "
+                   "the baseline across windows (paired; ppl ratio ~ exp(difference))",
+                   "kv_bytes_per_token": "K and V codes of every layer and KV head for one token, plus per-token "
+                   "scale/zero-point bytes for dynamic modes (static scales cost nothing per token)"},
+        "seconds": result.measurement.seconds,
+        "warnings": list(result.warnings),
+        "rows": eval_rows(result),
+    }
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b:,.0f}" if b == int(b) else f"{b:,.1f}"
+
+
+def _pm(stderr: float | None) -> str:
+    return "" if stderr is None else f" ± {stderr:.3f}"
+
+
+def _kv_text(key: str, value: str) -> str:
+    return key if key == value else f"K {key} / V {value}"
+
+
+def report_console() -> Console:
+    """stdout; 160 columns wide when it is not a terminal (a file or a pipe), so no table is cut."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def print_eval(result: EvalResult, console: Console | None = None) -> None:
+    console = console or report_console()
+    w = result.windows
+    info = result.info
+    dtype = str(result.model_dtype).removeprefix("torch.")
+    table = Table(
+        title=f"kvq eval: {info.model_id} on {result.dataset.name}, {w.num_windows} windows x {w.seqlen} tokens "
+        f"({w.predicted_tokens:,} predicted, {result.measurement.seconds:.0f} s)",
+        title_justify="left",
+    )
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("K / V")
+    table.add_column("KV bytes/token", justify="right")
+    table.add_column(f"saved vs {dtype}", justify="right")
+    table.add_column("ppl", justify="right", no_wrap=True)
+    table.add_column("Δ ppl", justify="right", no_wrap=True)
+    table.add_column("attn err mean / max (layer)", justify="right")
+    for row in eval_rows(result):
+        attn = row["attention_error"]
+        attn_text = "" if attn is None else f"{attn['mean']:.2e} / {attn['max']:.2e} ({attn['max_layer']})"
+        is_base = row["kind"] == "baseline"
+        table.add_row(
+            row["name"], _kv_text(row["key"], row["value"]), _fmt_bytes(row["kv_bytes_per_token"]),
+            "" if is_base else f"{100 * row['memory_saved']:.1f}%",
+            f"{row['ppl']:.4f}",
+            "" if is_base else f"{row['delta_ppl']:+.4f} ({row['delta_pct']:+.3f}%{_pm(row['delta_pct_stderr'])})",
+            attn_text,
+        )
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")

@@ -1,0 +1,261 @@
+"""``kvq validate``: the round-trip error of a scales artifact on K/V captured from (held-out) data.
+
+The capture is calibration's (:class:`~kvq.calibrate.capture.StatsCache`): one prefill per batch
+through the decoder (no LM head); :class:`ErrorCache` is a cache whose ``update`` folds
+:func:`kvq.kernels.roundtrip_error` of that layer's K and of its V, per KV head, into running
+totals and returns its inputs (stores nothing). Padding never enters the totals. Samples are
+selected exactly as calibration selects them (:func:`kvq.data.select_samples`, seeded).
+
+Per (layer, KV head, K|V) the report gives SQNR (``10 log10(sum x^2 / sum (x - x_hat)^2)``),
+RMSE, max |error| and the share of values the saturating clamp changed. "Worst" means lowest SQNR:
+a scale-free measure, so heads with small and large values compare fairly; ties (e.g. several
+heads with no error at all, SQNR +inf) go by clip rate, then layer, head, K before V.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from kvq.calibrate.run import decoder_of
+from kvq.data import Batch, LoadedDataset, batches, load_documents, select_samples
+from kvq.errors import KvqError
+from kvq.evaluate.checks import check_scales_match, same_data_warning
+from kvq.kernels import RoundTripError, roundtrip_error
+from kvq.models import LoadedModel, ModelInfo, load_model
+from kvq.scales import SCALES_FILE, KVScales, LayerScales
+
+
+def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """x (batch, heads, seq, dim) with only the real tokens, as (1, heads, n_real, dim)."""
+    if token_mask is None:
+        return x
+    real = x.transpose(1, 2)[token_mask]  # (batch, seq, heads, dim) -> (n_real, heads, dim)
+    return real.transpose(0, 1).unsqueeze(0)  # (n_real, heads, dim) -> (1, heads, n_real, dim)
+
+
+@dataclass
+class LayerError:
+    k: RoundTripError
+    v: RoundTripError
+
+    def tensor(self, which: str) -> RoundTripError:
+        return self.k if which == "k" else self.v
+
+
+class ErrorCache(DynamicCache):
+    """A transformers cache that folds the round-trip error of every K and V into ``errors``.
+
+    Made fresh for each batch (with that batch's token mask); all batches fold into one ``errors``.
+    """
+
+    def __init__(self, scales: KVScales, errors: dict[int, LayerError], attention_mask: torch.Tensor | None,
+                 device: torch.device, config=None):
+        super().__init__(config=config)
+        self.scales = scales
+        self.errors = errors
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: no gather needed
+        self.token_mask = None if attention_mask is None else attention_mask.bool()
+        self.device = device
+        self._layers: dict[int, LayerScales] = {}
+
+    def _scales(self, layer_idx: int) -> LayerScales:
+        if layer_idx not in self._layers:
+            layer = self.scales.layers.get(layer_idx)
+            if layer is None:
+                raise KvqError(f"the model wrote K/V of layer {layer_idx}, which the scales do not have")
+
+            def move(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.to(self.device)
+
+            self._layers[layer_idx] = LayerScales(move(layer.k_scale), move(layer.v_scale),
+                                                  move(layer.k_zero_point), move(layer.v_zero_point))
+        return self._layers[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if key_states.dim() != 4:
+            raise KvqError(
+                f"layer {layer_idx}: Cache.update got keys of shape {tuple(key_states.shape)}, "
+                "expected (batch, kv_heads, seq, head_dim)"
+            )
+        batch, _, seq, _ = key_states.shape
+        if self.token_mask is not None and tuple(self.token_mask.shape) != (batch, seq):
+            raise KvqError(
+                f"layer {layer_idx}: the cache got {seq} positions for a batch of {tuple(self.token_mask.shape)} "
+                "tokens; this model adds or drops positions kvq cannot match to the padding mask",
+                hint="validate with --batch-size 1 (no padding)",
+            )
+        layer = self._scales(layer_idx)
+        recipe = self.scales.recipe
+        found = {}
+        for which, x in (("k", key_states), ("v", value_states)):
+            found[which] = roundtrip_error(real_tokens(x, self.token_mask), layer.scale(which),
+                                           layer.zero_point(which), recipe.spec(which).format)
+        done = self.errors.get(layer_idx)
+        self.errors[layer_idx] = (LayerError(found["k"], found["v"]) if done is None
+                                  else LayerError(done.k.merge(found["k"]), done.v.merge(found["v"])))
+        return key_states, value_states
+
+
+@dataclass(frozen=True)
+class HeadError:
+    """The round-trip error of one (layer, KV head) of K or V."""
+
+    layer: int
+    kv_head: int
+    tensor: str  # "k" | "v"
+    sqnr_db: float  # +inf when the error is exactly 0
+    mse: float
+    max_abs_err: float
+    clip_rate: float
+    clipped: int
+    count: int
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(self.mse)
+
+    def sort_key(self) -> tuple:
+        return (self.sqnr_db, -self.clip_rate, self.layer, self.kv_head, self.tensor)
+
+
+def head_errors(errors: dict[int, LayerError]) -> list[HeadError]:
+    """One :class:`HeadError` per (layer, KV head, K|V), worst (lowest SQNR) first."""
+    rows = []
+    for i in sorted(errors):
+        for which in ("k", "v"):
+            e = errors[i].tensor(which)
+            sqnr, mse, clip = e.sqnr_db.tolist(), e.mse.tolist(), e.clip_rate.tolist()
+            max_err, clipped, count = e.max_abs_err.tolist(), e.clipped.tolist(), e.count.tolist()
+            for h in range(e.num_kv_heads):
+                rows.append(HeadError(i, h, which, float(sqnr[h]), float(mse[h]), float(max_err[h]),
+                                      float(clip[h]), int(clipped[h]), int(count[h])))
+    return sorted(rows, key=HeadError.sort_key)
+
+
+def total_error(parts: list[RoundTripError]) -> dict[str, float]:
+    """SQNR, MSE, max |error| and clip rate of several heads/layers pooled together."""
+    sse = sum(float(p.sse.sum()) for p in parts)
+    signal = sum(float(p.signal.sum()) for p in parts)
+    count = sum(int(p.count.sum()) for p in parts)
+    clipped = sum(int(p.clipped.sum()) for p in parts)
+    return {
+        "sqnr_db": math.inf if sse == 0 else 10.0 * math.log10(signal / sse) if signal > 0 else -math.inf,
+        "mse": sse / count if count else math.nan,
+        "max_abs_err": max((float(p.max_abs_err.max()) for p in parts), default=0.0),
+        "clip_rate": clipped / count if count else math.nan,
+        "count": count,
+    }
+
+
+@dataclass
+class ValidateConfig:
+    scales: str = ""
+    model: str | None = None
+    dataset: str = ""
+    data_files: list[str] | None = None
+    samples: int = 32
+    seqlen: int = 2048
+    batch_size: int = 1
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ValidationResult:
+    scales_path: Path
+    scales: KVScales
+    info: ModelInfo
+    dataset: LoadedDataset
+    samples: int
+    tokens: int
+    errors: dict[int, LayerError]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def heads(self) -> list[HeadError]:
+        return head_errors(self.errors)
+
+    def layer_totals(self, which: str) -> dict[int, dict[str, float]]:
+        return {i: total_error([self.errors[i].tensor(which)]) for i in sorted(self.errors)}
+
+    def overall(self, which: str) -> dict[str, float]:
+        return total_error([self.errors[i].tensor(which) for i in sorted(self.errors)])
+
+
+def collect_errors(
+    model: torch.nn.Module, scales: KVScales, batch_iter, on_batch: Callable[[Batch], None] | None = None
+) -> dict[int, LayerError]:
+    """Run the decoder over every batch, folding the round-trip error of every layer's K/V."""
+    errors: dict[int, LayerError] = {}
+    decoder = decoder_of(model)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for batch in batch_iter:
+            mask = batch.attention_mask.to(device)
+            cache = ErrorCache(scales, errors, mask, device, config=model.config)
+            decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True)
+            if on_batch is not None:
+                on_batch(batch)
+    return errors
+
+
+def scales_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / SCALES_FILE if path.is_dir() else path
+
+
+def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch], None]] | None = None
+             ) -> ValidationResult:
+    """Measure the round-trip error of ``cfg.scales`` on ``cfg.model`` over ``cfg.dataset``.
+
+    ``on_start(samples, tokens)`` returns a per-batch callback (a progress bar).
+    """
+    scales = KVScales.load(cfg.scales)  # a missing or bad artifact fails before the model loads
+    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
+    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     trust_remote_code=cfg.trust_remote_code)
+    warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
+    same = same_data_warning(scales.metadata, dataset, str(cfg.scales))
+    if same:
+        warnings.append(same)
+    tok = loaded.tokenizer
+    picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    callback = on_start(len(picked.token_ids), picked.total_tokens) if on_start is not None else None
+    start = time.perf_counter()
+    errors = collect_errors(loaded.model, scales, batches(picked.token_ids, cfg.batch_size, pad_id), callback)
+    seconds = time.perf_counter() - start
+    missing = [i for i in range(loaded.info.num_layers) if i not in errors]
+    if missing:
+        raise KvqError(
+            f"{len(missing)} of {loaded.info.num_layers} attention layers never wrote K/V "
+            f"(layers {', '.join(map(str, missing[:8]))})",
+            hint="the model must write its KV cache through transformers' Cache.update",
+        )
+    for i in sorted(errors):
+        for which in ("k", "v"):
+            e = errors[i].tensor(which)
+            if not (torch.isfinite(e.sse).all() and torch.isfinite(e.signal).all()):
+                raise KvqError(f"layer {i}: {which.upper()} holds NaN or inf",
+                               hint="the model overflows in this dtype: try --dtype float32 or bfloat16")
+    return ValidationResult(
+        scales_path=scales_file(cfg.scales),
+        scales=scales,
+        info=loaded.info,
+        dataset=dataset,
+        samples=len(picked.token_ids),
+        tokens=picked.total_tokens,
+        errors=errors,
+        warnings=warnings,
+        seconds=seconds,
+    )
