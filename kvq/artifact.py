@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from kvq.errors import UsageError
@@ -65,6 +66,15 @@ def file_sha256(path: str | Path) -> str:
 
 def json_bytes(data: object) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a UsageError naming ``what`` if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{what} {path} is not a readable safetensors file: {exc}") from None
 
 
 def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:

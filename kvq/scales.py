@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from pydantic import ValidationError
 
 from kvq import __version__
-from kvq.artifact import json_bytes, require_file, safetensors_bytes, write_files_atomically
+from kvq.artifact import json_bytes, read_safetensors, require_file, safetensors_bytes, write_files_atomically
 from kvq.errors import UsageError
 from kvq.recipe import KVRecipe
 
@@ -108,15 +108,13 @@ class KVScales:
         if path.is_dir():
             path = path / SCALES_FILE
         require_file(path, "scales file", hint="pass the scales.safetensors (or its folder) from `kvq calibrate`")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-                raw = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"scales file {path} is not a readable safetensors file: {exc}") from None
+        raw, meta = read_safetensors(path, "scales file")
         if "recipe" not in meta:
             raise UsageError(f"scales file {path} has no recipe in its metadata; was it written by kvq?")
-        recipe = KVRecipe.from_json(json.loads(meta.pop("recipe")))
+        try:
+            recipe = KVRecipe.from_json(json.loads(meta.pop("recipe")))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise UsageError(f"scales file {path}: its recipe metadata is not a valid kvq recipe ({exc})") from None
         meta.pop("kvq_version", None)
         parts: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in raw.items():

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from kvq.artifact import require_file, safetensors_bytes, write_files_atomically
+from kvq.artifact import read_safetensors, require_file, safetensors_bytes, write_files_atomically
 from kvq.errors import KvqError, UsageError
 
 STATS_FILE = "stats.safetensors"
@@ -147,12 +146,7 @@ class KVStats:
         if path.is_dir():
             path = path / STATS_FILE
         require_file(path, "statistics file", hint="pass the stats.safetensors written by `kvq calibrate`")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-                raw = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"statistics file {path} is not a readable safetensors file: {exc}") from None
+        raw, meta = read_safetensors(path, "statistics file")
         parts: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in raw.items():
             m = _KEY.match(key)

@@ -17,16 +17,42 @@ from kvq.errors import KvqError
 from kvq.stats import KVStats
 
 
+def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """x (batch, heads, seq, dim) with only the real tokens, as (1, heads, n_real, dim).
+
+    ``token_mask`` (batch, seq) bool marks real tokens; None means all are real (x is returned).
+    """
+    if token_mask is None:
+        return x
+    real = x.transpose(1, 2)[token_mask]  # (batch, seq, heads, dim) -> (n_real, heads, dim)
+    return real.transpose(0, 1).unsqueeze(0)  # (n_real, heads, dim) -> (1, heads, n_real, dim)
+
+
 def masked_minmax(x: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (head, channel) min and max of x (batch, heads, seq, dim) over real tokens only.
 
-    ``token_mask`` (batch, seq) bool marks real tokens; None means all are real. Reductions run in
-    x's own dtype (min / max are exact in any dtype) and NaN propagates into the result.
+    Reductions run in x's own dtype (min / max are exact in any dtype); NaN propagates into the result.
     """
-    if token_mask is None:
-        return x.amin(dim=(0, 2)), x.amax(dim=(0, 2))  # (heads, dim) each
-    real = x.transpose(1, 2)[token_mask]  # (batch, seq, heads, dim) -> (n_real, heads, dim)
-    return real.amin(dim=0), real.amax(dim=0)  # (heads, dim) each
+    real = real_tokens(x, token_mask)
+    return real.amin(dim=(0, 2)), real.amax(dim=(0, 2))  # (heads, dim) each
+
+
+def check_update_shapes(
+    key_states: torch.Tensor, token_mask: torch.Tensor | None, layer_idx: int, command: str
+) -> None:
+    """K handed to ``Cache.update`` must be (batch, kv_heads, seq, head_dim) and fit the padding mask."""
+    if key_states.dim() != 4:
+        raise KvqError(
+            f"layer {layer_idx}: Cache.update got keys of shape {tuple(key_states.shape)}, "
+            "expected (batch, kv_heads, seq, head_dim)"
+        )
+    batch, _, seq, _ = key_states.shape
+    if token_mask is not None and tuple(token_mask.shape) != (batch, seq):
+        raise KvqError(
+            f"layer {layer_idx}: the cache got {seq} positions for a batch of {tuple(token_mask.shape)} "
+            "tokens; this model adds or drops positions kvq cannot match to the padding mask",
+            hint=f"{command} with --batch-size 1 (no padding)",
+        )
 
 
 class StatsCache(DynamicCache):
@@ -45,18 +71,8 @@ class StatsCache(DynamicCache):
         self.layers_seen: list[int] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if key_states.dim() != 4:
-            raise KvqError(
-                f"layer {layer_idx}: Cache.update got keys of shape {tuple(key_states.shape)}, "
-                "expected (batch, kv_heads, seq, head_dim)"
-            )
+        check_update_shapes(key_states, self.token_mask, layer_idx, "calibrate")
         batch, _, seq, _ = key_states.shape
-        if self.token_mask is not None and tuple(self.token_mask.shape) != (batch, seq):
-            raise KvqError(
-                f"layer {layer_idx}: the cache got {seq} positions for a batch of {tuple(self.token_mask.shape)} "
-                "tokens; this model adds or drops positions kvq cannot match to the padding mask",
-                hint="calibrate with --batch-size 1 (no padding)",
-            )
         tokens = self.tokens if self.tokens is not None else batch * seq
         k_min, k_max = masked_minmax(key_states, self.token_mask)
         v_min, v_max = masked_minmax(value_states, self.token_mask)

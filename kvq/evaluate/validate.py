@@ -23,21 +23,14 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvq.calibrate.run import decoder_of
+from kvq.calibrate.capture import check_update_shapes, real_tokens
+from kvq.calibrate.run import CalibrationConfig, decoder_of
 from kvq.data import Batch, LoadedDataset, batches, load_documents, select_samples
 from kvq.errors import KvqError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
 from kvq.models import LoadedModel, ModelInfo, load_model
 from kvq.scales import SCALES_FILE, KVScales, LayerScales
-
-
-def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """x (batch, heads, seq, dim) with only the real tokens, as (1, heads, n_real, dim)."""
-    if token_mask is None:
-        return x
-    real = x.transpose(1, 2)[token_mask]  # (batch, seq, heads, dim) -> (n_real, heads, dim)
-    return real.transpose(0, 1).unsqueeze(0)  # (n_real, heads, dim) -> (1, heads, n_real, dim)
 
 
 @dataclass
@@ -80,18 +73,7 @@ class ErrorCache(DynamicCache):
         return self._layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if key_states.dim() != 4:
-            raise KvqError(
-                f"layer {layer_idx}: Cache.update got keys of shape {tuple(key_states.shape)}, "
-                "expected (batch, kv_heads, seq, head_dim)"
-            )
-        batch, _, seq, _ = key_states.shape
-        if self.token_mask is not None and tuple(self.token_mask.shape) != (batch, seq):
-            raise KvqError(
-                f"layer {layer_idx}: the cache got {seq} positions for a batch of {tuple(self.token_mask.shape)} "
-                "tokens; this model adds or drops positions kvq cannot match to the padding mask",
-                hint="validate with --batch-size 1 (no padding)",
-            )
+        check_update_shapes(key_states, self.token_mask, layer_idx, "validate")
         layer = self._scales(layer_idx)
         recipe = self.scales.recipe
         found = {}
@@ -156,18 +138,11 @@ def total_error(parts: list[RoundTripError]) -> dict[str, float]:
 
 
 @dataclass
-class ValidateConfig:
+class ValidateConfig(CalibrationConfig):
+    """The model and data selection of a calibration, plus the scales to validate."""
+
     scales: str = ""
-    model: str | None = None
-    dataset: str = ""
-    data_files: list[str] | None = None
     samples: int = 32
-    seqlen: int = 2048
-    batch_size: int = 1
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass

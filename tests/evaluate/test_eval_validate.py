@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from kvq.calibrate.capture import real_tokens
 from kvq.cli import main
 from kvq.errors import UsageError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
-from kvq.evaluate.validate import ErrorCache, LayerError, head_errors, real_tokens
+from kvq.evaluate.validate import ErrorCache, LayerError, head_errors
 from kvq.kernels import RoundTripError, roundtrip_error
 from kvq.models import ModelInfo
 from kvq.recipe import load_recipe
