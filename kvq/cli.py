@@ -42,6 +42,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --trust-remote-code: the flags of every command that runs the model."""
+    p.add_argument("--model", default=None, help="HF checkpoint folder, .gguf file or hub id "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+
+
 # --- calibrate ----------------------------------------------------------------------------------
 
 
@@ -56,8 +65,7 @@ def _add_calibrate(sub) -> None:
         "min/max/absmax of the keys (post-RoPE) and values as the engine caches them, and solve "
         "scales for a recipe. Writes stats.safetensors, scales.safetensors and scales.json.",
     )
-    p.add_argument("--model", default=None, help="HF checkpoint folder, .gguf file or hub id "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    _add_model_flags(p)
     p.add_argument("--dataset", required=True,
                    help=f"{', '.join(DATASET_NAMES)}, or a path to local files")
     p.add_argument("--data-files", nargs="+", default=None, metavar="FILE",
@@ -68,9 +76,6 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"built-in recipe name or YAML path (default {DEFAULT_RECIPE})")
     p.add_argument("--out", default="./kvq-out", help="output folder (default ./kvq-out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's own)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
 
 
 def _run_calibrate(args) -> int:
@@ -139,8 +144,7 @@ def _add_validate(sub) -> None:
         "Writes the full report as JSON (default: validate.json in the scales folder).",
     )
     p.add_argument("scales", help="the calibration output folder (or its scales.safetensors)")
-    p.add_argument("--model", default=None, help="HF checkpoint folder, .gguf file or hub id "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    _add_model_flags(p)
     p.add_argument("--dataset", required=True, help=f"{', '.join(DATASET_NAMES)}, or a path to local files "
                    "(named sets load their evaluation split)")
     p.add_argument("--data-files", nargs="+", default=None, metavar="FILE",
@@ -149,12 +153,9 @@ def _add_validate(sub) -> None:
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per sample at most (default 2048)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="samples per forward pass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's own)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the JSON report (default: validate.json beside the scales)")
     p.add_argument("--top", type=_positive_int, default=20, help="rows of the worst-heads table (default 20)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
 
 
 def _run_validate(args) -> int:
@@ -201,8 +202,7 @@ def _add_eval(sub) -> None:
         "KV-cache bytes per token each saves. Non-overlapping windows of --seqlen tokens from the start of "
         "the text (docs/evaluate.md).",
     )
-    p.add_argument("--model", default=None, help="HF checkpoint folder, .gguf file or hub id "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    _add_model_flags(p)
     p.add_argument("--dataset", default="wikitext2", help=f"{', '.join(DATASET_NAMES)}, or a path to local files "
                    "(named sets load their evaluation split; default wikitext2)")
     p.add_argument("--data-files", nargs="+", default=None, metavar="FILE",
@@ -215,14 +215,11 @@ def _add_eval(sub) -> None:
                    help="number of windows (default: every full window of the text)")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's own)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON to FILE")
     p.add_argument("--no-attention-error", action="store_true",
                    help="skip the per-layer attention-output error (saves the attention re-runs)")
     p.add_argument("--no-fp8-fallback", action="store_true",
                    help="do not add the fp8 scale = 1.0 row next to fp8 artifacts")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
 
 
 def _run_eval(args) -> int:

@@ -42,6 +42,14 @@ class LayerScales:
     def zero_point(self, which: str) -> torch.Tensor | None:
         return self.k_zero_point if which == "k" else self.v_zero_point
 
+    def to(self, device: torch.device | str) -> LayerScales:
+        """The same scales (and zero-points) on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LayerScales(move(self.k_scale), move(self.v_scale), move(self.k_zero_point), move(self.v_zero_point))
+
 
 @dataclass
 class KVScales:

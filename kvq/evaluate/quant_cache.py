@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import DynamicCache
 
+from kvq.calibrate.capture import check_update_shapes
 from kvq.errors import KvqError
 from kvq.kernels import fake_quantize
 from kvq.qparams import BITS
@@ -122,12 +123,7 @@ class StaticQuantizer:
                     f"(they hold layers {min(self.scales.layers)}..{max(self.scales.layers)})",
                     hint="calibrate this model to get scales for every layer",
                 )
-
-            def move(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.to(device)
-
-            cached = LayerScales(move(layer.k_scale), move(layer.v_scale),
-                                 move(layer.k_zero_point), move(layer.v_zero_point))
+            cached = layer.to(device)
             self._on_device[key] = cached
         return cached
 
@@ -159,11 +155,7 @@ class QuantCache(DynamicCache):
         self.layers_seen: list[int] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if key_states.dim() != 4 or value_states.dim() != 4:
-            raise KvqError(
-                f"layer {layer_idx}: Cache.update got keys {tuple(key_states.shape)} and values "
-                f"{tuple(value_states.shape)}, expected (batch, kv_heads, seq, head_dim)"
-            )
+        check_update_shapes(key_states, None, layer_idx, "eval")
         if self.on_update is not None:
             self.on_update(layer_idx)
         self.layers_seen.append(layer_idx)

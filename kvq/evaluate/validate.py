@@ -64,12 +64,7 @@ class ErrorCache(DynamicCache):
             layer = self.scales.layers.get(layer_idx)
             if layer is None:
                 raise KvqError(f"the model wrote K/V of layer {layer_idx}, which the scales do not have")
-
-            def move(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.to(self.device)
-
-            self._layers[layer_idx] = LayerScales(move(layer.k_scale), move(layer.v_scale),
-                                                  move(layer.k_zero_point), move(layer.v_zero_point))
+            self._layers[layer_idx] = layer.to(self.device)
         return self._layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
