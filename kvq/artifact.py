@@ -1,16 +1,18 @@
-"""Atomic file output and the metadata every artifact carries.
+"""The calibration artifact set: its file names, how it is written as a set, and how its files are read.
 
-Nothing kvq writes is ever left half-written: each file goes to a temporary name in its final
-folder and is renamed into place only once every file of the artifact is complete.
+A kvq artifact folder (``kvq calibrate --out``, ``kvq solve --out``) holds some of ``stats.safetensors``,
+``scales.safetensors``, ``scales.json`` and ``validate.json``. It is written as a set through
+:func:`write_artifact` (atomic, with the --out policy of :mod:`kvq.output`); files of the set that a
+write does not replace are carried over, unless they were computed from a file the write replaces
+(scales from statistics, the validation report from scales): a stale file never sits beside new ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,42 +20,68 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from kvq.errors import UsageError
+from kvq.output import write_folder
+from kvq.output_policy import check_folder_out
+
+STATS_FILE = "stats.safetensors"
+SCALES_FILE = "scales.safetensors"
+SCALES_JSON = "scales.json"
+VALIDATE_JSON = "validate.json"
+ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON)
+# Which file each one is computed from: replacing the source drops the derived file from the set.
+DERIVED_FROM: dict[str, str] = {SCALES_FILE: STATS_FILE, SCALES_JSON: SCALES_FILE, VALIDATE_JSON: SCALES_FILE}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def carried_over(written: Collection[str]) -> set[str]:
+    """The artifact files a write of ``written`` keeps from the existing set: those not (indirectly) recomputed."""
+
+    def stale(name: str) -> bool:
+        source = DERIVED_FROM.get(name)
+        return source is not None and (source in written or stale(source))
+
+    return {name for name in ARTIFACT_FILES if name not in written and not stale(name)}
 
 
-def write_files_atomically(files: Mapping[Path, bytes]) -> None:
-    """Write every file under a temporary name, then rename all of them into place.
+def _artifact_names(names: Collection[str]) -> None:
+    unknown = sorted(set(names) - set(ARTIFACT_FILES))
+    if unknown:
+        raise ValueError(f"{unknown} are not kvq artifact files ({', '.join(ARTIFACT_FILES)})")
 
-    If anything fails before the renames, no target file is touched and the temporaries are removed.
+
+def check_artifact_out(out_dir: str | Path, names: Collection[str], *, force: bool = False,
+                       inputs: Sequence[Path] = ()) -> Path:
+    """The --out policy for an artifact set of ``names``, checked before any work; returns the folder."""
+    _artifact_names(names)
+    return check_folder_out(out_dir, ARTIFACT_FILES, force=force, inputs=inputs, carry=carried_over(names))
+
+
+def write_artifact(out_dir: Path, files: Mapping[str, bytes], *, force: bool = False,
+                   inputs: Sequence[Path] = ()) -> list[Path]:
+    """Replace the artifact set in ``out_dir`` by ``files`` (name -> bytes) atomically; the paths written.
+
+    ``inputs`` are the files the command read (refused as --out, and never deleted by the write).
     """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, data in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged.append((Path(tmp), path))
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            if tmp.exists():
-                tmp.unlink()
+    _artifact_names(files)
+    written = write_folder(out_dir, files, kind=ARTIFACT_FILES, carry=carried_over(files), force=force,
+                           inputs=inputs)
+    return written.paths
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """Serialize tensors (made contiguous, on CPU) with string metadata."""
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=dict(sorted(metadata.items())))
+    """Serialize tensors (made contiguous, on CPU) with string metadata.
+
+    A tensor sharing memory with an earlier one (one zero-point tensor used for K and V, say) is
+    copied: safetensors refuses shared storage.
+    """
+    storages: set[int] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        plain[name] = t
+    return save(plain, metadata=dict(sorted(metadata.items())))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,13 +96,7 @@ def json_bytes(data: object) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
-def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a UsageError naming ``what`` if unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UsageError(f"{what} {path} is not a readable safetensors file: {exc}") from None
+# --- reading -------------------------------------------------------------------------------------
 
 
 def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
@@ -85,3 +107,70 @@ def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
     if not p.is_file():
         raise UsageError(f"{what} {p} is not a file", hint=hint)
     return p
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_safetensors(path: Path, what: str, hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a UsageError naming ``what`` if it is not one."""
+    path = require_file(path, what, hint)
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} {path} is empty", hint=hint)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{what} {path} is not a complete safetensors file ({_first_line(exc)})", hint=hint) from exc
+
+
+def metadata_int(meta: Mapping[str, str], key: str, where: str) -> int | None:
+    """The integer metadata ``key`` (None when absent or empty); a UsageError naming ``where`` if malformed."""
+    raw = meta.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise UsageError(f"{where}: metadata {key}={raw!r} is not an integer") from exc
+
+
+def read_layers(
+    path: Path, what: str, key: re.Pattern[str], required: Sequence[str], hint: str
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, str]]:
+    """The per-layer tensors of an artifact file, keyed by layer and part, and its metadata.
+
+    ``key`` matches a tensor name with groups (layer, part). Refuses unknown tensors, a layer lacking
+    a ``required`` part, and any gap in layers 0..n-1 (n: the ``num_layers`` metadata, else the
+    highest layer + 1).
+    """
+    raw, meta = read_safetensors(path, what, hint)
+    where = f"{what} {path}"
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in raw.items():
+        match = key.match(name)
+        if match is None:
+            raise UsageError(f"{where}: unexpected tensor {name!r}", hint=hint)
+        parts.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+    if not parts:
+        raise UsageError(f"{where} holds no layers", hint=hint)
+    num_layers = metadata_int(meta, "num_layers", where)
+    n = max(parts) + 1 if num_layers is None else num_layers
+    missing = [i for i in range(n) if i not in parts]
+    if missing:
+        raise UsageError(f"{where}: layer(s) {listed(missing)} missing (layers 0..{n - 1} must all be present)",
+                         hint=hint)
+    extra = [i for i in parts if i >= n]
+    if extra:
+        raise UsageError(f"{where}: layer(s) {listed(extra)} beyond its num_layers {n}", hint=hint)
+    for i in sorted(parts):
+        lacking = [part for part in required if part not in parts[i]]
+        if lacking:
+            raise UsageError(f"{where}: layer {i} lacks {', '.join(lacking)}", hint=hint)
+    return parts, meta
+
+
+def listed(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values[:8])) + (f" ... ({len(values)} in all)" if len(values) > 8 else "")

@@ -26,3 +26,9 @@ class UsageError(KvqError):
     """The user asked for something that cannot be (exit code 2): a bad flag, recipe, or missing file."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's text (its type name if it has none), for one-line messages."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -14,14 +14,16 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from kvq.errors import KvqError, UsageError
+from kvq.errors import KvqError, UsageError, first_line
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -136,8 +138,15 @@ def _convert_gguf(gguf: Path, model_id: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (ValueError, struct.error, EOFError) as exc:  # what the GGUF reader raises on a bad file
+            reason = first_line(exc).replace(str(gguf), "the file")
+            raise UsageError(
+                f"GGUF file {gguf} cannot be read: {reason}",
+                hint="the file is truncated, damaged or not a GGUF model: download it again",
+            ) from exc
         # The weights are now plain dequantized tensors; drop the GGUF marker so they can be saved.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -155,6 +164,57 @@ def _convert_gguf(gguf: Path, model_id: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_device(name: str | None) -> torch.device:
+    """The torch device ``--device NAME`` means (None: cuda if available, else cpu), refused with a
+    UsageError if it does not exist or is not available here. Cheap: call it before loading anything."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {name!r} is not a device name",
+                         hint="use cpu, cuda or cuda:N (N counts from 0), or mps on Apple silicon") from exc
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "no CUDA GPU is visible" if torch.version.cuda else f"this torch ({torch.__version__}) has no CUDA"
+            raise UsageError(f"--device {name}: CUDA is not available ({why})", hint="use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name} does not exist: {count} CUDA device(s) visible (cuda:0 .. cuda:{count - 1})",
+                             hint="pick an index below the count, or set CUDA_VISIBLE_DEVICES")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: Apple MPS is not available on this machine", hint="use --device cpu")
+        return device
+    raise UsageError(f"--device {name}: kvq runs models on cpu, cuda or mps, not {device.type}",
+                     hint="use cpu, cuda or cuda:N")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int) -> None:
+    """Refuse ``--seqlen`` longer than the model's positions (learned or RoPE): the model was not
+    trained there, so statistics, errors or perplexity measured there would not be the model's."""
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise UsageError(
+            f"--seqlen {seqlen} is longer than the {limit} positions the model covers "
+            f"({getattr(config, 'model_type', 'model')} max_position_embeddings / n_positions = {limit})",
+            hint=f"use --seqlen {limit} or less",
+        )
 
 
 def resolve_model(name: str | None) -> tuple[str, str, Path | None]:
@@ -186,6 +246,13 @@ def resolve_model(name: str | None) -> tuple[str, str, Path | None]:
     return name, name, None  # a hub id
 
 
+def _weight_files(folder: Path | None) -> str:
+    """The checkpoint's weight files, named for an error message."""
+    names = sorted(p.name for p in folder.glob("*.safetensors")) if folder is not None else []
+    shown = ", ".join(str(folder / n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return shown or "model.safetensors"
+
+
 def load_model(
     name: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -197,37 +264,42 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # kvq shows its own progress
-    model_id, source, folder = resolve_model(name)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(set(DTYPES)))}")
         dtype = DTYPES[dtype]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = check_device(device)
+    model_id, source, folder = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if folder is None:
             raise UsageError(
                 f"model {model_id!r} is neither a local path nor reachable on the Hugging Face hub: "
-                f"{str(exc).splitlines()[0]}",
+                f"{first_line(exc)}",
                 hint="offline, pass a local checkpoint folder or .gguf file with --model",
-            ) from None
-        raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from None
+            ) from exc
+        raise UsageError(f"model {model_id}: cannot read its config: {first_line(exc)}") from exc
     num_layers, num_kv_heads, head_dim = kv_shape(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except SafetensorError as exc:
+        raise UsageError(
+            f"model {model_id}: a weights file ({_weight_files(folder)}) cannot be read: {first_line(exc)}",
+            hint="the file is truncated or damaged: copy or download the checkpoint again",
+        ) from exc
     except ValueError as exc:
         raise UsageError(
             f"model {model_id} ({config.model_type}) cannot be loaded as a causal language model: "
-            f"{str(exc).splitlines()[0]}",
+            f"{first_line(exc)}",
             hint="kvq calibrates decoder-only models with an attention KV cache",
-        ) from None
+        ) from exc
     except OSError as exc:
-        raise KvqError(f"model {model_id}: {str(exc).splitlines()[0]}") from None
-    model.to(device)
+        raise KvqError(f"model {model_id}: {first_line(exc)}") from exc
+    model.to(target)
     model.eval()
     info = ModelInfo(
         model_id=model_id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import torch
 from pydantic import ValidationError
 
 from kvq import __version__
-from kvq.artifact import json_bytes, read_safetensors, require_file, safetensors_bytes, write_files_atomically
+from kvq.artifact import SCALES_FILE, SCALES_JSON, json_bytes, read_layers, safetensors_bytes, write_artifact
 from kvq.errors import UsageError
-from kvq.recipe import KVRecipe
+from kvq.qparams import INT_RANGE
+from kvq.recipe import KVRecipe, QuantSpec
 
-SCALES_FILE = "scales.safetensors"
-SCALES_JSON = "scales.json"
-_KEY = re.compile(r"^layers\.(\d+)\.([kv])_(scale|zero_point)$")
+_KEY = re.compile(r"^layers\.(\d+)\.([kv]_(?:scale|zero_point))$")
+_HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"
+_RANK = {"tensor": 0, "head": 1, "channel": 2}  # the number of dimensions of a scale per granularity
 
 
 @dataclass
@@ -92,55 +94,79 @@ class KVScales:
             "layers": layers,
         }
 
-    def files(self, out_dir: str | Path) -> dict[Path, bytes]:
-        """The contents of scales.safetensors and scales.json in ``out_dir``."""
-        out_dir = Path(out_dir)
+    def to_files(self) -> dict[str, bytes]:
+        """The contents of scales.safetensors and scales.json, by file name."""
         meta = dict(self.metadata)
         meta["recipe"] = json.dumps(self.recipe.to_json(), sort_keys=True)
         meta["kvq_version"] = __version__
-        return {
-            out_dir / SCALES_FILE: safetensors_bytes(self.tensors(), meta),
-            out_dir / SCALES_JSON: json_bytes(self.to_json()),
-        }
+        return {SCALES_FILE: safetensors_bytes(self.tensors(), meta), SCALES_JSON: json_bytes(self.to_json())}
 
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """Write scales.safetensors and scales.json into ``out_dir`` atomically; return their paths."""
-        files = self.files(out_dir)
-        write_files_atomically(files)
-        return list(files)
+    def save(self, out_dir: str | Path, *, force: bool = False, inputs: Sequence[Path] = ()) -> list[Path]:
+        """Write scales.safetensors and scales.json into the artifact folder ``out_dir``; return their paths.
+
+        See :func:`kvq.artifact.write_artifact` for what happens to an existing folder.
+        """
+        return write_artifact(Path(out_dir), self.to_files(), force=force, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> KVScales:
-        """From ``scales.safetensors`` or a folder holding it (a calibration output folder)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / SCALES_FILE
-        require_file(path, "scales file", hint="pass the scales.safetensors (or its folder) from `kvq calibrate`")
-        raw, meta = read_safetensors(path, "scales file")
+        """From scales.safetensors or a folder holding it; refuses a file that is not sound scales."""
+        path = scales_path(path)
+        parts, meta = read_layers(path, "scales file", _KEY, ("k_scale", "v_scale"), _HINT)
+        where = f"scales file {path}"
         if "recipe" not in meta:
-            raise UsageError(f"scales file {path} has no recipe in its metadata; was it written by kvq?")
+            raise UsageError(f"{where} has no recipe in its metadata; was it written by kvq?", hint=_HINT)
         try:
             recipe = KVRecipe.from_json(json.loads(meta.pop("recipe")))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise UsageError(f"scales file {path}: its recipe metadata is not a valid kvq recipe ({exc})") from None
+        except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+            raise UsageError(f"{where}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
         meta.pop("kvq_version", None)
-        parts: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in raw.items():
-            m = _KEY.match(key)
-            if m is None:
-                raise UsageError(f"scales file {path}: unexpected tensor {key!r}")
-            parts.setdefault(int(m.group(1)), {})[f"{m.group(2)}_{m.group(3)}"] = tensor
         layers = {}
         for i, p in sorted(parts.items()):
             for which in ("k", "v"):
-                if f"{which}_scale" not in p:
-                    raise UsageError(f"scales file {path}: layer {i} lacks {which}_scale")
-                if not recipe.spec(which).symmetric and f"{which}_zero_point" not in p:
-                    raise UsageError(f"scales file {path}: layer {i} lacks {which}_zero_point (asymmetric recipe)")
+                _check_layer(p, which, recipe.spec(which), f"{where}: layer {i} {which.upper()}")
             layers[i] = LayerScales(
                 k_scale=p["k_scale"].to(torch.float32),
                 v_scale=p["v_scale"].to(torch.float32),
                 k_zero_point=p.get("k_zero_point"),
                 v_zero_point=p.get("v_zero_point"),
             )
+        heads = {tuple(t.shape[:1]) for layer in layers.values() for t in (layer.k_scale, layer.v_scale) if t.dim()}
+        if len(heads) > 1:
+            raise UsageError(f"{where}: the layers' scales disagree on the number of KV heads ({sorted(heads)})",
+                             hint=_HINT)
         return cls(recipe=recipe, layers=layers, metadata=meta)
+
+
+def scales_path(path: str | Path) -> Path:
+    """The scales file ``path`` names: itself, or the scales.safetensors in a folder."""
+    path = Path(path)
+    return path / SCALES_FILE if path.is_dir() else path
+
+
+def _check_layer(parts: dict[str, torch.Tensor], which: str, spec: QuantSpec, where: str) -> None:
+    """Scale: float, of the spec's granularity, every value a positive finite number; zero point iff asymmetric."""
+    scale = parts[f"{which}_scale"]
+    if not scale.dtype.is_floating_point or scale.dim() != _RANK[spec.granularity]:
+        raise UsageError(f"{where} scale is {str(scale.dtype).removeprefix('torch.')} {tuple(scale.shape)}, but the "
+                         f"recipe's per-{spec.granularity} scale is a float tensor of {_RANK[spec.granularity]} "
+                         "dimension(s)", hint=_HINT)
+    values = scale.to(torch.float32)
+    for bad, what in ((torch.isnan(values), "NaN"), (torch.isinf(values), "inf"), (values == 0, "zero"),
+                      (values < 0, "negative")):
+        if bad.any():
+            raise UsageError(f"{where} scale holds {what} values; every scale must be a positive finite number",
+                             hint="recompute the scales with `kvq solve` or `kvq calibrate`")
+    zp = parts.get(f"{which}_zero_point")
+    if spec.symmetric:
+        if zp is not None:
+            raise UsageError(f"{where} has a zero point, but the recipe's {which.upper()} spec is symmetric", hint=_HINT)
+        return
+    if zp is None:
+        raise UsageError(f"{where} lacks its zero point (the recipe is asymmetric)", hint=_HINT)
+    if zp.dtype.is_floating_point or zp.dtype.is_complex or zp.dtype == torch.bool or zp.shape != scale.shape:
+        raise UsageError(f"{where} zero point is {str(zp.dtype).removeprefix('torch.')} {tuple(zp.shape)}; it must "
+                         f"be an integer tensor of the scale's shape {tuple(scale.shape)}", hint=_HINT)
+    qmin, qmax = INT_RANGE[spec.format]
+    if ((zp < qmin) | (zp > qmax)).any():
+        raise UsageError(f"{where} zero point holds values outside {spec.format}'s range [{qmin}, {qmax}]", hint=_HINT)

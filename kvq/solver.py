@@ -48,6 +48,6 @@ def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
             k_scale, k_zp = solve_tensor(layer.k, recipe.key)
             v_scale, v_zp = solve_tensor(layer.v, recipe.value)
         except ValueError as exc:
-            raise KvqError(f"layer {i}: {exc}") from None
+            raise KvqError(f"layer {i}: {exc}") from exc
         layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp)
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))

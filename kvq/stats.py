@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvq.artifact import read_safetensors, require_file, safetensors_bytes, write_files_atomically
+from kvq.artifact import STATS_FILE, read_layers, safetensors_bytes, write_artifact
 from kvq.errors import KvqError, UsageError
 
-STATS_FILE = "stats.safetensors"
-_KEY = re.compile(r"^layers\.(\d+)\.([kv])\.(min|max|absmax)$")
+_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax))$")
+_PARTS = ("k.min", "k.max", "k.absmax", "v.min", "v.max", "v.absmax")
+_HINT = "pass the stats.safetensors written by `kvq calibrate`"
 
 
 @dataclass
@@ -135,40 +137,67 @@ class KVStats:
         meta["layer_tokens"] = json.dumps([self.layers[i].tokens for i in sorted(self.layers)])
         return safetensors_bytes(self.tensors(), meta)
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        write_files_atomically({path: self.to_bytes()})
+    def save(self, out_dir: str | Path, *, force: bool = False, inputs: Sequence[Path] = ()) -> Path:
+        """Write stats.safetensors into the artifact folder ``out_dir`` (see :func:`kvq.artifact.write_artifact`)."""
+        (path,) = write_artifact(Path(out_dir), {STATS_FILE: self.to_bytes()}, force=force, inputs=inputs)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> KVStats:
-        path = Path(path)
-        if path.is_dir():
-            path = path / STATS_FILE
-        require_file(path, "statistics file", hint="pass the stats.safetensors written by `kvq calibrate`")
-        raw, meta = read_safetensors(path, "statistics file")
-        parts: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in raw.items():
-            m = _KEY.match(key)
-            if m is None:
-                raise UsageError(f"statistics file {path}: unexpected tensor {key!r}")
-            parts.setdefault(int(m.group(1)), {})[f"{m.group(2)}.{m.group(3)}"] = tensor.to(torch.float32)
-        if not parts:
-            raise UsageError(f"statistics file {path} holds no layer statistics")
-        try:
-            tokens = json.loads(meta.pop("layer_tokens", "[]"))
-        except json.JSONDecodeError:
-            tokens = []
+        """From stats.safetensors or a folder holding it; refuses a file that is not sound statistics."""
+        path = stats_path(path)
+        parts, meta = read_layers(path, "statistics file", _KEY, _PARTS, _HINT)
+        where = f"statistics file {path}"
+        tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)
         stats = cls(metadata=meta)
-        for n, i in enumerate(sorted(parts)):
+        shape = tuple(parts[0]["k.min"].shape)
+        for i in sorted(parts):
             p = parts[i]
-            need = ("k.min", "k.max", "v.min", "v.max")
-            lacking = [n_ for n_ in need if n_ not in p]
-            if lacking:
-                raise UsageError(f"statistics file {path}: layer {i} lacks {', '.join(lacking)}")
-            stats.layers[i] = LayerStats(
-                k=TensorStats(p["k.min"], p["k.max"]),
-                v=TensorStats(p["v.min"], p["v.max"]),
-                tokens=int(tokens[n]) if n < len(tokens) else int(meta.get("tokens", 0) or 0),
+            for part in _PARTS:
+                tensor = p[part]
+                if not tensor.dtype.is_floating_point or tensor.dim() != 2 or tuple(tensor.shape) != shape:
+                    raise UsageError(f"{where}: layers.{i}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
+                                     f"{tuple(tensor.shape)}; every statistic must be a float tensor of shape "
+                                     f"{shape} (kv_heads, head_dim)", hint=_HINT)
+            layer = LayerStats(
+                k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32)),
+                v=TensorStats(p["v.min"].to(torch.float32), p["v.max"].to(torch.float32)),
+                tokens=tokens[i] if tokens is not None else int(meta.get("tokens", 0) or 0),
             )
+            for name, ts in (("K", layer.k), ("V", layer.v)):
+                _check_range(ts, f"{where}: layer {i} {name}")
+            stats.layers[i] = layer
         return stats
+
+
+def stats_path(path: str | Path) -> Path:
+    """The statistics file ``path`` names: itself, or the stats.safetensors in a folder."""
+    path = Path(path)
+    return path / STATS_FILE if path.is_dir() else path
+
+
+def _layer_tokens(raw: str | None, num_layers: int, where: str) -> list[int] | None:
+    """The per-layer token counts of the metadata (None when absent); refuses a malformed list."""
+    if raw is None:
+        return None
+    try:
+        tokens = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where}: metadata layer_tokens is not JSON ({exc.msg})", hint=_HINT) from exc
+    if not (isinstance(tokens, list) and len(tokens) == num_layers
+            and all(isinstance(t, int) and t >= 0 for t in tokens)):
+        raise UsageError(f"{where}: metadata layer_tokens is not a list of {num_layers} token counts", hint=_HINT)
+    return tokens
+
+
+def _check_range(ts: TensorStats, where: str) -> None:
+    """Finite statistics with min <= max everywhere; the first offending (head, channel) is named."""
+    bad = ~(torch.isfinite(ts.min) & torch.isfinite(ts.max))
+    if bad.any():
+        head, channel = (int(x) for x in bad.nonzero()[0])
+        raise UsageError(f"{where} head {head} channel {channel}: min / max hold NaN or inf", hint=_HINT)
+    crossed = ts.min > ts.max
+    if crossed.any():
+        head, channel = (int(x) for x in crossed.nonzero()[0])
+        raise UsageError(f"{where} head {head} channel {channel}: min {ts.min[head, channel].item():g} > "
+                         f"max {ts.max[head, channel].item():g}", hint=_HINT)

@@ -72,9 +72,9 @@ def one_line_error(capsys, code, argv, expected):
     "argv_tail, expected",
     [
         ({"--recipe": "int3-per-head"}, "unknown recipe 'int3-per-head'"),
-        ({"--samples": "0"}, "argument --samples: 0 must be at least 1"),
+        ({"--samples": "0"}, "Invalid value for '--samples': Input should be greater than or equal to 1 (got '0')"),
         ({"--dataset": "c5", "--data-files": None}, "unknown dataset 'c5'"),
-        ({"--data-files": "missing.jsonl"}, "data file missing.jsonl does not exist"),
+        ({"--data-files": "missing.jsonl"}, "Invalid value for '--data-files': path 'missing.jsonl' does not exist"),
         ({"--model": "no/such/dir/"}, "model path no/such/dir/ does not exist"),
     ],
 )
@@ -122,13 +122,49 @@ def test_model_without_attention_is_refused(tmp_path, c4_file, capsys):
 
 def test_solve_errors(tmp_path, capsys):
     one_line_error(capsys, 2, ["solve", str(tmp_path / "nope"), "--recipe", "int8-sym-per-head", "--out", str(tmp_path)],
-                   "statistics file")
-    one_line_error(capsys, 2, ["solve", str(tmp_path), "--out", str(tmp_path)], "the following arguments are required: --recipe")
+                   f"Invalid value for 'STATS': path '{tmp_path / 'nope'}' does not exist")
+    one_line_error(capsys, 2, ["solve", str(tmp_path), "--out", str(tmp_path)], "Missing option '--recipe'")
 
 
 def test_debug_variable_shows_the_traceback(tmp_path):
     env = {"KVQ_DEBUG": "1", "PATH": "", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "kvq.cli", "solve", str(tmp_path / "x"), "--recipe", "int3",
+    proc = subprocess.run([sys.executable, "-m", "kvq", "solve", str(tmp_path), "--recipe", "int3",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "kvq: error: unknown recipe 'int3'" in proc.stderr
+
+
+def test_debug_traceback_keeps_the_cause_chain(tmp_path):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("format: int8\ngranularity: head\nformat: int4\n")
+    env = {"KVQ_DEBUG": "1", "PATH": "", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kvq", "solve", str(tmp_path), "--recipe", str(recipe),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    # the frame where it really failed (PyYAML's constructor), then kvq's message: not `from None`
+    assert "yaml.constructor.ConstructorError" in proc.stderr and "direct cause" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-2].startswith("kvq: error: recipe ")
+
+
+def test_help_and_version_come_from_typer():
+    out = subprocess.run([sys.executable, "-m", "kvq", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("calibrate", "solve", "validate", "eval", "export-scales"):
+        assert command in out.stdout
+    version = subprocess.run([sys.executable, "-m", "kvq", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip().startswith("kvq ")
+    # `kvq --help` must not pay for torch: the commands import it in their bodies
+    probe = subprocess.run([sys.executable, "-c", "import sys; from kvq.cli import main; main(['--help']); "
+                            "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip().splitlines()[-1] == "False False", probe.stdout[-500:]
+
+
+def test_several_data_files_after_one_flag(tmp_path):
+    from kvq.cli.params import spread_values
+
+    assert spread_values(["calibrate", "--data-files", "a", "b", "c", "--samples", "3"]) == [
+        "calibrate", "--data-files", "a", "--data-files", "b", "--data-files", "c", "--samples", "3"]
+    assert spread_values(["--data-files", "a", "--data-files", "b"]) == ["--data-files", "a", "--data-files", "b"]
+    assert spread_values(["--data-files=a", "b"]) == ["--data-files=a", "b"]
+    assert spread_values(["--data-files", "a", "--", "b"]) == ["--data-files", "a", "--", "b"]

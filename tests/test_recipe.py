@@ -44,7 +44,13 @@ def test_overrides_for_keys_and_values(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("format: int8\ngranularity: head\nsymetric: true\n", "symetric: unknown key"),
+        ("format: int8\ngranularity: head\nsymetric: true\n", "symetric: unknown key (did you mean 'symmetric'?)"),
+        ("format: int8\ngranularity: head\nzzz: 1\n", "zzz: unknown key"),
+        ("format: int8\ngranularity: head\nkeys: {format: int4, format: int8}\n",
+         "key 'format' is given twice (line 3)"),
+        ("base: &b {format: int8}\nkeys: *b\nformat: int8\ngranularity: head\n", "aliases (*b) are not allowed"),
+        ("[" * 5000, "nested too deeply"),
+        ("", "is empty"),
         ("format: int9\ngranularity: head\n", "format: Input should be 'fp8_e4m3', 'fp8_e5m2', 'int8' or 'int4'"),
         ("format: int8\ngranularity: heads\n", "granularity: Input should be 'tensor', 'head' or 'channel'"),
         ("format: int8\ngranularity: head\nobserver: mse\n", "observer: Input should be 'minmax'"),
@@ -77,3 +83,22 @@ def test_unknown_name_and_missing_file():
     assert "int8-asym-per-head" in err.value.hint
     with pytest.raises(UsageError, match="recipe file nowhere/r.yaml does not exist"):
         load_recipe("nowhere/r.yaml")
+
+
+def test_a_recipe_over_the_size_cap_is_refused_before_parsing(tmp_path):
+    from kvq.recipe import MAX_RECIPE_BYTES
+
+    body = "format: int8\ngranularity: head\n"
+    ok = write(tmp_path, body + "#" * (MAX_RECIPE_BYTES - len(body) - 1) + "\n")
+    assert ok.stat().st_size == MAX_RECIPE_BYTES and load_recipe(ok).key.format == "int8"
+    big = write(tmp_path, body + "#" * (MAX_RECIPE_BYTES - len(body)) + "\n")  # one byte over, still valid YAML
+    with pytest.raises(UsageError, match="is over 64 KiB"):
+        load_recipe(big)
+
+
+def test_a_data_file_given_as_recipe_says_so(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello"}\n')  # parses as a YAML mapping: the hint must still say what it is
+    with pytest.raises(UsageError) as err:
+        load_recipe(data)
+    assert "text: unknown key" in err.value.message and "--data-files" in err.value.hint

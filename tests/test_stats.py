@@ -3,14 +3,19 @@ import json
 import pytest
 import torch
 
-from kvq.calibrate.capture import masked_minmax
 from kvq.errors import KvqError, UsageError
 from kvq.stats import KVStats
 
 
+def _minmax(x, mask):
+    """Per (head, channel) min / max of x (batch, heads, seq, dim) over the real tokens of mask (batch, seq)."""
+    real = x.permute(0, 2, 1, 3)[mask] if mask is not None else x.permute(0, 2, 1, 3).flatten(0, 1)  # (n, heads, dim)
+    return real.amin(dim=0), real.amax(dim=0)
+
+
 def observe_batch(stats, layer, k, v, mask=None):
-    k_min, k_max = masked_minmax(k, mask)
-    v_min, v_max = masked_minmax(v, mask)
+    k_min, k_max = _minmax(k, mask)
+    v_min, v_max = _minmax(v, mask)
     tokens = int(mask.sum()) if mask is not None else k.shape[0] * k.shape[2]
     stats.observe(layer, k_min, k_max, v_min, v_max, tokens)
 
@@ -37,22 +42,12 @@ def test_two_halves_merged_equal_the_whole():
     assert torch.equal(stream.layers[0].k.max, whole.layers[0].k.max)
 
 
-def test_padding_is_excluded_exactly():
-    k = torch.zeros(2, 1, 4, 2)
-    k[0, 0, :2] = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
-    k[1, 0, :3] = torch.tensor([[0.0, 3.0], [-2.0, 1.0], [1.5, 1.5]])
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    k[~mask.unsqueeze(1).expand(2, 1, 4)] = 1e6  # padded positions hold huge values
-    mn, mx = masked_minmax(k, mask)
-    assert mn.tolist() == [[-2.0, -1.0]]
-    assert mx.tolist() == [[2.0, 3.0]]
-
-
 def test_save_load_round_trip(tmp_path):
     stats = KVStats(metadata={"model": "m", "tokens": "7"})
     observe_batch(stats, 0, torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
     observe_batch(stats, 1, torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4))
-    path = stats.save(tmp_path / "stats.safetensors")
+    path = stats.save(tmp_path)
+    assert path == tmp_path / "stats.safetensors"
     back = KVStats.load(tmp_path)  # a folder works too
     assert back.metadata == {"model": "m", "tokens": "7"}
     for i in (0, 1):
@@ -79,10 +74,83 @@ def test_check_complete_names_missing_layers_and_nan():
         stats.check_complete(1)
 
 
+def _good_stats() -> KVStats:
+    stats = KVStats(metadata={"num_layers": "3"})
+    for i in range(3):
+        observe_batch(stats, i, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    return stats
+
+
+def _write(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(UsageError, match="statistics file .*missing.safetensors does not exist"):
         KVStats.load(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(UsageError, match="not a readable safetensors file"):
+    with pytest.raises(UsageError, match="bad.safetensors is not a complete safetensors file"):
         KVStats.load(bad)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(UsageError, match="empty.safetensors is empty"):
+        KVStats.load(empty)
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = _good_stats().save(tmp_path / "a")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 10])
+    with pytest.raises(UsageError, match="cut.safetensors is not a complete safetensors file"):
+        KVStats.load(cut)
+
+
+def test_min_above_max_is_refused_naming_layer_kv_head_channel(tmp_path):
+    stats = _good_stats()
+    tensors = stats.tensors()
+    tensors["layers.1.v.min"] = tensors["layers.1.v.min"].clone()
+    tensors["layers.1.v.min"][1, 2] = tensors["layers.1.v.max"][1, 2] + 1.0
+    path = _write(tmp_path / "s.safetensors", tensors, {"num_layers": "3"})
+    with pytest.raises(UsageError, match=r"s\.safetensors: layer 1 V head 1 channel 2: min .* > max"):
+        KVStats.load(path)
+
+
+def test_nan_statistics_are_refused(tmp_path):
+    tensors = _good_stats().tensors()
+    tensors["layers.0.k.max"] = tensors["layers.0.k.max"].clone()
+    tensors["layers.0.k.max"][0, 3] = float("nan")
+    path = _write(tmp_path / "s.safetensors", tensors, {})
+    with pytest.raises(UsageError, match="layer 0 K head 0 channel 3: min / max hold NaN or inf"):
+        KVStats.load(path)
+
+
+@pytest.mark.parametrize("drop,num_layers,missing", [(1, "3", "1"), (2, "3", "2"), (1, None, "1")])
+def test_a_missing_layer_is_refused(tmp_path, drop, num_layers, missing):
+    tensors = {k: v for k, v in _good_stats().tensors().items() if not k.startswith(f"layers.{drop}.")}
+    path = _write(tmp_path / "s.safetensors", tensors, {} if num_layers is None else {"num_layers": num_layers})
+    with pytest.raises(UsageError, match=rf"layer\(s\) {missing} missing"):
+        KVStats.load(path)
+
+
+@pytest.mark.parametrize("bad,expected", [
+    (torch.zeros(2, 4, dtype=torch.int32), "int32 \\(2, 4\\)"),
+    (torch.zeros(8), "float32 \\(8,\\)"),
+    (torch.zeros(2, 5), "float32 \\(2, 5\\)"),
+])
+def test_wrong_dtype_or_shape_is_refused(tmp_path, bad, expected):
+    tensors = _good_stats().tensors()
+    tensors["layers.2.k.absmax"] = bad
+    path = _write(tmp_path / "s.safetensors", tensors, {})
+    with pytest.raises(UsageError, match=f"layers.2.k.absmax is {expected}; every statistic must be a float"):
+        KVStats.load(path)
+
+
+def test_malformed_layer_tokens_are_refused(tmp_path):
+    path = _write(tmp_path / "s.safetensors", _good_stats().tensors(), {"layer_tokens": "[1, 2]"})
+    with pytest.raises(UsageError, match="layer_tokens is not a list of 3 token counts"):
+        KVStats.load(path)

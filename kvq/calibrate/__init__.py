@@ -1,14 +1,13 @@
 """Calibration: run a model over data and record K/V statistics as the engine caches them."""
 
-from kvq.calibrate.capture import StatsCache, masked_minmax
-from kvq.calibrate.run import CalibrationConfig, CalibrationResult, calibrate, collect_stats, decoder_of
+from kvq.calibrate.observer import StatsObserver, channel_minmax
+from kvq.calibrate.run import CalibrationConfig, CalibrationResult, calibrate, collect_stats
 
 __all__ = [
     "CalibrationConfig",
     "CalibrationResult",
-    "StatsCache",
+    "StatsObserver",
     "calibrate",
+    "channel_minmax",
     "collect_stats",
-    "decoder_of",
-    "masked_minmax",
 ]

@@ -11,16 +11,18 @@ from pathlib import Path
 import torch
 
 from kvq import __version__
-from kvq.artifact import file_sha256, write_files_atomically
-from kvq.calibrate.capture import StatsCache
+from kvq.artifact import SCALES_FILE, SCALES_JSON, STATS_FILE, check_artifact_out, file_sha256, write_artifact
+from kvq.calibrate.observer import StatsObserver
+from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError
-from kvq.models import LoadedModel, ModelInfo, load_model
+from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
 from kvq.recipe import KVRecipe
 from kvq.scales import KVScales
 from kvq.solver import solve
-from kvq.stats import STATS_FILE, KVStats
+from kvq.stats import KVStats
 
+ARTIFACT_SET = (STATS_FILE, SCALES_FILE, SCALES_JSON)  # what a calibration writes
 CAPTURE_POINT = "transformers Cache.update: keys after RoPE, values as given, per KV head before repeat_kv"
 
 
@@ -49,14 +51,6 @@ class CalibrationResult:
     seconds: float
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its LM head: calibration needs K and V, not logits."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, "base_model", model)
-    return decoder
-
-
 def collect_stats(
     model: torch.nn.Module,
     batch_iter: Iterable[Batch],
@@ -64,39 +58,32 @@ def collect_stats(
 ) -> KVStats:
     """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats`."""
     stats = KVStats()
-    decoder = decoder_of(model)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for n, batch in enumerate(batch_iter):
-            mask = batch.attention_mask.to(device)
-            cache = StatsCache(stats, mask, config=model.config)
-            try:
-                decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True)
-            except TypeError as exc:
-                if "past_key_values" not in str(exc):
-                    raise
-                raise KvqError(
-                    f"model {type(model).__name__} does not take a transformers KV cache ({exc})",
-                    hint="kvq calibrates models whose attention writes through transformers' Cache.update",
-                ) from None
-            for i in sorted(set(cache.layers_seen)):
-                layer = stats.layers[i]
-                for name, ts in (("K", layer.k), ("V", layer.v)):
-                    if not (torch.isfinite(ts.min).all() and torch.isfinite(ts.max).all()):
-                        raise KvqError(
-                            f"layer {i}: {name} holds NaN or inf (batch {n})",
-                            hint="check the model's weights; if it overflows in float16, try --dtype bfloat16 or float32",
-                        )
-            if on_batch is not None:
-                on_batch(batch)
+    capture_batches(model, batch_iter, StatsObserver(stats), on_batch)
     return stats
 
 
-def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress: bool = False) -> CalibrationResult:
-    """Calibrate ``cfg.model`` on ``cfg.dataset`` and write stats + scales into ``out_dir``."""
+def _named_inputs(cfg: CalibrationConfig) -> list[Path]:
+    """The local files or folders the run reads data from (never an --out)."""
+    named = [Path(p) for p in cfg.data_files or []]
+    if Path(cfg.dataset).exists():
+        named.append(Path(cfg.dataset))
+    return named
+
+
+def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress: bool = False,
+              force: bool = False) -> CalibrationResult:
+    """Calibrate ``cfg.model`` on ``cfg.dataset`` and write stats + scales into ``out_dir``.
+
+    ``out_dir`` follows the one --out policy (docs/artifacts.md), checked before anything loads;
+    ``force`` replaces a folder that holds files other than a kvq artifact.
+    """
+    check_device(cfg.device)  # before any data or model is loaded
+    out_dir = Path(out_dir)
+    check_artifact_out(out_dir, ARTIFACT_SET, force=force, inputs=_named_inputs(cfg))
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      trust_remote_code=cfg.trust_remote_code)
+    check_seqlen(loaded.model.config, cfg.seqlen)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -138,7 +125,6 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
         "kvq_version": __version__,
     }
     scales = solve(stats, recipe)
-    out_dir = Path(out_dir)
-    files = {out_dir / STATS_FILE: stats.to_bytes(), **scales.files(out_dir)}
-    write_files_atomically(files)
-    return CalibrationResult(info, stats, scales, list(files), len(picked.token_ids), stats.total_tokens, seconds)
+    files = write_artifact(out_dir, {STATS_FILE: stats.to_bytes(), **scales.to_files()}, force=force,
+                           inputs=[*_named_inputs(cfg), *map(Path, dataset.files)])
+    return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)

@@ -11,6 +11,10 @@
    first ``seqlen`` tokens.
 4. Empty documents are skipped. Samples shorter than ``seqlen`` are padded in their batch; padding
    never enters the statistics.
+
+Text holding a lone surrogate (``"\\ud800"``, possible only in documents built in Python: files are
+checked when read) is refused naming the document: SmolLM2's fast tokenizer would raise a bare
+``TypeError`` on it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvq.data.sources import Document
-from kvq.errors import KvqError
+from kvq.data.documents import Document, unencodable_at
+from kvq.errors import KvqError, UsageError
 
 
 @dataclass
@@ -38,14 +42,24 @@ class Samples:
         return sum(len(t) for t in self.token_ids)
 
 
-def encode_document(doc: Document, tokenizer) -> list[int]:
+def encode_document(doc: Document, tokenizer, where: str = "a document") -> list[int]:
+    """Token ids of ``doc`` (chat conversations through the chat template); ``where`` names it in errors."""
     if doc.messages is not None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise KvqError("this dataset holds chat conversations but the model's tokenizer has no chat template",
                            hint="use a plain-text dataset (c4, wikitext2, pile, or files with a 'text' field)")
         text = tokenizer.apply_chat_template(list(doc.messages), tokenize=False)
+        _check_encodable(text, where)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    _check_encodable(doc.text, where)
     return list(tokenizer(doc.text)["input_ids"])
+
+
+def _check_encodable(text: str, where: str) -> None:
+    at = unencodable_at(text)
+    if at is not None:
+        raise UsageError(f"{where} holds a lone surrogate {text[at]!r} at character {at}, which is not valid "
+                         "Unicode: the tokenizer cannot encode it", hint="fix or drop that text")
 
 
 def select_samples(
@@ -64,7 +78,7 @@ def select_samples(
         took_any = False
         for i in order:
             if i not in encoded:
-                encoded[i] = encode_document(documents[i], tokenizer)
+                encoded[i] = encode_document(documents[i], tokenizer, f"document {i + 1} of {len(documents)}")
             ids = encoded[i]
             piece = ids[chunk * seqlen : (chunk + 1) * seqlen]
             if not piece:

@@ -18,8 +18,8 @@ from kvq.evaluate.perplexity import (
     run_eval,
     window_nll,
 )
-from kvq.evaluate.quant_cache import IdentityQuantizer, KVQuantizer, KVShape, QuantCache, StaticQuantizer
-from kvq.evaluate.validate import ErrorCache, HeadError, ValidateConfig, ValidationResult, validate
+from kvq.evaluate.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
+from kvq.evaluate.validate import ErrorAccumulator, HeadError, ValidateConfig, ValidationResult, validate
 
 __all__ = [
     "DYNAMIC_RECIPES",
@@ -27,15 +27,15 @@ __all__ = [
     "AttentionErrorProbe",
     "DynamicQuantizer",
     "DynamicRecipe",
-    "ErrorCache",
+    "ErrorAccumulator",
     "EvalConfig",
     "EvalResult",
     "EvalWindows",
+    "FakeQuantize",
     "HeadError",
     "IdentityQuantizer",
     "KVQuantizer",
     "KVShape",
-    "QuantCache",
     "StaticQuantizer",
     "UnitScaleQuantizer",
     "ValidateConfig",

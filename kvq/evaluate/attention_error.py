@@ -2,16 +2,16 @@
 
 Method (generic: no model-specific code, no class names):
 
-1. During an unquantized forward through a :class:`~kvq.evaluate.quant_cache.QuantCache`, every
-   module that carries an integer ``layer_idx`` attribute is tracked on a stack while it runs
+1. The probe is the capture's consumer (:mod:`kvq.capture`) during an unquantized forward, and
+   every module that carries an integer ``layer_idx`` attribute is tracked on a stack while it runs
    (forward pre-hook pushes, forward hook pops).
-2. When the cache's ``update(..., layer_idx=i)`` is called, the innermost running module whose
+2. When the capture hands the probe layer i's K/V, the innermost running module whose
    ``layer_idx == i`` is the module that wrote layer i's K/V: in transformers models, the attention
    module (``self_attn``). If only an outer module (the decoder layer) carries ``layer_idx``, that
    module is used, and the error is measured at its output instead.
 3. When that module returns, its forward hook (registered ``with_kwargs=True``, so it gets the exact
    positional and keyword inputs) calls it again on the same inputs once per quantizer, with the
-   cache switched to that quantizer: the re-run attends over ``fake_quantize(K), fake_quantize(V)``
+   probe handing attention that quantizer's K/V: the re-run attends over ``fake_quantize(K), fake_quantize(V)``
    of the very K/V the unquantized run used. The unquantized output is what flows on to the next
    layer, so every layer's inputs are exact and its error is its own, not accumulated upstream.
 4. Per layer and quantizer: ``relative L2 = sqrt(sum |o_q - o|^2 / sum |o|^2)`` over every element
@@ -28,7 +28,8 @@ from contextlib import contextmanager
 
 import torch
 
-from kvq.evaluate.quant_cache import KVQuantizer, QuantCache
+from kvq.capture import CapturedKV, CapturedQuery
+from kvq.evaluate.quant_cache import FakeQuantize, KVQuantizer
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
@@ -40,7 +41,12 @@ def _first_tensor(output: object) -> torch.Tensor | None:
 
 
 class AttentionErrorProbe:
-    """Hooks on a model that measure, per layer, the attention-output error of each quantizer."""
+    """Hooks on a model that measure, per layer, the attention-output error of each quantizer.
+
+    Use it as the capture consumer of the unquantized forward, inside :meth:`attached`.
+    """
+
+    wants_queries = False
 
     def __init__(self, model: torch.nn.Module, quantizers: Sequence[KVQuantizer]):
         self.model = model
@@ -51,7 +57,7 @@ class AttentionErrorProbe:
         self._stack: list[torch.nn.Module] = []
         self._pending: dict[int, int] = {}  # id(module) -> layer index it wrote K/V for
         self._rerunning = False
-        self._cache: QuantCache | None = None
+        self._fake = FakeQuantize(None)  # hands attention the unquantized K/V, or a re-run's quantized ones
 
     # --- hooks ------------------------------------------------------------------------------------
 
@@ -59,9 +65,16 @@ class AttentionErrorProbe:
         if not self._rerunning:
             self._stack.append(module)
 
-    def _on_update(self, layer_idx: int) -> None:
-        if self._rerunning:
-            return
+    def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """The capture's call: note which module wrote the layer, hand attention the K/V to read."""
+        if not self._rerunning:
+            self._note_writer(captured.layer_idx)
+        return self._fake.kv(captured)
+
+    def query(self, captured: CapturedQuery) -> None:  # wants_queries is False: never called
+        return None
+
+    def _note_writer(self, layer_idx: int) -> None:
         for module in reversed(self._stack):
             if getattr(module, "layer_idx", None) == layer_idx:
                 self._pending[id(module)] = layer_idx
@@ -74,22 +87,20 @@ class AttentionErrorProbe:
         if self._stack and self._stack[-1] is module:
             self._stack.pop()
         layer_idx = self._pending.pop(id(module), None)
-        cache = self._cache
         ref = _first_tensor(output)
-        if layer_idx is None or cache is None or ref is None:
+        if layer_idx is None or ref is None:
             return
         self.ref_sq[layer_idx] = self.ref_sq.get(layer_idx, 0.0) + float(ref.double().square().sum())
-        saved = cache.quantizer
         self._rerunning = True
         try:
             for n, quantizer in enumerate(self.quantizers):
-                cache.quantizer = quantizer
+                self._fake.quantizer = quantizer
                 out = _first_tensor(module(*args, **kwargs))
                 err = float((out.double() - ref.double()).square().sum())
                 self.err_sq[n][layer_idx] = self.err_sq[n].get(layer_idx, 0.0) + err
         finally:
             self._rerunning = False
-            cache.quantizer = saved
+            self._fake.quantizer = None
 
     # --- use ----------------------------------------------------------------------------------------
 
@@ -97,6 +108,8 @@ class AttentionErrorProbe:
     def attached(self) -> Iterator[AttentionErrorProbe]:
         """Hooks on every module with an integer ``layer_idx`` while the block runs."""
         handles = []
+        self._stack.clear()
+        self._pending.clear()
         try:
             for module in self.model.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
@@ -106,14 +119,6 @@ class AttentionErrorProbe:
         finally:
             for handle in handles:
                 handle.remove()
-
-    def watch(self, cache: QuantCache) -> QuantCache:
-        """Measure during the next forward through ``cache`` (an unquantized one)."""
-        self._stack.clear()
-        self._pending.clear()
-        self._cache = cache
-        cache.on_update = self._on_update
-        return cache
 
     def relative_errors(self, n: int) -> dict[int, float]:
         """Layer -> relative L2 error of quantizer ``n`` (layers whose output was all zeros are left out)."""

@@ -12,9 +12,9 @@ Method:
 * Loss: the model's own forward with its LM head; the logits of positions 0..seqlen-2 predict
   tokens 1..seqlen-1 (cross entropy in float32). ``ppl = exp(total NLL / predicted tokens)``: each
   window contributes ``seqlen - 1`` predictions.
-* The baseline goes through the same :class:`~kvq.evaluate.quant_cache.QuantCache` path with no
-  quantizer, which computes bit for bit what the plain forward without a cache computes (a test
-  checks this), and the attention-output error probe rides on it.
+* The baseline goes through the same capture path (:mod:`kvq.capture`) with no quantizer, which
+  computes bit for bit what the plain forward without a cache computes (a test checks this), and
+  the attention-output error probe is its consumer.
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from kvq.capture import CaptureCache, Consumer, forward, input_device
 from kvq.data import Document, LoadedDataset, encode_document, load_documents
 from kvq.errors import KvqError
 from kvq.evaluate.attention_error import AttentionErrorProbe
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.evaluate.dynamic import UnitScaleQuantizer, eval_only_quantizer
-from kvq.evaluate.quant_cache import IdentityQuantizer, KVQuantizer, KVShape, QuantCache, StaticQuantizer
-from kvq.models import LoadedModel, ModelInfo, load_model
+from kvq.evaluate.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
+from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
 from kvq.scales import KVScales
 
 
@@ -92,15 +94,16 @@ def eval_windows(documents: Sequence[Document], tokenizer, seqlen: int, max_wind
     return EvalWindows(ids, len(stream), used)
 
 
-def window_nlls(model: torch.nn.Module, input_ids: torch.Tensor, cache: QuantCache | None) -> list[float]:
+def window_nlls(model: torch.nn.Module, input_ids: torch.Tensor, consumer: Consumer | None) -> list[float]:
     """Per row of ``input_ids`` (batch, seqlen): the summed NLL (nats) of tokens 1.. given the ones before.
 
-    ``cache`` None runs the plain forward (no cache at all).
+    ``consumer`` gets every layer's K/V through the capture and says what attention reads (e.g.
+    :class:`~kvq.evaluate.quant_cache.FakeQuantize`); None runs the plain forward (no cache at all).
     """
-    if cache is None:
+    if consumer is None:
         out = model(input_ids=input_ids, use_cache=False)
     else:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = forward(model, input_ids, CaptureCache(consumer, config=model.config))
     logits = out.logits  # (batch, seqlen, vocab)
     batch, seqlen, vocab = logits.shape
     pred = logits[:, :-1, :].float().reshape(-1, vocab)  # (batch, seqlen-1, vocab) -> (batch*(seqlen-1), vocab)
@@ -109,9 +112,9 @@ def window_nlls(model: torch.nn.Module, input_ids: torch.Tensor, cache: QuantCac
     return nll.double().sum(dim=1).tolist()
 
 
-def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, cache: QuantCache | None) -> float:
+def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, consumer: Consumer | None) -> float:
     """The summed NLL of every row of ``input_ids`` (see :func:`window_nlls`)."""
-    return sum(window_nlls(model, input_ids, cache))
+    return sum(window_nlls(model, input_ids, consumer))
 
 
 @dataclass
@@ -182,7 +185,7 @@ def measure(
     attached), then one forward per quantizer with the quantized cache. ``on_batch`` gets the number
     of windows done in each batch.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     baseline = Measured(IdentityQuantizer(), tokens_per_window=windows.seqlen - 1)
     entries = [Measured(q, tokens_per_window=windows.seqlen - 1) for q in quantizers]
     probe = AttentionErrorProbe(model, quantizers) if attention_error and quantizers else None
@@ -190,14 +193,10 @@ def measure(
     with torch.inference_mode():
         for first in range(0, windows.num_windows, batch_size):
             ids = windows.input_ids[first : first + batch_size].to(device)  # (batch, seqlen)
-            cache = QuantCache(config=model.config)
-            if probe is not None:
-                with probe.attached():
-                    baseline.window_nll += window_nlls(model, ids, probe.watch(cache))
-            else:
-                baseline.window_nll += window_nlls(model, ids, cache)
+            with probe.attached() if probe is not None else nullcontext():
+                baseline.window_nll += window_nlls(model, ids, probe if probe is not None else FakeQuantize(None))
             for entry in entries:
-                entry.window_nll += window_nlls(model, ids, QuantCache(config=model.config, quantizer=entry.quantizer))
+                entry.window_nll += window_nlls(model, ids, FakeQuantize(entry.quantizer))
             for name, m in (("baseline", baseline), *((e.quantizer.name, e) for e in entries)):
                 if not math.isfinite(m.nll):
                     raise KvqError(f"{name}: the loss is NaN or inf on windows {first}..{first + ids.shape[0] - 1}",
@@ -271,6 +270,7 @@ def static_quantizers(paths: Sequence[str], fp8_fallback: bool) -> list[KVQuanti
 
 def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
     """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
+    check_device(cfg.device)  # before any data or model is loaded
     extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
     quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback)
     names = {q.name for q in quantizers}
@@ -278,6 +278,7 @@ def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] |
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      trust_remote_code=cfg.trust_remote_code)
+    check_seqlen(loaded.model.config, cfg.seqlen)
     warnings: list[str] = []
     for q in quantizers:
         if isinstance(q, StaticQuantizer):

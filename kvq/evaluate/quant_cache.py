@@ -1,13 +1,11 @@
-"""A KV cache that hands attention fake-quantized K/V, as an engine's quantized cache does.
+"""Quantizers of the KV cache, and the capture consumer that makes attention read their output.
 
 An engine with a quantized KV cache quantizes K and V when it writes them and dequantizes them
 when attention reads them, so attention sees ``dequantize(quantize(K))`` — in the prefill too when
-the engine reads the prompt's K/V back from its paged cache (vLLM's v1 backends). :class:`QuantCache`
-reproduces that at the cache write: transformers' attention layers hand their new K/V (keys after
-RoPE, per KV head, before ``repeat_kv``) to ``Cache.update`` and attend over what it returns, so a
-cache whose ``update`` returns ``fake_quantize(K), fake_quantize(V)`` makes the model compute with
-the quantized cache. Like :class:`~kvq.calibrate.capture.StatsCache` it stores nothing: every
-evaluation window is one prefill forward, whose attention needs only the K/V it was just given.
+the engine reads the prompt's K/V back from its paged cache (vLLM's v1 backends). :class:`FakeQuantize`
+reproduces that at the cache write: the capture (:mod:`kvq.capture`) hands it every layer's new K/V
+(keys after RoPE, per KV head, before ``repeat_kv``) and attention reads what it returns,
+``fake_quantize(K), fake_quantize(V)``.
 
 A quantizer (:class:`KVQuantizer`) is any object with ``quantize(x, layer_idx, which) -> Tensor``
 (same shape and dtype), ``kv_bytes_per_token(shape, model_dtype)`` and what a report shows of it
@@ -18,14 +16,12 @@ ones (run-time per-token modes, fp8 with scale 1.0).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-from transformers import DynamicCache
 
-from kvq.calibrate.capture import check_update_shapes
+from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import KvqError
 from kvq.kernels import fake_quantize
 from kvq.qparams import BITS
@@ -54,7 +50,7 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 
 class KVQuantizer(Protocol):
-    """What :class:`QuantCache` calls on every K and V it is handed, and what a report shows of it."""
+    """What :class:`FakeQuantize` calls on every K and V it is handed, and what a report shows of it."""
 
     name: str
     kind: str  # "baseline" | "static" | "uncalibrated" | "dynamic"
@@ -140,26 +136,23 @@ class StaticQuantizer:
         return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
 
 
-class QuantCache(DynamicCache):
-    """A transformers cache whose ``update`` returns the K/V attention should read; stores nothing.
+class FakeQuantize:
+    """The capture consumer that hands attention ``quantizer``'s K/V, as an engine's quantized cache does.
 
-    ``quantizer`` None (or :class:`IdentityQuantizer`) returns the inputs themselves. ``on_update``,
-    when set, is called with the layer index before anything else (the attention-error probe uses it
-    to find each layer's attention module). ``quantizer`` may be changed between calls.
+    ``quantizer`` None (or :class:`IdentityQuantizer`) hands attention the K/V themselves. It may be
+    changed between calls (the attention-error probe switches it for its re-runs).
     """
 
-    def __init__(self, config=None, quantizer: KVQuantizer | None = None):
-        super().__init__(config=config)
-        self.quantizer = quantizer
-        self.on_update: Callable[[int], None] | None = None
-        self.layers_seen: list[int] = []
+    wants_queries = False
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        check_update_shapes(key_states, None, layer_idx, "eval")
-        if self.on_update is not None:
-            self.on_update(layer_idx)
-        self.layers_seen.append(layer_idx)
+    def __init__(self, quantizer: KVQuantizer | None = None):
+        self.quantizer = quantizer
+
+    def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
         if self.quantizer is None:
-            return key_states, value_states
-        return (self.quantizer.quantize(key_states, layer_idx, "k"),
-                self.quantizer.quantize(value_states, layer_idx, "v"))
+            return captured.key, captured.value
+        return (self.quantizer.quantize(captured.key, captured.layer_idx, "k"),
+                self.quantizer.quantize(captured.value, captured.layer_idx, "v"))
+
+    def query(self, captured: CapturedQuery) -> None:  # wants_queries is False: never called
+        return None

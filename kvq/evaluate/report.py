@@ -23,11 +23,11 @@ from rich.progress import (
 from rich.table import Table
 
 from kvq import __version__
-from kvq.artifact import json_bytes, write_files_atomically
-from kvq.errors import KvqError
+from kvq.artifact import json_bytes
 from kvq.evaluate.perplexity import EvalResult, Measured
 from kvq.evaluate.quant_cache import describe_spec
 from kvq.evaluate.validate import HeadError, ValidationResult
+from kvq.output import write_file
 
 PERPLEXITY_METHOD = (
     "documents in file order joined by EOS into one token stream, cut into consecutive non-overlapping "
@@ -60,12 +60,8 @@ def progress_bar(label: str, total: int, unit: str) -> Iterator[Callable[[int], 
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    try:
-        write_files_atomically({path: json_bytes(data)})
-    except OSError as exc:
-        raise KvqError(f"cannot write {path}: {exc.strerror or exc}", hint="pass --json FILE in a writable folder") from None
-    return path
+    """Write a JSON report atomically (kvq.output's policy: an earlier report of the same kind is replaced)."""
+    return write_file(path, json_bytes(data), option="--json")
 
 
 # --- validate ---------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """``kvq validate``: the round-trip error of a scales artifact on K/V captured from (held-out) data.
 
-The capture is calibration's (:class:`~kvq.calibrate.capture.StatsCache`): one prefill per batch
-through the decoder (no LM head); :class:`ErrorCache` is a cache whose ``update`` folds
-:func:`kvq.kernels.roundtrip_error` of that layer's K and of its V, per KV head, into running
-totals and returns its inputs (stores nothing). Padding never enters the totals. Samples are
+The capture is calibration's (:mod:`kvq.capture`): one prefill per batch through the decoder (no
+LM head); :class:`ErrorAccumulator` is its consumer, folding :func:`kvq.kernels.roundtrip_error` of
+each layer's real-token K and V, per KV head, into running totals (attention reads the K/V
+unchanged). Padding never enters the totals. Samples are
 selected exactly as calibration selects them (:func:`kvq.data.select_samples`, seeded).
 
 Per (layer, KV head, K|V) the report gives SQNR (``10 log10(sum x^2 / sum (x - x_hat)^2)``),
@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from kvq.calibrate.capture import check_update_shapes, real_tokens
-from kvq.calibrate.run import CalibrationConfig, decoder_of
+from kvq.calibrate.run import CalibrationConfig
+from kvq.capture import CapturedKV, CapturedQuery, capture_batches
 from kvq.data import Batch, LoadedDataset, batches, load_documents, select_samples
 from kvq.errors import KvqError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
-from kvq.models import LoadedModel, ModelInfo, load_model
-from kvq.scales import SCALES_FILE, KVScales, LayerScales
+from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
+from kvq.scales import KVScales, LayerScales, scales_path
 
 
 @dataclass
@@ -42,43 +41,39 @@ class LayerError:
         return self.k if which == "k" else self.v
 
 
-class ErrorCache(DynamicCache):
-    """A transformers cache that folds the round-trip error of every K and V into ``errors``.
+class ErrorAccumulator:
+    """The capture consumer that folds the round-trip error of every layer's K and V into ``errors``."""
 
-    Made fresh for each batch (with that batch's token mask); all batches fold into one ``errors``.
-    """
+    wants_queries = False
 
-    def __init__(self, scales: KVScales, errors: dict[int, LayerError], attention_mask: torch.Tensor | None,
-                 device: torch.device, config=None):
-        super().__init__(config=config)
+    def __init__(self, scales: KVScales):
         self.scales = scales
-        self.errors = errors
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: no gather needed
-        self.token_mask = None if attention_mask is None else attention_mask.bool()
-        self.device = device
-        self._layers: dict[int, LayerScales] = {}
+        self.errors: dict[int, LayerError] = {}
+        self._layers: dict[tuple[torch.device, int], LayerScales] = {}
 
-    def _scales(self, layer_idx: int) -> LayerScales:
-        if layer_idx not in self._layers:
+    def _scales(self, layer_idx: int, device: torch.device) -> LayerScales:
+        key = (device, layer_idx)
+        if key not in self._layers:
             layer = self.scales.layers.get(layer_idx)
             if layer is None:
                 raise KvqError(f"the model wrote K/V of layer {layer_idx}, which the scales do not have")
-            self._layers[layer_idx] = layer.to(self.device)
-        return self._layers[layer_idx]
+            self._layers[key] = layer.to(device)
+        return self._layers[key]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        check_update_shapes(key_states, self.token_mask, layer_idx, "validate")
-        layer = self._scales(layer_idx)
+    def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self._scales(captured.layer_idx, captured.key.device)
         recipe = self.scales.recipe
-        found = {}
-        for which, x in (("k", key_states), ("v", value_states)):
-            found[which] = roundtrip_error(real_tokens(x, self.token_mask), layer.scale(which),
-                                           layer.zero_point(which), recipe.spec(which).format)
-        done = self.errors.get(layer_idx)
-        self.errors[layer_idx] = (LayerError(found["k"], found["v"]) if done is None
-                                  else LayerError(done.k.merge(found["k"]), done.v.merge(found["v"])))
-        return key_states, value_states
+        found = {
+            which: roundtrip_error(real, layer.scale(which), layer.zero_point(which), recipe.spec(which).format)
+            for which, real in (("k", captured.real_key), ("v", captured.real_value))
+        }
+        done = self.errors.get(captured.layer_idx)
+        self.errors[captured.layer_idx] = (LayerError(found["k"], found["v"]) if done is None
+                                           else LayerError(done.k.merge(found["k"]), done.v.merge(found["v"])))
+        return captured.key, captured.value
+
+    def query(self, captured: CapturedQuery) -> None:  # wants_queries is False: never called
+        return None
 
 
 @dataclass(frozen=True)
@@ -166,22 +161,9 @@ def collect_errors(
     model: torch.nn.Module, scales: KVScales, batch_iter, on_batch: Callable[[Batch], None] | None = None
 ) -> dict[int, LayerError]:
     """Run the decoder over every batch, folding the round-trip error of every layer's K/V."""
-    errors: dict[int, LayerError] = {}
-    decoder = decoder_of(model)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for batch in batch_iter:
-            mask = batch.attention_mask.to(device)
-            cache = ErrorCache(scales, errors, mask, device, config=model.config)
-            decoder(input_ids=batch.input_ids.to(device), attention_mask=mask, past_key_values=cache, use_cache=True)
-            if on_batch is not None:
-                on_batch(batch)
-    return errors
-
-
-def scales_file(path: str | Path) -> Path:
-    path = Path(path)
-    return path / SCALES_FILE if path.is_dir() else path
+    accumulator = ErrorAccumulator(scales)
+    capture_batches(model, batch_iter, accumulator, on_batch)
+    return accumulator.errors
 
 
 def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch], None]] | None = None
@@ -190,10 +172,12 @@ def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch
 
     ``on_start(samples, tokens)`` returns a per-batch callback (a progress bar).
     """
+    check_device(cfg.device)  # before any data or model is loaded
     scales = KVScales.load(cfg.scales)  # a missing or bad artifact fails before the model loads
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      trust_remote_code=cfg.trust_remote_code)
+    check_seqlen(loaded.model.config, cfg.seqlen)
     warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
     same = same_data_warning(scales.metadata, dataset, str(cfg.scales))
     if same:
@@ -219,7 +203,7 @@ def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch
                 raise KvqError(f"layer {i}: {which.upper()} holds NaN or inf",
                                hint="the model overflows in this dtype: try --dtype float32 or bfloat16")
     return ValidationResult(
-        scales_path=scales_file(cfg.scales),
+        scales_path=scales_path(cfg.scales),
         scales=scales,
         info=loaded.info,
         dataset=dataset,

@@ -11,16 +11,21 @@ name or the scales would never be read.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from kvq import __version__
 from kvq.artifact import json_bytes, safetensors_bytes
 from kvq.errors import UsageError
-from kvq.export.common import ExportPlan, ModelFiles, safetensors_header, tensor_bytes
+from kvq.export.model_check import WHICH, ModelFiles, Which
+from kvq.export.plan import ExportPlan, ExportRequest
+from kvq.export.tensor_parallel import group_values, reduction_notes
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -29,6 +34,9 @@ SCALES_SHARD = "kvq-kv-scales.safetensors"
 _K_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)\.self_attn\.k_proj\.weight$")
 # Names under which checkpoints already carry KV-cache scales (compressed-tensors, ModelOpt, old FP8).
 _KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".k_proj.output_scale", ".v_proj.output_scale")
+# Bytes per element of the safetensors dtypes (the format's spec); for the index's total_size.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ def read_weights(files: ModelFiles) -> WeightIndex:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = dict(index["weight_map"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{index_path} is not a valid safetensors index: {exc}") from None
+            raise UsageError(f"{index_path} is not a valid safetensors index: {exc}") from exc
         metadata = dict(index.get("metadata") or {})
         sources = {}
         for name in sorted(set(weight_map.values())):
@@ -63,17 +71,33 @@ def read_weights(files: ModelFiles) -> WeightIndex:
             sources[name] = path
         return WeightIndex(weight_map, metadata, sources)
     if single_path.is_file():
-        header = safetensors_header(single_path)
-        weight_map = {key: RENAMED_SINGLE for key in header if key != "__metadata__"}
-        metadata = {"total_size": tensor_bytes(header)}
-        return WeightIndex(weight_map, metadata, {RENAMED_SINGLE: single_path})
+        names, size = _names_and_size(single_path)
+        metadata = {} if size is None else {"total_size": size}
+        return WeightIndex({name: RENAMED_SINGLE for name in names}, metadata, {RENAMED_SINGLE: single_path})
     raise UsageError(
         f"model folder {folder} has no safetensors weights ({SINGLE} or {INDEX})",
         hint="save the model with safetensors (save_pretrained(..., safe_serialization=True))",
     )
 
 
-def attention_modules(index: WeightIndex, num_layers: int, fmt: str) -> dict[int, str]:
+def _names_and_size(path: Path) -> tuple[list[str], int | None]:
+    """The tensor names of a safetensors file and their total bytes (None for a dtype kvq does not know).
+
+    Reads the header only (safe_open does not load tensors until asked).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            names = list(fh.keys())
+            slices = [fh.get_slice(name) for name in names]
+            dtypes = [s.get_dtype() for s in slices]
+            if not all(d in _DTYPE_BYTES for d in dtypes):
+                return names, None
+            return names, sum(math.prod(s.get_shape()) * _DTYPE_BYTES[d] for s, d in zip(slices, dtypes, strict=True))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def attention_modules(index: WeightIndex, num_layers: int, export_format: str) -> dict[int, str]:
     """Layer index -> the attention module's name (``model.layers.{i}.self_attn``), from k_proj weights."""
     by_prefix: dict[str, dict[int, str]] = {}
     for name in index.weight_map:
@@ -85,7 +109,7 @@ def attention_modules(index: WeightIndex, num_layers: int, fmt: str) -> dict[int
     if len(candidates) != 1:
         found = ", ".join(sorted(by_prefix)) or "none"
         raise UsageError(
-            f"--format {fmt} names scales after the attention modules' k_proj / v_proj, but the model's "
+            f"--format {export_format} names scales after the attention modules' k_proj / v_proj, but the model's "
             f"weights have no single set of {num_layers} `*.layers.N.self_attn.k_proj.weight` tensors "
             f"(found: {found})",
             hint="this format supports models with separate k_proj / v_proj projections (Llama, Qwen2, "
@@ -157,3 +181,38 @@ def checkpoint_plan(
             "(transformers ignores an index beside a model.safetensors)"
         )
     return plan
+
+
+@dataclass(frozen=True)
+class CheckpointScales:
+    """The KV scales of a checkpoint export, named after the model's attention modules."""
+
+    files: ModelFiles
+    index: WeightIndex
+    tensors: dict[str, torch.Tensor]
+    notes: list[str]
+
+
+def checkpoint_scales(
+    req: ExportRequest,
+    export_format: str,
+    groups: list[list[int]],
+    target: str,
+    place: Callable[[str, Which, torch.Tensor], tuple[str, torch.Tensor]],
+) -> CheckpointScales:
+    """Every layer's K and V scale, one per group of KV heads, as ``place(module, which, scales)`` names
+    and shapes it (``scales``: shape (len(groups),)); refuses a model that already has KV scales."""
+    files = req.model_files(export_format)
+    index = read_weights(files)
+    refuse_existing_scales(index, files.folder)
+    modules = attention_modules(index, req.shape.num_layers, export_format)
+    tensors: dict[str, torch.Tensor] = {}
+    reduced: set[str] = set()
+    for i in range(req.shape.num_layers):
+        for which in WHICH:
+            grouped = group_values(req.scales, i, which, groups, req.reduce, export_format, target)
+            if grouped.reduced:
+                reduced.add(which)
+            name, value = place(modules[i], which, grouped.scale)
+            tensors[name] = value.to(torch.float32).contiguous()
+    return CheckpointScales(files, index, tensors, reduction_notes(req.scales, reduced, target))

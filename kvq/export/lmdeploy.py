@@ -26,18 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from kvq.export.common import (
-    Exporter,
-    ExportPlan,
-    ExportRequest,
-    check_tp,
-    group_values,
-    heads_of_rank,
-    reduction_note,
-    refuse_format,
-)
+from kvq.export.model_check import refuse_format
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.export.tensor_parallel import rank_values
 
-FMT = "lmdeploy"
+EXPORT_FORMAT = "lmdeploy"
 FILE_NAME = "layers.{i}.past_kv_scale.{rank}.weight"
 
 
@@ -50,29 +43,20 @@ def lmdeploy_zero_point(scale: torch.Tensor, zero_point: torch.Tensor | None) ->
 
 
 def build(req: ExportRequest) -> ExportPlan:
-    scales, shape, tp = req.scales, req.shape, req.tp
     refuse_format(
-        scales, FMT, ("int8",),
+        req.scales, EXPORT_FORMAT, ("int8",),
         why="TurboMind's offline KV parameters are int8 only (quant_policy 4); fp8 and int4 KV caches "
         "in LMDeploy are quantized online and read no parameter files",
         hint="solve an int8 recipe (e.g. --recipe int8-asym-per-head)",
     )
-    check_tp(shape.num_kv_heads, tp, FMT, allow_replication=False)
-    groups = [heads_of_rank(shape.num_kv_heads, tp, r) for r in range(tp)]
-    target = "per TP rank" if tp > 1 else "per tensor"
-    plan = ExportPlan()
-    reduced: set[str] = set()
-    for i in range(shape.num_layers):
-        k = group_values(scales, i, "k", groups, req.reduce, FMT, target)
-        v = group_values(scales, i, "v", groups, req.reduce, FMT, target)
-        reduced |= {w for w, g in (("k", k), ("v", v)) if g.reduced}
+    ranks = rank_values(req, EXPORT_FORMAT, allow_replication=False)
+    plan = ExportPlan(notes=list(ranks.notes))
+    for i, (k, v) in enumerate(ranks.layers):
         k_zp = lmdeploy_zero_point(k.scale, k.zero_point)
         v_zp = lmdeploy_zero_point(v.scale, v.zero_point)
-        for r in range(tp):
+        for r in range(req.tp):
             params = torch.stack([k.scale[r], k_zp[r], v.scale[r], v_zp[r]]).to(torch.float32)  # (4,)
             plan.files[FILE_NAME.format(i=i, rank=r)] = params.numpy().astype("<f4").tobytes()
-    plan.notes = [reduction_note(w.upper(), scales.recipe.spec(w), target.removeprefix("per "))
-                  for w in sorted(reduced)]
     plan.notes.append(
         "LMDeploy 0.0.4-0.3.0 (TurboMind): copy these files into workspace/triton_models/weights/ of a "
         "`lmdeploy convert` output and set quant_policy 4; LMDeploy >= 0.4.0 quantizes the KV cache online "
@@ -81,4 +65,4 @@ def build(req: ExportRequest) -> ExportPlan:
     return plan
 
 
-EXPORTER = Exporter(build=build, needs_model_files=False, uses_tp=True, output="folder")
+EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=False)

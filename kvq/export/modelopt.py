@@ -28,26 +28,19 @@ import torch
 from kvq import __version__
 from kvq.artifact import json_bytes
 from kvq.errors import UsageError
-from kvq.export.checkpoint import attention_modules, checkpoint_plan, read_weights, refuse_existing_scales
-from kvq.export.common import (
-    Exporter,
-    ExportPlan,
-    ExportRequest,
-    group_values,
-    reduction_note,
-    refuse_format,
-)
+from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
+from kvq.export.model_check import ModelFiles, refuse_format
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest
 
-FMT = "modelopt"
+EXPORT_FORMAT = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # The kv_cache_scheme ModelOpt writes into config.json for kv_cache_quant_algo FP8
 # (modelopt/torch/export/convert_hf_config.py, convert_hf_quant_config_format).
 MODELOPT_FP8_KV_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 
 
-def _hf_quant_config(req: ExportRequest) -> dict:
-    assert req.files is not None
-    path = req.files.folder / HF_QUANT_CONFIG
+def _hf_quant_config(files: ModelFiles) -> dict:
+    path = files.folder / HF_QUANT_CONFIG
     if not path.is_file():
         return {
             "producer": {"name": "kvq", "version": __version__},
@@ -57,7 +50,7 @@ def _hf_quant_config(req: ExportRequest) -> dict:
         existing = json.loads(path.read_text(encoding="utf-8"))
         quantization = dict(existing["quantization"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is not a ModelOpt quantization config: {exc}") from None
+        raise UsageError(f"{path} is not a ModelOpt quantization config: {exc}") from exc
     if quantization.get("kv_cache_quant_algo") is not None:
         raise UsageError(
             f"{path} already sets kv_cache_quant_algo {quantization['kv_cache_quant_algo']!r}",
@@ -69,54 +62,43 @@ def _hf_quant_config(req: ExportRequest) -> dict:
     return merged
 
 
-def _config_json(req: ExportRequest) -> bytes | None:
+def _config_json(files: ModelFiles) -> bytes | None:
     """config.json rewritten when it holds a ModelOpt quantization_config; None to link it as is."""
-    assert req.files is not None
-    qc = req.files.config.get("quantization_config")
+    qc = files.config.get("quantization_config")
     if qc is None:
         return None
     method = str(qc.get("quant_method", ""))
     if not method.startswith("modelopt"):
         raise UsageError(
-            f"model {req.files.folder} is quantized with quant_method {method!r}; --format modelopt adds "
+            f"model {files.folder} is quantized with quant_method {method!r}; --format modelopt adds "
             "ModelOpt KV scales and cannot merge them into another method's config",
             hint="for a compressed-tensors checkpoint use --format vllm",
         )
     if qc.get("kv_cache_scheme") is not None:
-        raise UsageError(f"model {req.files.folder} already declares a kv_cache_scheme in config.json",
+        raise UsageError(f"model {files.folder} already declares a kv_cache_scheme in config.json",
                          hint="export from the checkpoint without KV-cache quantization")
-    config = dict(req.files.config)
+    config = dict(files.config)
     config["quantization_config"] = {**qc, "kv_cache_scheme": dict(MODELOPT_FP8_KV_SCHEME)}
     return json_bytes(config)
 
 
 def build(req: ExportRequest) -> ExportPlan:
-    scales, shape = req.scales, req.shape
     refuse_format(
-        scales, FMT, ("fp8_e4m3",),
+        req.scales, EXPORT_FORMAT, ("fp8_e4m3",),
         why="ModelOpt's Hugging Face export holds FP8 (e4m3) KV-cache scales only",
         hint="solve an fp8_e4m3 recipe, or use --format trtllm for INT8",
     )
-    assert req.files is not None
-    index = read_weights(req.files)
-    refuse_existing_scales(index, req.files.folder)
-    modules = attention_modules(index, shape.num_layers, FMT)
-    groups = [list(range(shape.num_kv_heads))]
-    tensors: dict[str, torch.Tensor] = {}
-    reduced: set[str] = set()
-    for i in range(shape.num_layers):
-        for which in ("k", "v"):
-            g = group_values(scales, i, which, groups, req.reduce, FMT, "per tensor")
-            if g.reduced:
-                reduced.add(which)
-            # (1,) -> () : ModelOpt stores a scalar per projection
-            tensors[f"{modules[i]}.{which}_proj.{which}_scale"] = g.scale.reshape(()).to(torch.float32).contiguous()
-    rewritten = {HF_QUANT_CONFIG: json_bytes(_hf_quant_config(req))}
-    config = _config_json(req)
+
+    def place(module: str, which: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return f"{module}.{which}_proj.{which}_scale", value.reshape(())  # (1,) -> (): a scalar per projection
+
+    kv = checkpoint_scales(req, EXPORT_FORMAT, [list(range(req.shape.num_kv_heads))], "per tensor", place)
+    rewritten = {HF_QUANT_CONFIG: json_bytes(_hf_quant_config(kv.files))}
+    config = _config_json(kv.files)
     if config is not None:
         rewritten["config.json"] = config
-    plan = checkpoint_plan(req.files, index, tensors, rewritten)
-    notes = [reduction_note(w.upper(), scales.recipe.spec(w), "tensor") for w in sorted(reduced)]
+    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, rewritten)
+    notes = list(kv.notes)
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: the engine loads the same per-tensor scales on every rank")
     notes.append(
@@ -131,4 +113,4 @@ def build(req: ExportRequest) -> ExportPlan:
     return plan
 
 
-EXPORTER = Exporter(build=build, needs_model_files=True, uses_tp=False, output="folder")
+EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=True)

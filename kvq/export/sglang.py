@@ -24,25 +24,17 @@ from __future__ import annotations
 
 from kvq.artifact import json_bytes
 from kvq.errors import UsageError
-from kvq.export.common import (
-    Exporter,
-    ExportPlan,
-    ExportRequest,
-    check_tp,
-    float_list,
-    group_values,
-    heads_of_rank,
-    reduction_note,
-    refuse_format,
-)
+from kvq.export.model_check import refuse_format
+from kvq.export.plan import Exporter, ExportRequest, FilePlan
+from kvq.export.tensor_parallel import float_list, rank_values
 
-FMT = "sglang-json"
+EXPORT_FORMAT = "sglang-json"
 
 
-def build(req: ExportRequest) -> ExportPlan:
+def build(req: ExportRequest) -> FilePlan:
     scales, shape, tp = req.scales, req.shape, req.tp
     refuse_format(
-        scales, FMT, ("fp8_e4m3",),
+        scales, EXPORT_FORMAT, ("fp8_e4m3",),
         why="the file's kv_cache.dtype must be float8_e4m3fn (SGLang's KVCacheQuantSchema.check_is_fp8)",
         hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor)",
     )
@@ -52,23 +44,16 @@ def build(req: ExportRequest) -> ExportPlan:
             "but the artifact records none",
             hint="pass --model with the model the scales were calibrated on",
         )
-    check_tp(shape.num_kv_heads, tp, FMT, allow_replication=True)
-    groups = [heads_of_rank(shape.num_kv_heads, tp, r) for r in range(tp)]
-    target = "per TP rank" if tp > 1 else "per tensor"
+    ranks = rank_values(req, EXPORT_FORMAT, allow_replication=True)
     per_rank: dict[str, dict[str, float]] = {str(r): {} for r in range(tp)}
-    reduced: set[str] = set()
-    for i in range(shape.num_layers):
-        k = group_values(scales, i, "k", groups, req.reduce, FMT, target)
-        v = group_values(scales, i, "v", groups, req.reduce, FMT, target)
-        reduced |= {w for w, g in (("k", k), ("v", v)) if g.reduced}
+    for i, (k, v) in enumerate(ranks.layers):
         for r, value in enumerate(float_list(k.scale.maximum(v.scale))):  # (tp,)
             per_rank[str(r)][str(i)] = value
     data = {
         "model_type": shape.model_type,
         "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": per_rank},
     }
-    plan = ExportPlan(content=json_bytes(data))
-    plan.notes = [reduction_note(w.upper(), scales.recipe.spec(w), target.removeprefix("per ")) for w in sorted(reduced)]
+    plan = FilePlan(content=json_bytes(data), notes=list(ranks.notes))
     plan.notes.append("K and V share one scale per layer and rank in this format: max(K scale, V scale)")
     plan.notes.append(
         "serve with: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype fp8_e4m3 "
@@ -77,4 +62,4 @@ def build(req: ExportRequest) -> ExportPlan:
     return plan
 
 
-EXPORTER = Exporter(build=build, needs_model_files=False, uses_tp=True, output="file")
+EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=False)

@@ -34,19 +34,11 @@ from safetensors import SafetensorError, safe_open
 
 from kvq.artifact import json_bytes, safetensors_bytes
 from kvq.errors import UsageError
-from kvq.export.common import (
-    Exporter,
-    ExportPlan,
-    ExportRequest,
-    ModelShape,
-    check_tp,
-    group_values,
-    heads_of_rank,
-    reduction_note,
-    refuse_format,
-)
+from kvq.export.model_check import ModelShape, refuse_format
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.export.tensor_parallel import rank_values
 
-FMT = "trtllm"
+EXPORT_FORMAT = "trtllm"
 ALGO = {"fp8_e4m3": "FP8", "int8": "INT8"}
 SCALE_NAME = "transformer.layers.{i}.attention.kv_cache_scaling_factor"
 
@@ -56,7 +48,7 @@ def _checkpoint_config(ckpt: Path, shape: ModelShape, tp: int) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--trtllm-checkpoint {ckpt}: cannot read config.json: {exc}") from None
+        raise UsageError(f"--trtllm-checkpoint {ckpt}: cannot read config.json: {exc}") from exc
     if not isinstance(config, dict) or "architecture" not in config:
         raise UsageError(f"--trtllm-checkpoint {ckpt}: config.json has no 'architecture'; "
                          "is it a TensorRT-LLM checkpoint (from convert_checkpoint.py)?")
@@ -94,7 +86,7 @@ def _rank_tensors(ckpt: Path, rank: int) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as fh:
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError) as exc:
-        raise UsageError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
     existing = sorted(name for name in tensors if name.endswith("kv_cache_scaling_factor"))
     if existing:
         raise UsageError(f"{path} already holds {existing[0]}",
@@ -105,7 +97,7 @@ def _rank_tensors(ckpt: Path, rank: int) -> dict[str, torch.Tensor]:
 def build(req: ExportRequest) -> ExportPlan:
     scales, shape, tp = req.scales, req.shape, req.tp
     refuse_format(
-        scales, FMT, tuple(ALGO),
+        scales, EXPORT_FORMAT, tuple(ALGO),
         why="TensorRT-LLM's kv_cache_quant_algo is FP8 (e4m3) or INT8 (symmetric, one factor amax / 127)",
         hint="solve an fp8_e4m3 or int8 symmetric recipe",
     )
@@ -118,35 +110,26 @@ def build(req: ExportRequest) -> ExportPlan:
                 f"but the artifact's {which.upper()} parameters are asymmetric",
                 hint="solve an int8 symmetric recipe (e.g. --recipe int8-sym-per-head with --reduce max)",
             )
-    check_tp(shape.num_kv_heads, tp, FMT, allow_replication=True)
-    groups = [heads_of_rank(shape.num_kv_heads, tp, r) for r in range(tp)]
-    target = "per TP rank" if tp > 1 else "per tensor"
-    config = None
-    if req.trtllm_checkpoint is not None:
-        config = _checkpoint_config(req.trtllm_checkpoint, shape, tp)
+    ckpt = req.trtllm_checkpoint
+    config = _checkpoint_config(ckpt, shape, tp) if ckpt is not None else None  # before the values: its errors first
+    ranks = rank_values(req, EXPORT_FORMAT, allow_replication=True)
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    reduced: set[str] = set()
-    for i in range(shape.num_layers):
-        k = group_values(scales, i, "k", groups, req.reduce, FMT, target)
-        v = group_values(scales, i, "v", groups, req.reduce, FMT, target)
-        reduced |= {w for w, g in (("k", k), ("v", v)) if g.reduced}
+    for i, (k, v) in enumerate(ranks.layers):
         factor = k.scale.maximum(v.scale)  # (tp,)
         for r in range(tp):
             per_rank[r][SCALE_NAME.format(i=i)] = factor[r].reshape(1).to(torch.float32).contiguous()  # () -> (1,)
-    plan = ExportPlan()
-    if req.trtllm_checkpoint is not None:
-        assert config is not None
-        config = dict(config)
+    plan = ExportPlan(notes=list(ranks.notes))
+    if ckpt is not None and config is not None:  # both or neither
         config["quantization"] = {**(config.get("quantization") or {}), "kv_cache_quant_algo": ALGO[number]}
         plan.files["config.json"] = json_bytes(config)
         for r in range(tp):
-            tensors = _rank_tensors(req.trtllm_checkpoint, r)
+            tensors = _rank_tensors(ckpt, r)
             tensors.update(per_rank[r])
             plan.files[f"rank{r}.safetensors"] = safetensors_bytes(tensors, {})
-        for path in sorted(req.trtllm_checkpoint.iterdir()):
+        for path in sorted(ckpt.iterdir()):
             if path.is_file() and path.name not in plan.files and not path.name.startswith("."):
                 plan.links[path.name] = path
-        plan.notes.append(f"merged into the TensorRT-LLM checkpoint {req.trtllm_checkpoint}")
+        plan.notes.append(f"merged into the TensorRT-LLM checkpoint {ckpt}")
     else:
         plan.files["config.json"] = json_bytes({
             "quantization": {"kv_cache_quant_algo": ALGO[number]},
@@ -157,10 +140,8 @@ def build(req: ExportRequest) -> ExportPlan:
         plan.notes.append(
             "scales only: merge into a TensorRT-LLM checkpoint (or pass --trtllm-checkpoint) before trtllm-build"
         )
-    plan.notes = [reduction_note(w.upper(), scales.recipe.spec(w), target.removeprefix("per "))
-                  for w in sorted(reduced)] + plan.notes
     plan.notes.append("K and V share one kv_cache_scaling_factor per layer: max(K scale, V scale)")
     return plan
 
 
-EXPORTER = Exporter(build=build, needs_model_files=False, uses_tp=True, output="folder")
+EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=False)

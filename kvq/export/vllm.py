@@ -24,17 +24,11 @@ import torch
 
 from kvq.artifact import json_bytes
 from kvq.errors import UsageError
-from kvq.export.checkpoint import attention_modules, checkpoint_plan, read_weights, refuse_existing_scales
-from kvq.export.common import (
-    Exporter,
-    ExportPlan,
-    ExportRequest,
-    group_values,
-    reduction_note,
-    refuse_format,
-)
+from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
+from kvq.export.model_check import refuse_format
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest
 
-FMT = "vllm"
+EXPORT_FORMAT = "vllm"
 PER_HEAD_NOTE = (
     "per-head scales (kv_cache_scheme strategy attn_head): vLLM applies them only on its FlashAttention "
     "backend (FlashAttention 3); other backends and SGLang do not use per-head scales"
@@ -77,51 +71,39 @@ def quantization_config(existing: dict | None, strategy: str, folder: str) -> di
         QuantizationConfig.model_validate(merged)
     except ValidationError as exc:
         raise UsageError(f"model {folder}: its quantization_config does not validate with the KV scheme "
-                         f"added: {exc.errors()[0]['msg']}") from None
+                         f"added: {exc.errors()[0]['msg']}") from exc
     return merged
 
 
 def build(req: ExportRequest) -> ExportPlan:
     scales, shape = req.scales, req.shape
     refuse_format(
-        scales, FMT, ("fp8_e4m3",),
+        scales, EXPORT_FORMAT, ("fp8_e4m3",),
         why="vLLM's compressed-tensors KV cache is float8 e4m3, symmetric (num_bits 8, type float)",
         hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor), or use --format lmdeploy / trtllm for int8",
     )
-    assert req.files is not None
-    notes: list[str] = []
-    granularities = {scales.recipe.spec(w).granularity for w in ("k", "v")}
-    per_head = bool(granularities - {"tensor"})
+    per_head = bool({scales.recipe.spec(w).granularity for w in ("k", "v")} - {"tensor"})
     heads = shape.num_kv_heads
     groups = [[h] for h in range(heads)] if per_head else [list(range(heads))]
-    target = "per KV head" if per_head else "per tensor"
-    index = read_weights(req.files)
-    refuse_existing_scales(index, req.files.folder)
-    modules = attention_modules(index, shape.num_layers, FMT)
-    tensors: dict[str, torch.Tensor] = {}
-    reduced: set[str] = set()
-    for i in range(shape.num_layers):
-        for which in ("k", "v"):
-            g = group_values(scales, i, which, groups, req.reduce, FMT, target)
-            if g.reduced:
-                reduced.add(which)
-            # per tensor: (1,); per head: (num_kv_heads,) -> (num_kv_heads, 1, 1) as compressed-tensors stores it
-            value = g.scale.reshape(heads, 1, 1) if per_head else g.scale.reshape(1)
-            tensors[f"{modules[i]}.{which}_scale"] = value.to(torch.float32).contiguous()
-    for which in sorted(reduced):
-        notes.append(reduction_note(which.upper(), scales.recipe.spec(which), target.removeprefix("per ")))
+
+    def place(module: str, which: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+        # per tensor: (1,); per head: (num_kv_heads,) -> (num_kv_heads, 1, 1) as compressed-tensors stores it
+        return f"{module}.{which}_scale", value.reshape(heads, 1, 1) if per_head else value.reshape(1)
+
+    kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place)
+    notes = list(kv.notes)
     if per_head:
         notes.append(PER_HEAD_NOTE)
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: vLLM splits the KV heads across ranks itself when loading")
-    config = dict(req.files.config)
+    config = dict(kv.files.config)
     config["quantization_config"] = quantization_config(
-        config.get("quantization_config"), "attn_head" if per_head else "tensor", str(req.files.folder)
+        config.get("quantization_config"), "attn_head" if per_head else "tensor", str(kv.files.folder)
     )
-    plan = checkpoint_plan(req.files, index, tensors, {"config.json": json_bytes(config)})
+    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, {"config.json": json_bytes(config)})
     plan.notes = notes + plan.notes
     plan.notes.append("serve with: vllm serve {out} --kv-cache-dtype fp8")
     return plan
 
 
-EXPORTER = Exporter(build=build, needs_model_files=True, uses_tp=False, output="folder")
+EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=True)

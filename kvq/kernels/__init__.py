@@ -44,20 +44,20 @@ def triton_kernels() -> ModuleType | None:
 
 
 def roundtrip_error(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> RoundTripError:
     """Per-KV-head error of the static round trip of ``x`` (batch, kv_heads, tokens, head_dim)."""
     kernels = triton_kernels() if x.is_cuda else None
     if kernels is not None:
-        return kernels.roundtrip_error_triton(x, scale, zero_point, fmt)
-    return roundtrip_error_reference(x, scale, zero_point, fmt)
+        return kernels.roundtrip_error_triton(x, scale, zero_point, number_format)
+    return roundtrip_error_reference(x, scale, zero_point, number_format)
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` with static qparams, in x's shape and dtype (the eval's quantized cache)."""
     kernels = triton_kernels() if x.is_cuda else None
     if kernels is not None:
-        return kernels.fake_quantize_triton(x, scale, zero_point, fmt)
-    return qdq_static(x, scale, zero_point, fmt)
+        return kernels.fake_quantize_triton(x, scale, zero_point, number_format)
+    return qdq_static(x, scale, zero_point, number_format)

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, quantize
-from kvq.recipe import FORMATS
+from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, qrange, quantize
+from kvq.recipe import NUMBER_FORMATS
 
 # fp8 overflow of |x / scale| without the clamp: (threshold, whether the threshold itself overflows)
 FP8_OVERFLOW: dict[str, tuple[float, bool]] = {"fp8_e4m3": (464.0, False), "fp8_e5m2": (61440.0, True)}
@@ -109,7 +109,7 @@ class RoundTripError:
         )
 
 
-def check_kv(x: torch.Tensor, fmt: str) -> None:
+def check_kv(x: torch.Tensor, number_format: str) -> None:
     """Refuse anything but a (batch, kv_heads, tokens, head_dim) float tensor and a known format."""
     if x.dim() != 4:
         raise ValueError(
@@ -117,8 +117,8 @@ def check_kv(x: torch.Tensor, fmt: str) -> None:
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"K/V tensor dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if number_format not in NUMBER_FORMATS:
+        raise ValueError(f"unknown format {number_format!r}: use one of {', '.join(NUMBER_FORMATS)}")
     if x.shape[1] == 0 or x.shape[3] == 0:
         raise ValueError(f"K/V tensor of shape {tuple(x.shape)} has no KV head or a head_dim of 0")
 
@@ -141,43 +141,53 @@ def expand_qparams(t: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.T
     )
 
 
-def _static_qparams(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate and broadcast static qparams against ``x``: float32 scale, int32 zero point (or None)."""
-    check_kv(x, fmt)
+def check_qparams(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
+) -> None:
+    """Refuse static qparams that do not fit ``x`` (see :func:`check_kv`) in ``number_format``."""
+    check_kv(x, number_format)
     _, heads, _, head_dim = x.shape
-    if fmt in FP8_DTYPES and zero_point is not None:
-        raise ValueError(f"format {fmt} is symmetric: pass zero_point=None")
+    if number_format in FP8_DTYPES and zero_point is not None:
+        raise ValueError(f"format {number_format} is symmetric: pass zero_point=None")
     if not scale.is_floating_point():
         raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
-    s = expand_qparams(scale, heads, head_dim).to(device=x.device, dtype=torch.float32)
+    expand_qparams(scale, heads, head_dim)  # refuses a shape of no granularity
     if zero_point is None:
-        return s, None
+        return
     if zero_point.shape != scale.shape:
         raise ValueError(
             f"zero_point shape {tuple(zero_point.shape)} differs from scale shape {tuple(scale.shape)}"
         )
     if zero_point.is_floating_point():
         raise ValueError(f"zero_point must be an integer tensor (int32), got {zero_point.dtype}")
-    z = expand_qparams(zero_point, heads, head_dim).to(device=x.device, dtype=torch.int32)
-    return s, z
+
+
+def _static_qparams(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate and broadcast static qparams against ``x``: float32 scale, int32 zero point (or None)."""
+    check_qparams(x, scale, zero_point, number_format)
+    _, heads, _, head_dim = x.shape
+    s = expand_qparams(scale, heads, head_dim).to(device=x.device, dtype=torch.float32)
+    if zero_point is None:
+        return s, None
+    return s, expand_qparams(zero_point, heads, head_dim).to(device=x.device, dtype=torch.int32)
 
 
 def qdq_static(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> torch.Tensor:
     """Quantize then dequantize ``x`` with static qparams; same shape and dtype as ``x``."""
-    s, z = _static_qparams(x, scale, zero_point, fmt)
-    return dequantize(quantize(x, s, z, fmt), s, z, fmt).to(x.dtype)
+    s, z = _static_qparams(x, scale, zero_point, number_format)
+    return dequantize(quantize(x, s, z, number_format), s, z, number_format).to(x.dtype)
 
 
-def _clip_mask(y: torch.Tensor, z: torch.Tensor | None, fmt: str) -> torch.Tensor:
+def _clip_mask(y: torch.Tensor, z: torch.Tensor | None, number_format: str) -> torch.Tensor:
     """Where the rounded value of ``y = x / scale`` (float32) is outside the format's range."""
-    if fmt in FP8_OVERFLOW:
-        threshold, inclusive = FP8_OVERFLOW[fmt]
+    if number_format in FP8_OVERFLOW:
+        threshold, inclusive = FP8_OVERFLOW[number_format]
         return y.abs() >= threshold if inclusive else y.abs() > threshold
-    qmin, qmax = INT_RANGE[fmt]
+    qmin, qmax = INT_RANGE[number_format]
     r = torch.round(y)
     if z is not None:
         r = r + z.to(torch.float32)
@@ -185,46 +195,48 @@ def _clip_mask(y: torch.Tensor, z: torch.Tensor | None, fmt: str) -> torch.Tenso
 
 
 def roundtrip_error_reference(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> RoundTripError:
     """Per-head error statistics of the static round trip of ``x`` (see the module docstring)."""
-    s, z = _static_qparams(x, scale, zero_point, fmt)
+    s, z = _static_qparams(x, scale, zero_point, number_format)
     batch, heads, tokens, head_dim = x.shape
     count = batch * tokens * head_dim
     if count == 0:
         return RoundTripError.zeros(heads, device=x.device)
     xf = x.to(torch.float32)
-    x_hat = dequantize(quantize(xf, s, z, fmt), s, z, fmt)
+    x_hat = dequantize(quantize(xf, s, z, number_format), s, z, number_format)
     err = xf - x_hat
     dims = (0, 2, 3)
     return RoundTripError(
         sse=err.to(torch.float64).square().sum(dim=dims),
         signal=xf.to(torch.float64).square().sum(dim=dims),
         max_abs_err=err.abs().amax(dim=dims),
-        clipped=_clip_mask(xf / s, z, fmt).sum(dim=dims, dtype=torch.int64),
+        clipped=_clip_mask(xf / s, z, number_format).sum(dim=dims, dtype=torch.int64),
         count=torch.full((heads,), count, dtype=torch.int64, device=x.device),
     )
 
 
-def qdq_dynamic_per_token_head(x: torch.Tensor, fmt: str, symmetric: bool) -> torch.Tensor:
+def qdq_dynamic_per_token_head(x: torch.Tensor, number_format: str, symmetric: bool) -> torch.Tensor:
     """Round trip with a scale (and offset) per (batch, head, token) computed from its head_dim values.
 
     Same shape and dtype as ``x``. See the module docstring for the symmetric and the (LMDeploy)
     asymmetric conventions; fp8 is symmetric only.
     """
-    check_kv(x, fmt)
+    check_kv(x, number_format)
     xf = x.to(torch.float32)
     if symmetric:
-        top = FP8_MAX[fmt] if fmt in FP8_MAX else float(INT_RANGE[fmt][1])
+        top = qrange(number_format)[1]  # qmax, or fmax for fp8
         absmax = xf.abs().amax(dim=-1, keepdim=True)  # (b, h, t, d) -> (b, h, t, 1)
         scale = torch.clamp_min(absmax / top, SCALE_FLOOR)
-        return dequantize(quantize(xf, scale, None, fmt), scale, None, fmt).to(x.dtype)
-    if fmt in FP8_MAX:
-        raise ValueError(f"format {fmt} is symmetric by construction: pass symmetric=True")
-    qmin, qmax = INT_RANGE[fmt]
+        q = quantize(xf, scale, None, number_format)
+        return dequantize(q, scale, None, number_format).to(x.dtype)
+    if number_format in FP8_MAX:
+        raise ValueError(f"format {number_format} is symmetric by construction: pass symmetric=True")
+    qmin, qmax = INT_RANGE[number_format]
     lo = xf.amin(dim=-1, keepdim=True)  # (b, h, t, d) -> (b, h, t, 1)
     hi = xf.amax(dim=-1, keepdim=True)  # (b, h, t, d) -> (b, h, t, 1)
     scale = torch.clamp_min((hi - lo) / float(qmax - qmin), SCALE_FLOOR)
     zp = torch.full_like(scale, qmin, dtype=torch.int32)
     shifted = xf - lo
-    return (dequantize(quantize(shifted, scale, zp, fmt), scale, zp, fmt) + lo).to(x.dtype)
+    q = quantize(shifted, scale, zp, number_format)
+    return (dequantize(q, scale, zp, number_format) + lo).to(x.dtype)

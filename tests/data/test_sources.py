@@ -1,6 +1,10 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from bad_input import assert_contract, run_subprocess, snapshot
 
 from kvq.data import PYDOC, Document, load_documents, read_files
 from kvq.errors import KvqError, UsageError
@@ -50,12 +54,59 @@ def test_missing_file_and_unknown_dataset(tmp_path):
     assert "c4, ultrachat, wikitext2, pile, pydoc" in err.value.hint
 
 
-def test_named_dataset_offline_says_both_ways(monkeypatch):
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 as the libraries read it at import (they are imported already), an empty cache."""
+    import datasets
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
     monkeypatch.delenv("KVQ_DATA_DIR", raising=False)
-    with pytest.raises(KvqError, match="dataset 'c4' .* the Hugging Face hub is unreachable") as err:
+
+
+def test_named_dataset_offline_says_both_ways(hub_offline):
+    with pytest.raises(KvqError, match=r"dataset 'c4' \(allenai/c4\) cannot be loaded: the Hugging Face hub is "
+                                       r"unreachable \(offline mode is set and it is not cached\)") as err:
         load_documents("c4")
+    assert err.value.exit_code == 1
     assert "--data-files" in err.value.hint and "KVQ_DATA_DIR" in err.value.hint and "pydoc" in err.value.hint
+    assert isinstance(err.value.__cause__, ConnectionError)  # datasets' own error, kept for KVQ_DEBUG=1
+
+
+def _no_hub_env(tmp_path, **extra):
+    return {"KVQ_DATA_DIR": "", "HF_HOME": str(tmp_path / "hf-home"), **extra}
+
+
+def test_offline_mode_through_the_cli(tmp_path, tiny_llama):
+    """HF_HUB_OFFLINE=1 in a fresh process, as a user sets it: exit 1, one line, both ways to get data."""
+    out = tmp_path / "out"
+    outcome = run_subprocess(["calibrate", "--model", str(tiny_llama), "--device", "cpu", "--dataset", "c4",
+                              "--out", str(out)], env=_no_hub_env(tmp_path, HF_HUB_OFFLINE="1"))
+    line = assert_contract(outcome, 1, "dataset 'c4' (allenai/c4) cannot be loaded: the Hugging Face hub is "
+                                       "unreachable (offline mode is set and it is not cached)")
+    hint = outcome.stderr.strip().splitlines()[-1]
+    assert line != hint and "--data-files" in hint and "KVQ_DATA_DIR" in hint
+    assert snapshot(out) is None
+
+
+def test_no_connection_is_the_libraries_error_not_a_probe(tmp_path):
+    """No offline flag and a hub that refuses connections: datasets retries (about 20 s), then kvq's line.
+
+    The endpoint is a closed local port, so the test means the same on a machine with a network.
+    """
+    code = ("from kvq.data import load_documents\n"
+            "try:\n    load_documents('wikitext2', purpose='evaluation')\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc.exit_code, '|', exc.message, '|', type(exc.__cause__).__name__)\n")
+    env = {**os.environ, **_no_hub_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_DATASETS_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.strip() == ("KvqError 1 | dataset 'wikitext2' (wikitext) cannot be loaded: the Hugging Face "
+                                   "hub is unreachable (no connection) | ConnectionError"), proc.stderr[-2000:]
 
 
 def test_kvq_data_dir_gives_the_named_set(tmp_path, monkeypatch, shared_data):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvq.capture import CaptureCache
 from kvq.data import load_documents
 from kvq.evaluate import (
     DYNAMIC_RECIPES,
     AttentionErrorProbe,
     DynamicQuantizer,
+    FakeQuantize,
     IdentityQuantizer,
-    QuantCache,
     eval_windows,
     measure,
     window_nll,
@@ -89,11 +90,12 @@ def test_probe_matches_a_direct_rerun_of_the_attention_module(tiny, windows):
     handle = attn0.register_forward_hook(grab, with_kwargs=True)
     try:
         with torch.inference_mode(), probe.attached():
-            window_nll(model, ids, probe.watch(QuantCache(config=model.config)))
+            window_nll(model, ids, probe)
     finally:
         handle.remove()
     args, kwargs, ref = captured["call"]
-    kwargs["past_key_values"] = QuantCache(config=model.config, quantizer=int4)
+    name = "cache" if "cache" in kwargs else "past_key_values"
+    kwargs[name] = CaptureCache(FakeQuantize(int4), config=model.config)
     with torch.inference_mode():
         out = attn0(*args, **kwargs)[0]
     want = ((out.double() - ref.double()).square().sum() / ref.double().square().sum()).sqrt()

@@ -1,4 +1,4 @@
-"""The quantized cache and perplexity: exact properties on a tiny random Llama (GQA)."""
+"""The fake-quantized cache (the capture's FakeQuantize consumer) and perplexity: exact properties on a tiny random Llama (GQA)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
+from kvq.capture import CaptureCache
 from kvq.data import Document, load_documents
 from kvq.errors import KvqError, UsageError
 from kvq.evaluate import (
     DYNAMIC_RECIPES,
     EVAL_ONLY_RECIPE_NAMES,
     DynamicQuantizer,
+    FakeQuantize,
     IdentityQuantizer,
     KVShape,
-    QuantCache,
     StaticQuantizer,
     UnitScaleQuantizer,
     eval_only_quantizer,
@@ -46,8 +47,8 @@ def test_identity_cache_loss_is_bit_equal_to_the_plain_forward(tiny, windows):
         for row in range(windows.num_windows):
             ids = windows.input_ids[row : row + 1]  # (1, seqlen)
             plain = window_nll(model, ids, None)
-            assert window_nll(model, ids, QuantCache(config=model.config)) == plain
-            assert window_nll(model, ids, QuantCache(config=model.config, quantizer=IdentityQuantizer())) == plain
+            assert window_nll(model, ids, FakeQuantize(None)) == plain
+            assert window_nll(model, ids, FakeQuantize(IdentityQuantizer())) == plain
     result = measure(model, windows, [IdentityQuantizer()])
     assert result.entries[0].nll == result.baseline.nll
     assert result.entries[0].ppl == result.baseline.ppl
@@ -83,7 +84,7 @@ def test_scales_putting_every_value_on_the_grid_give_zero_error():
         update={"value": load_recipe("int8-sym-per-head").value}
     )
     scales = KVScales(recipe, {0: LayerScales(scale, scale, zp, None)})
-    cache = QuantCache(quantizer=StaticQuantizer(scales))
+    cache = CaptureCache(FakeQuantize(StaticQuantizer(scales)))
     k_out, v_out = cache.update(k, v, 0)
     assert torch.equal(k_out, k) and torch.equal(v_out, v)
     # The same values off the grid move.

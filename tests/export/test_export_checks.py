@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from bad_input import snapshot
 from export_helpers import model_metadata, recipe, synthetic_metadata
 
 from kvq.cli import main
@@ -19,19 +20,19 @@ from kvq.scales import LayerScales
     ("num_layers", "7"), ("num_kv_heads", "5"), ("head_dim", "32"), ("model_type", "qwen2"),
     ("config_hash", "ffffffffffffffff"),
 ])
-@pytest.mark.parametrize("fmt", ["vllm", "sglang-json"])
-def test_artifact_from_another_model_is_refused_with_both_values(tiny_llama, make_artifact, tmp_path, key, wrong, fmt):
+@pytest.mark.parametrize("export_format", ["vllm", "sglang-json"])
+def test_artifact_from_another_model_is_refused_with_both_values(tiny_llama, make_artifact, tmp_path, key, wrong, export_format):
     meta = model_metadata(tiny_llama)
     right = meta[key]
     meta[key] = wrong
     layers = None
-    if key in ("num_layers", "num_kv_heads", "head_dim"):  # tensors of the right shape: only the metadata lies
+    if key in ("num_kv_heads", "head_dim"):  # tensors of the right shape: only the metadata lies
         good = model_metadata(tiny_llama)
         layers = {i: LayerScales(torch.tensor(0.5), torch.tensor(0.25)) for i in range(int(good["num_layers"]))}
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), meta, layers)
-    out = tmp_path / ("o.json" if fmt == "sglang-json" else "o")
+    out = tmp_path / ("o.json" if export_format == "sglang-json" else "o")
     with pytest.raises(UsageError) as err:
-        export_scales(artifact, fmt, out=out, model=str(tiny_llama))
+        export_scales(artifact, export_format, out=out, model=str(tiny_llama))
     message = str(err.value)
     assert f"{key} {wrong} (artifact) vs {right} (model {tiny_llama})" in message
     assert not out.exists()
@@ -51,7 +52,7 @@ def test_missing_layers_are_refused(make_artifact, tmp_path):
     meta = synthetic_metadata(layers=3)
     layers = {i: LayerScales(torch.tensor(0.5), torch.tensor(0.5)) for i in (0, 2)}
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), meta, layers)
-    with pytest.raises(UsageError, match="missing layers 1"):
+    with pytest.raises(UsageError, match=r"scales\.safetensors: layer\(s\) 1 missing \(layers 0\.\.2 must"):
         export_scales(artifact, "sglang-json", out=tmp_path / "o.json")
 
 
@@ -86,6 +87,29 @@ def test_existing_output_needs_force_and_is_replaced_whole(make_artifact, tmp_pa
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == [f"layers.{i}.past_kv_scale.0.weight" for i in (0, 1)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_earlier_export_of_the_same_kind_is_replaced_without_force(make_artifact, tmp_path):
+    artifact = make_artifact(recipe("int8", True, "tensor"), synthetic_metadata())
+    out = tmp_path / "out"
+    export_scales(artifact, "lmdeploy", out=out, tp=1)  # 2 layers x 1 rank
+    export_scales(artifact, "lmdeploy", out=out, tp=2)  # the new export writes every name the folder holds
+    names = sorted(f"layers.{i}.past_kv_scale.{r}.weight" for i in (0, 1) for r in (0, 1))
+    assert sorted(p.name for p in out.iterdir()) == names
+    with pytest.raises(UsageError, match="holds files this command does not write"):
+        export_scales(artifact, "lmdeploy", out=out, tp=1)  # rank 1's files would be left over: --force
+    assert sorted(p.name for p in out.iterdir()) == names
+    fp8 = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata())
+    json_out = tmp_path / "scales.json"
+    export_scales(fp8, "sglang-json", out=json_out)
+    export_scales(fp8, "sglang-json", out=json_out, tp=2)  # an earlier sglang-json file: same kind
+    assert sorted(json.loads(json_out.read_text())["kv_cache"]["scaling_factor"]) == ["0", "1"]
+    other = tmp_path / "config.json"
+    other.write_text('{"model_type": "llama"}')
+    with pytest.raises(UsageError, match="existing file of another kind"):
+        export_scales(fp8, "sglang-json", out=other)
+    assert other.read_text() == '{"model_type": "llama"}'
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".kvq-tmp")] == []
 
 
 def test_empty_existing_folder_is_used(make_artifact, tmp_path):
@@ -128,9 +152,12 @@ def test_output_inside_the_model_folder_is_refused(tiny_llama, make_artifact, tm
 
 def test_output_over_the_artifact_is_refused(make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata())
-    with pytest.raises(UsageError, match="would replace the artifact"):
+    before = snapshot(artifact)
+    with pytest.raises(UsageError, match="scales.safetensors is a file this command reads"):
         export_scales(artifact / "scales.safetensors", "sglang-json", out=artifact / "scales.safetensors", force=True)
-    assert (artifact / "scales.safetensors").is_file()
+    with pytest.raises(UsageError, match=r"would replace .*scales\.safetensors, which this command reads"):
+        export_scales(artifact, "trtllm", out=artifact, force=True)
+    assert snapshot(artifact) == before
 
 
 def test_hub_id_for_a_checkpoint_format_is_refused(make_artifact, tmp_path):
@@ -167,4 +194,5 @@ def test_cli_refusal_exits_2_with_reason_and_flag(make_artifact, tmp_path, capsy
 def test_cli_rejects_unknown_format(capsys, tmp_path):
     code = main(["export-scales", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert code == 2
-    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("kvq: error: ") and "'onnx'" in err.splitlines()[0]

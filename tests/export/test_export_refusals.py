@@ -15,7 +15,7 @@ import pytest
 from export_helpers import model_metadata, recipe, synthetic_metadata
 
 from kvq.errors import UsageError
-from kvq.export import FORMATS, export_scales
+from kvq.export import EXPORT_FORMATS, export_scales
 
 OK, REDUCE, NO = "ok", "needs --reduce max", "refused"
 
@@ -26,60 +26,60 @@ TABLE = {
                                  "lmdeploy": NO},
     ("fp8_e4m3", True, "channel"): {"vllm": REDUCE, "modelopt": REDUCE, "sglang-json": REDUCE, "trtllm": REDUCE,
                                     "lmdeploy": NO},
-    ("fp8_e5m2", True, "tensor"): {f: NO for f in FORMATS},
-    ("fp8_e5m2", True, "head"): {f: NO for f in FORMATS},
+    ("fp8_e5m2", True, "tensor"): {f: NO for f in EXPORT_FORMATS},
+    ("fp8_e5m2", True, "head"): {f: NO for f in EXPORT_FORMATS},
     ("int8", True, "tensor"): {"vllm": NO, "modelopt": NO, "sglang-json": NO, "trtllm": OK, "lmdeploy": OK},
     ("int8", True, "head"): {"vllm": NO, "modelopt": NO, "sglang-json": NO, "trtllm": REDUCE, "lmdeploy": REDUCE},
     ("int8", True, "channel"): {"vllm": NO, "modelopt": NO, "sglang-json": NO, "trtllm": REDUCE,
                                 "lmdeploy": REDUCE},
     ("int8", False, "tensor"): {"vllm": NO, "modelopt": NO, "sglang-json": NO, "trtllm": NO, "lmdeploy": OK},
-    ("int8", False, "head"): {f: NO for f in FORMATS},
-    ("int8", False, "channel"): {f: NO for f in FORMATS},
-    ("int4", True, "tensor"): {f: NO for f in FORMATS},
-    ("int4", True, "head"): {f: NO for f in FORMATS},
-    ("int4", False, "tensor"): {f: NO for f in FORMATS},
-    ("int4", False, "head"): {f: NO for f in FORMATS},
-    ("int4", False, "channel"): {f: NO for f in FORMATS},
+    ("int8", False, "head"): {f: NO for f in EXPORT_FORMATS},
+    ("int8", False, "channel"): {f: NO for f in EXPORT_FORMATS},
+    ("int4", True, "tensor"): {f: NO for f in EXPORT_FORMATS},
+    ("int4", True, "head"): {f: NO for f in EXPORT_FORMATS},
+    ("int4", False, "tensor"): {f: NO for f in EXPORT_FORMATS},
+    ("int4", False, "head"): {f: NO for f in EXPORT_FORMATS},
+    ("int4", False, "channel"): {f: NO for f in EXPORT_FORMATS},
 }
-CASES = [(fmt, combo, TABLE[combo][fmt]) for combo in TABLE for fmt in FORMATS]
+CASES = [(export_format, combo, TABLE[combo][export_format]) for combo in TABLE for export_format in EXPORT_FORMATS]
 
 
-def _out(tmp_path, fmt):
-    return tmp_path / ("out.json" if fmt == "sglang-json" else "out")
+def _out(tmp_path, export_format):
+    return tmp_path / ("out.json" if export_format == "sglang-json" else "out")
 
 
-@pytest.mark.parametrize("fmt,combo,outcome", CASES, ids=[f"{f}-{c[0]}-{'sym' if c[1] else 'asym'}-{c[2]}"
+@pytest.mark.parametrize("export_format,combo,outcome", CASES, ids=[f"{f}-{c[0]}-{'sym' if c[1] else 'asym'}-{c[2]}"
                                                           for f, c, _ in CASES])
-def test_support_matrix(tiny_llama, make_artifact, tmp_path, fmt, combo, outcome):
+def test_support_matrix(tiny_llama, make_artifact, tmp_path, export_format, combo, outcome):
     number, symmetric, granularity = combo
-    needs_model = fmt in ("vllm", "modelopt")
+    needs_model = export_format in ("vllm", "modelopt")
     meta = model_metadata(tiny_llama)  # 3 layers, 2 KV heads, head_dim 16
     artifact = make_artifact(recipe(number, symmetric, granularity), meta)
     kwargs = {"model": str(tiny_llama)} if needs_model else {}
-    out = _out(tmp_path, fmt)
+    out = _out(tmp_path, export_format)
     if outcome == OK:
-        export_scales(artifact, fmt, out=out, **kwargs)
+        export_scales(artifact, export_format, out=out, **kwargs)
         assert out.exists()
         return
     with pytest.raises(UsageError) as err:
-        export_scales(artifact, fmt, out=out, **kwargs)
+        export_scales(artifact, export_format, out=out, **kwargs)
     assert not out.exists()
     if outcome == REDUCE:
         assert "--reduce max" in (err.value.hint or "")
-        export_scales(artifact, fmt, out=out, reduce="max", **kwargs)
+        export_scales(artifact, export_format, out=out, reduce="max", **kwargs)
         assert out.exists()
     else:  # refused even with --reduce max
         with pytest.raises(UsageError):
-            export_scales(artifact, fmt, out=out, reduce="max", **kwargs)
+            export_scales(artifact, export_format, out=out, reduce="max", **kwargs)
         assert not out.exists()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_mixed_k_and_v_formats_are_refused(tiny_llama, make_artifact, tmp_path, fmt):
+@pytest.mark.parametrize("export_format", EXPORT_FORMATS)
+def test_mixed_k_and_v_formats_are_refused(tiny_llama, make_artifact, tmp_path, export_format):
     artifact = make_artifact(recipe("int8", True, "tensor", v_fmt="fp8_e4m3"), model_metadata(tiny_llama))
-    kwargs = {"model": str(tiny_llama)} if fmt in ("vllm", "modelopt") else {}
+    kwargs = {"model": str(tiny_llama)} if export_format in ("vllm", "modelopt") else {}
     with pytest.raises(UsageError, match="K as int8 and V as fp8_e4m3"):
-        export_scales(artifact, fmt, out=_out(tmp_path, fmt), **kwargs)
+        export_scales(artifact, export_format, out=_out(tmp_path, export_format), **kwargs)
 
 
 def test_vllm_reduces_channel_to_head_not_tensor(tiny_llama, make_artifact, tmp_path):
@@ -92,18 +92,18 @@ def test_vllm_reduces_channel_to_head_not_tensor(tiny_llama, make_artifact, tmp_
     assert scheme["strategy"] == "attn_head"
 
 
-@pytest.mark.parametrize("fmt,tp,heads,message", [
+@pytest.mark.parametrize("export_format,tp,heads,message", [
     ("sglang-json", 3, 4, "not divisible by 3"),
     ("trtllm", 3, 4, "not divisible by 3"),
     ("lmdeploy", 3, 4, "not divisible by 3"),
     ("lmdeploy", 8, 4, "cannot replicate heads"),
     ("sglang-json", 6, 4, "not a multiple"),
 ])
-def test_tp_that_cannot_split_heads_is_refused(make_artifact, tmp_path, fmt, tp, heads, message):
-    number = "int8" if fmt == "lmdeploy" else "fp8_e4m3"
+def test_tp_that_cannot_split_heads_is_refused(make_artifact, tmp_path, export_format, tp, heads, message):
+    number = "int8" if export_format == "lmdeploy" else "fp8_e4m3"
     artifact = make_artifact(recipe(number, True, "tensor"), synthetic_metadata(heads=heads))
     with pytest.raises(UsageError, match=message):
-        export_scales(artifact, fmt, out=_out(tmp_path, fmt), tp=tp)
+        export_scales(artifact, export_format, out=_out(tmp_path, export_format), tp=tp)
 
 
 def test_lmdeploy_asymmetric_heads_merged_on_a_rank_are_refused(make_artifact, tmp_path):

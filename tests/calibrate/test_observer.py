@@ -1,10 +1,11 @@
-"""The captured K/V are exactly what the model places in its own cache (keys post-RoPE)."""
+"""Calibration's statistics are those of the K/V the model places in its own cache (keys post-RoPE)."""
 
 import pytest
 import tiny_models
 import torch
 
-from kvq.calibrate import StatsCache, collect_stats
+from kvq.calibrate import StatsObserver, collect_stats
+from kvq.capture import CaptureCache
 from kvq.data import batches
 from kvq.errors import KvqError
 from kvq.models import load_model
@@ -106,9 +107,9 @@ def test_nan_in_a_layer_stops_the_run_naming_it(tiny_llama):
         collect_stats(lm.model, batches([[1, 2, 3]], 1, 0))
 
 
-def test_stats_cache_stores_nothing():
+def test_the_observer_changes_nothing_and_stores_nothing():
     stats = KVStats()
-    cache = StatsCache(stats, torch.ones(1, 3, dtype=torch.long))
+    cache = CaptureCache(StatsObserver(stats), torch.ones(1, 3, dtype=torch.long))
     k = torch.randn(1, 2, 3, 4)
     out_k, out_v = cache.update(k, k * 2, 0)
     assert out_k is k and cache.get_seq_length() == 0

@@ -1,0 +1,266 @@
+"""The ``kvq`` commands: thin typer commands over library calls.
+
+Each command declares its flags in its signature (typer/click check them: integers of at least 1,
+choices, paths that must exist) and calls the library. torch, transformers and the data and export
+modules are imported inside the command bodies, so ``kvq --help`` stays fast. Errors are not handled
+here: they reach :func:`kvq.cli.main`, which prints them through :mod:`kvq.error_map`.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvq import __version__
+from kvq.cli.params import (
+    KvqCommand,
+    ModelFlags,
+    Seed,
+    export_format,
+    input_path,
+    option,
+    paths_arg,
+    positive,
+    reduction,
+    with_model_flags,
+)
+from kvq.recipe import DEFAULT_RECIPE
+
+app = typer.Typer(
+    name="kvq",
+    help="Calibrate KV-cache quantization for LLM serving engines.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Force = Annotated[bool, option("--force", help="replace an existing --out that holds files other than a kvq artifact")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, option("--version", help="print the version and exit", callback=_version,
+                                    is_eager=True)] = False,
+) -> None:
+    """Calibrate KV-cache quantization for LLM serving engines."""
+
+
+# --- calibrate ----------------------------------------------------------------------------------
+
+
+@app.command("calibrate", cls=KvqCommand,
+             short_help="run a model over calibration data, record K/V statistics, solve scales")
+@with_model_flags
+def calibrate_command(
+    dataset: Annotated[str, option("--dataset", help="{datasets}, or a path to local files")],
+    flags: ModelFlags,
+    samples: Annotated[int, positive("--samples", help="number of samples (default 128)")] = 128,
+    seqlen: Annotated[int, positive("--seqlen", help="tokens per sample at most (default 2048)")] = 2048,
+    batch_size: Annotated[int, positive("--batch-size", help="samples per forward pass (default 1)")] = 1,
+    recipe: Annotated[str, option("--recipe", help=f"built-in recipe name or YAML path (default {DEFAULT_RECIPE})")
+                      ] = DEFAULT_RECIPE,
+    out: Annotated[str, option("--out", help="output folder (default ./kvq-out)")] = "./kvq-out",
+    seed: Seed = 0,
+    force: Force = False,
+) -> int:
+    """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
+    the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
+    stats.safetensors, scales.safetensors and scales.json."""
+    from kvq.recipe import load_recipe
+
+    recipe_ = load_recipe(recipe)  # fail on a bad recipe or device before loading any data or model
+    flags.check_device()
+    from kvq.calibrate import CalibrationConfig, calibrate
+    from kvq.calibrate.report import print_summary
+
+    cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
+                            seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
+                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
+    result = calibrate(cfg, recipe_, Path(out), progress=True, force=force)
+    print_summary(result)
+    return 0
+
+
+# --- solve --------------------------------------------------------------------------------------
+
+
+@app.command("solve", cls=KvqCommand,
+             short_help="turn saved statistics into scales for a recipe (no model run)")
+def solve_command(
+    stats: Annotated[Path, input_path("STATS", "stats.safetensors, or the calibration output folder holding it")],
+    recipe: Annotated[str, option("--recipe", help="built-in recipe name or YAML path")],
+    out: Annotated[str, option("--out", help="output folder for scales.safetensors and scales.json")],
+    force: Force = False,
+) -> int:
+    """Solve scales for a recipe from a stats.safetensors written by `kvq calibrate`."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from kvq.recipe import load_recipe
+    from kvq.solver import solve
+    from kvq.stats import KVStats, stats_path
+
+    recipe_ = load_recipe(recipe)
+    loaded = KVStats.load(str(stats))
+    written = solve(loaded, recipe_).save(Path(out), force=force, inputs=[stats_path(stats)])
+    Console().print(f"recipe [bold]{escape(recipe_.name)}[/] on {loaded.num_layers} layers: wrote "
+                    + escape(", ".join(str(p) for p in written)))
+    return 0
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+@app.command("validate", cls=KvqCommand,
+             short_help="round-trip error of a scales artifact on K/V captured from (held-out) data")
+@with_model_flags
+def validate_command(
+    scales: Annotated[Path, input_path("SCALES", "the calibration output folder (or its scales.safetensors)")],
+    dataset: Annotated[str, option("--dataset", help="{datasets}, or a path to local files "
+                                   "(named sets load their evaluation split)")],
+    flags: ModelFlags,
+    samples: Annotated[int, positive("--samples", help="number of samples (default 32)")] = 32,
+    seqlen: Annotated[int, positive("--seqlen", help="tokens per sample at most (default 2048)")] = 2048,
+    batch_size: Annotated[int, positive("--batch-size", help="samples per forward pass (default 1)")] = 1,
+    seed: Seed = 0,
+    json: Annotated[str | None, option("--json", metavar="FILE", help="where to write the JSON report "
+                                       "(default: validate.json beside the scales)")] = None,
+    top: Annotated[int, positive("--top", help="rows of the worst-heads table (default 20)")] = 20,
+) -> int:
+    """Capture K/V of a model on (ideally held-out) data and report, per layer and KV head, the
+    quantize -> dequantize error of the scales: SQNR, RMSE, max |error|, clip rate; worst heads
+    first. Writes the full report as JSON (default: validate.json in the scales folder)."""
+    flags.check_device()
+    from kvq.evaluate.report import (
+        print_validation,
+        progress_bar,
+        report_console,
+        validation_json,
+        write_json,
+    )
+    from kvq.evaluate.validate import ValidateConfig, validate
+
+    cfg = ValidateConfig(scales=str(scales), model=flags.model, dataset=dataset, data_files=flags.data_files,
+                         samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
+                         dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
+    with ExitStack() as stack:
+
+        def on_start(samples: int, tokens: int):
+            advance = stack.enter_context(progress_bar("validating", samples, "samples"))
+            return lambda batch: advance(batch.num_samples)
+
+        result = validate(cfg, on_start)
+    report = Path(json) if json else result.scales_path.parent / "validate.json"
+    write_json(report, validation_json(result))
+    console = report_console()
+    print_validation(result, top=top, console=console)
+    console.print(f"report: {report}")
+    return 0
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+
+@app.command("eval", cls=KvqCommand,
+             short_help="perplexity with the KV cache fake-quantized, recipes side by side with the baseline")
+@with_model_flags
+def eval_command(
+    flags: ModelFlags,
+    dataset: Annotated[str, option("--dataset", help="{datasets}, or a path to local files (named sets load "
+                                   "their evaluation split; default wikitext2)")] = "wikitext2",
+    scales: Annotated[list[Path] | None, option(
+        "--scales", metavar="DIR", exists=True,
+        help="a calibration output folder (or scales.safetensors); repeat to compare several")] = None,
+    recipe: Annotated[list[str] | None, option(
+        "--recipe", metavar="NAME", help="an eval-only recipe, repeatable: {eval_recipes}")] = None,
+    samples: Annotated[int | None, positive("--samples", help="number of windows (default: every full window "
+                                            "of the text)")] = None,
+    seqlen: Annotated[int, positive("--seqlen", help="tokens per window (default 2048)")] = 2048,
+    batch_size: Annotated[int, positive("--batch-size", help="windows per forward pass (default 1)")] = 1,
+    json: Annotated[str | None, option("--json", metavar="FILE", help="also write the table as JSON to FILE")
+                    ] = None,
+    no_attention_error: Annotated[bool, option("--no-attention-error", help="skip the per-layer attention-output "
+                                               "error (saves the attention re-runs)")] = False,
+    no_fp8_fallback: Annotated[bool, option("--no-fp8-fallback", help="do not add the fp8 scale = 1.0 row next "
+                                            "to fp8 artifacts")] = False,
+) -> int:
+    """Perplexity of the model with its KV cache fake-quantized at the cache write (attention reads the
+    quantized K/V, as in an engine), next to the unquantized baseline, the fp8 scale = 1.0 fallback
+    for fp8 artifacts, and run-time dynamic modes; also the per-layer attention-output error and the
+    KV-cache bytes per token each saves. Non-overlapping windows of --seqlen tokens from the start
+    of the text (docs/evaluate.md)."""
+    flags.check_device()
+    from kvq.evaluate.perplexity import EvalConfig, run_eval
+    from kvq.evaluate.report import eval_json, print_eval, progress_bar, report_console, write_json
+
+    cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
+                     scales=paths_arg(scales) or [], recipes=list(recipe or []), samples=samples, seqlen=seqlen,
+                     batch_size=batch_size, device=flags.device, dtype=flags.dtype,
+                     attention_error=not no_attention_error, fp8_fallback=not no_fp8_fallback,
+                     trust_remote_code=flags.trust_remote_code)
+    with ExitStack() as stack:
+
+        def on_start(windows: int):
+            return stack.enter_context(progress_bar("evaluating", windows, "windows"))
+
+        result = run_eval(cfg, on_start)
+    console = report_console()
+    print_eval(result, console=console)
+    if json:
+        console.print(f"table: {write_json(json, eval_json(result))}")
+    return 0
+
+
+# --- export-scales ------------------------------------------------------------------------------
+
+
+@app.command("export-scales", cls=KvqCommand,
+             short_help="write calibrated scales in the form a serving engine loads (vLLM, SGLang, TRT-LLM, ...)")
+def export_scales_command(
+    artifact: Annotated[Path, input_path("ARTIFACT",
+                                         "scales.safetensors, or the calibration output folder holding it")],
+    fmt: Annotated[str, option("--format", parser=export_format, metavar="FORMAT",
+                               help="vllm / modelopt: checkpoint folder; sglang-json: one JSON file; "
+                               "trtllm: TensorRT-LLM checkpoint ranks; lmdeploy: TurboMind parameter files")],
+    out: Annotated[str, option("--out", help="output folder (output file for sglang-json)")],
+    model: Annotated[str | None, option(
+        "--model", help="the model the scales are for: HF checkpoint folder, .gguf file or hub id (vllm and "
+        "modelopt need its files; default there: the embedded SmolLM2-135M-Instruct). Other formats check "
+        "against it when given, else use the shape the artifact records")] = None,
+    tp: Annotated[int, positive("--tp", help="tensor-parallel size the engine runs with (sglang-json, trtllm, "
+                                "lmdeploy; default 1)")] = 1,
+    reduce: Annotated[str | None, option(
+        "--reduce", parser=reduction, metavar="HOW",
+        help="merge finer scales (per channel / per head) into what the format holds by taking their maximum "
+        "(exact for symmetric scales); without it such an export is refused")] = None,
+    force: Annotated[bool, option("--force", help="replace an existing non-empty --out")] = False,
+    trtllm_checkpoint: Annotated[Path | None, option(
+        "--trtllm-checkpoint", metavar="DIR", exists=True, file_okay=False,
+        help="(trtllm) a TensorRT-LLM checkpoint from convert_checkpoint.py to merge the scales into")] = None,
+) -> int:
+    """Turn scales.safetensors (or a calibration output folder) into exactly what an engine reads,
+    after checking the scales against the model. Refuses what a format cannot express; reduces finer
+    scales only with --reduce max. Formats and engine flags: docs/engines.md."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from kvq.export import export_scales
+
+    result = export_scales(str(artifact), fmt, out=out, model=model, tp=tp, reduce=reduce, force=force,
+                           trtllm_checkpoint=str(trtllm_checkpoint) if trtllm_checkpoint else None)
+    console = Console()
+    linked = f", {result.linked} model file(s) linked" if result.linked else ""
+    copied = f", {result.copied} copied" if result.copied else ""
+    console.print(f"[bold]{result.format}[/]: wrote {escape(str(result.out))} "
+                  f"({len(result.written)} new file(s){linked}{copied})")
+    for note in result.notes:
+        console.print(f"  note: {escape(note)}")
+    return 0

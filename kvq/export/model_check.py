@@ -1,0 +1,197 @@
+"""The model an export is written for: its KV-cache shape, its files, and the checks against the artifact.
+
+Every export checks the artifact against the model (layers, KV heads, head_dim, model_type and the
+config hash recorded at calibration) and refuses what the format cannot express.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kvq.artifact import listed, metadata_int
+from kvq.errors import UsageError
+from kvq.recipe import QuantSpec
+from kvq.scales import KVScales
+
+Which = Literal["k", "v"]
+WHICH: tuple[Which, Which] = ("k", "v")
+KV_NAME: dict[Which, str] = {"k": "K", "v": "V"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The KV-cache shape the export is written for, and where it came from."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str | None
+    config_hash: str | None
+    source: str  # "model <id>" or "the artifact's metadata"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A local Hugging Face checkpoint folder and its parsed config.json."""
+
+    folder: Path
+    config: dict
+
+
+def _meta_int(scales: KVScales, key: str) -> int | None:
+    return metadata_int(scales.metadata, key, "the artifact")
+
+
+def shape_from_metadata(scales: KVScales) -> ModelShape:
+    """The shape the artifact records (what `kvq calibrate` measured)."""
+    values = {key: _meta_int(scales, key) for key in ("num_layers", "num_kv_heads", "head_dim")}
+    missing = [key for key, value in values.items() if value is None]
+    if missing:
+        raise UsageError(
+            f"the artifact records no {', '.join(missing)} in its metadata, so its KV-cache shape is unknown",
+            hint="pass --model with the model the scales were calibrated on",
+        )
+    return ModelShape(
+        num_layers=values["num_layers"],
+        num_kv_heads=values["num_kv_heads"],
+        head_dim=values["head_dim"],
+        model_type=scales.metadata.get("model_type") or None,
+        config_hash=scales.metadata.get("config_hash") or None,
+        source="the artifact's metadata",
+    )
+
+
+def model_shape_and_files(name: str | None, need_files: bool, export_format: str) -> tuple[ModelShape, ModelFiles | None]:
+    """Shape (and files) of ``--model``: reads the config only, never the weights."""
+    from transformers import AutoConfig
+
+    from kvq.models import config_hash, kv_shape, resolve_model
+
+    model_id, source, folder = resolve_model(name)
+    if need_files and folder is None:
+        raise UsageError(
+            f"--format {export_format} writes a complete checkpoint around the model's files, and {model_id!r} "
+            "is a hub id, not a local folder",
+            hint="download the checkpoint (e.g. `huggingface-cli download`) and pass its folder with --model",
+        )
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from exc
+    num_layers, num_kv_heads, head_dim = kv_shape(config)
+    shape = ModelShape(
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        model_type=str(config.model_type),
+        config_hash=config_hash(config),
+        source=f"model {model_id}",
+    )
+    files = None
+    if folder is not None and need_files:
+        config_path = folder / "config.json"
+        try:
+            files = ModelFiles(folder=folder, config=json.loads(config_path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"model {model_id}: cannot read {config_path}: {exc}") from exc
+    return shape, files
+
+
+def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
+    """Refuse an artifact calibrated on another model; return notes on what could not be checked."""
+    recorded: dict[str, object] = {
+        "num_layers": _meta_int(scales, "num_layers"),
+        "num_kv_heads": _meta_int(scales, "num_kv_heads"),
+        "head_dim": _meta_int(scales, "head_dim"),
+        "model_type": scales.metadata.get("model_type") or None,
+        "config_hash": scales.metadata.get("config_hash") or None,
+    }
+    actual: dict[str, object] = {
+        "num_layers": shape.num_layers,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "model_type": shape.model_type,
+        "config_hash": shape.config_hash,
+    }
+    mismatches = [
+        f"{key} {recorded[key]} (artifact) vs {actual[key]} ({shape.source})"
+        for key in recorded
+        if recorded[key] is not None and actual[key] is not None and recorded[key] != actual[key]
+    ]
+    if mismatches:
+        raise UsageError(
+            "the scales were calibrated on a different model: " + "; ".join(mismatches),
+            hint="export with the model the scales were calibrated on (--model), or calibrate this one",
+        )
+    unchecked = [key for key in recorded if recorded[key] is None]
+    if unchecked:
+        return [f"the artifact records no {', '.join(unchecked)}: not checked against {shape.source}"]
+    return []
+
+
+def expected_shape(spec: QuantSpec, shape: ModelShape) -> tuple[int, ...]:
+    if spec.granularity == "tensor":
+        return ()
+    if spec.granularity == "head":
+        return (shape.num_kv_heads,)
+    return (shape.num_kv_heads, shape.head_dim)
+
+
+def check_tensors(scales: KVScales, shape: ModelShape) -> None:
+    """Every layer present, every scale / zero point of the shape its granularity implies."""
+    want = set(range(shape.num_layers))
+    have = set(scales.layers)
+    if have != want:
+        missing = sorted(want - have)
+        extra = sorted(have - want)
+        parts = []
+        if missing:
+            parts.append(f"missing layers {listed(missing)}")
+        if extra:
+            parts.append(f"layers {listed(extra)} beyond the model's {shape.num_layers}")
+        raise UsageError(
+            f"the artifact's layers do not match {shape.source} ({shape.num_layers} layers): " + "; ".join(parts)
+        )
+    for i in sorted(scales.layers):
+        layer = scales.layers[i]
+        for which in WHICH:
+            spec = scales.recipe.spec(which)
+            want_shape = expected_shape(spec, shape)
+            for what, tensor in (("scale", layer.scale(which)), ("zero point", layer.zero_point(which))):
+                if tensor is None:
+                    continue
+                if tuple(tensor.shape) != want_shape:
+                    raise UsageError(
+                        f"layer {i} {KV_NAME[which]} {what} has shape {tuple(tensor.shape)}, but granularity "
+                        f"{spec.granularity} on {shape.source} needs {want_shape}"
+                    )
+
+
+# --- what a format can hold ----------------------------------------------------------------------
+
+
+def spec_label(spec: QuantSpec) -> str:
+    sym = "symmetric" if spec.symmetric else "asymmetric"
+    return f"{spec.format} {sym} per {spec.granularity}"
+
+
+def require_same_format(scales: KVScales, export_format: str) -> str:
+    """The one number format of K and V (every engine format holds one for both)."""
+    k, v = scales.recipe.key, scales.recipe.value
+    if k.format != v.format:
+        raise UsageError(
+            f"--format {export_format} stores K and V in one cache dtype, but the recipe quantizes K as {k.format} "
+            f"and V as {v.format}",
+            hint="solve a recipe with the same format for keys and values",
+        )
+    return k.format
+
+
+def refuse_format(scales: KVScales, export_format: str, allowed: Sequence[str], why: str, hint: str) -> None:
+    number = require_same_format(scales, export_format)
+    if number not in allowed:
+        raise UsageError(f"--format {export_format} cannot hold {number} scales: {why}", hint=hint)

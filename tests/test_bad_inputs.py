@@ -1,0 +1,373 @@
+"""The bad-input catalogue: every command, fed what a user can get wrong, keeps the error contract.
+
+Each case asserts (tests/bad_input.py): the exit code (2 bad usage or input, 1 failure while working,
+130 Ctrl-C), one bounded ``kvq: error: ...`` line naming the thing at fault (a hint line may follow),
+no traceback, and that ``--out`` holds exactly what it held before: where it makes sense a good
+artifact is put there first, and it must survive the failed run byte for byte.
+
+The expected texts are what the message must name (the flag, the file, the key, the numbers), written
+from the input, not copied from kvq's output. Runs are in-process (fast); a subprocess only where the
+process boundary matters (Ctrl-C). Data come from the built-in ``pydoc`` dataset, so nothing skips.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
+from safetensors.torch import load_file, save_file
+
+FAST = ["--samples", "2", "--seqlen", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVQ_DEBUG", raising=False)
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))  # a GGUF conversion writes here, not in ~
+
+
+@pytest.fixture(scope="module")
+def good_artifact(tiny_llama, tmp_path_factory) -> Path:
+    """A good int8 asymmetric per-head artifact of the tiny model, made by the library (not the CLI under test)."""
+    from kvq.calibrate import CalibrationConfig, calibrate
+    from kvq.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("good") / "artifact"
+    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=16, device="cpu")
+    calibrate(cfg, load_recipe("int8-asym-per-head"), out)
+    return out
+
+
+@dataclass
+class World:
+    """What a case can use: the tiny model, a copy of a good artifact (``out``), a scratch folder."""
+
+    model: Path
+    good: Path  # the pristine artifact (read only)
+    out: Path  # a copy of it, where a failed run must not touch anything
+    tmp: Path
+
+    def write(self, name: str, data: str | bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    def calibrate(self, *extra: str, out: Path | None = None) -> list[str]:
+        return ["calibrate", "--model", str(self.model), "--dataset", "pydoc", *FAST, "--device", "cpu",
+                "--out", str(out or self.out), *extra]
+
+    def stats_with(self, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+        """A copy of the good stats.safetensors, tensors edited, metadata kept."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.good / "stats.safetensors"), "pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(self.good / "stats.safetensors"))
+        edit(tensors)
+        folder = self.tmp / "edited-stats"
+        folder.mkdir(exist_ok=True)
+        save_file(tensors, str(folder / "stats.safetensors"), metadata=meta)
+        return folder / "stats.safetensors"
+
+    def scales_with(self, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+        """A copy of the good artifact whose scales.safetensors tensors are edited (metadata kept)."""
+        from safetensors import safe_open
+
+        folder = self.tmp / "edited-artifact"
+        shutil.copytree(self.good, folder)
+        with safe_open(str(folder / "scales.safetensors"), "pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(folder / "scales.safetensors"))
+        edit(tensors)
+        save_file(tensors, str(folder / "scales.safetensors"), metadata=meta)
+        return folder
+
+    def model_copy(self, edit: Callable[[Path], None]) -> Path:
+        folder = self.tmp / "model-copy"
+        shutil.copytree(self.model, folder)
+        edit(folder)
+        return folder
+
+
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+GOOD_RECIPE = "format: int8\nsymmetric: false\ngranularity: head\n"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _symlink_to_nowhere(path: Path) -> Path:
+    path.symlink_to(path.parent / "gone")
+    return path
+
+
+def _nan_scales(t: dict[str, torch.Tensor]) -> None:
+    t["layers.1.k_scale"] = torch.full_like(t["layers.1.k_scale"], float("nan"))
+
+
+def _min_above_max(t: dict[str, torch.Tensor]) -> None:
+    t["layers.1.k.min"][0, 3] = t["layers.1.k.max"][0, 3] + 1.0
+
+
+def _drop_layer(t: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in t if k.startswith("layers.1.")]:
+        del t[key]
+
+
+# (id, argv built from the world, exit code, text the error line must hold; {tmp} and {out} are the world's)
+CASES: list[tuple[str, Callable[[World], list[str]], int, str]] = [
+    # --- recipes (calibrate and solve) ---
+    ("recipe-typo", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE + "symetric: true\n"))),
+     2, "symetric: unknown key (did you mean 'symmetric'?)"),
+    ("recipe-nested-typo", lambda w: ["solve", str(w.out), "--out", str(w.out), "--recipe",
+                                      str(w.write("r.yaml", GOOD_RECIPE + "keys: {granularty: channel}\n"))],
+     2, "keys.granularty: unknown key (did you mean 'granularity'?)"),
+    ("recipe-wrong-type", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE.replace(
+        "false", "'no'")))), 2, "symmetric: Input should be a valid boolean"),
+    ("recipe-list-value", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", "format: [int8]\ngranularity: head\n"))),
+     2, "format: Input should be"),
+    ("recipe-duplicate-key", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE + "format: int4\n"))),
+     2, "key 'format' is given twice (lines 1 and 4)"),
+    ("recipe-huge", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE + "#" * (1 << 20)))),
+     2, "is over 64 KiB"),
+    ("recipe-alias-bomb", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", ALIAS_BOMB))), 2, "aliases"),
+    ("recipe-is-jsonl-data", lambda w: w.calibrate("--recipe", str(w.write("d.jsonl", '{"text": "a"}\n{"text": "b"}\n'))),
+     2, "d.jsonl"),
+    ("recipe-is-parquet", lambda w: w.calibrate("--recipe", str(w.write("d.parquet", b"PAR1\x15\x04\x00\x00" * 64))),
+     2, "recipe {tmp}/d.parquet"),
+    ("recipe-utf16", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE.encode("utf-16"))))
+     , 2, "is not UTF-8 text"),
+    ("recipe-empty", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", ""))), 2, "r.yaml is empty"),
+    ("recipe-is-folder", lambda w: w.calibrate("--recipe", str(w.tmp)), 2, "recipe {tmp} is a folder"),
+    ("recipe-unreadable", lambda w: w.calibrate("--recipe", "/proc/self/mem"), 2, "recipe /proc/self/mem cannot be read"),
+    ("recipe-broken-symlink", lambda w: w.calibrate("--recipe", str(_symlink_to_nowhere(w.tmp / "r.yaml"))),
+     2, "r.yaml does not exist"),
+    ("recipe-unknown-name", lambda w: w.calibrate("--recipe", "int3-per-head"), 2, "unknown recipe 'int3-per-head'"),
+    ("recipe-missing-file", lambda w: w.calibrate("--recipe", "nowhere/r.yaml"), 2, "nowhere/r.yaml does not exist"),
+    # --- flags ---
+    ("samples-zero", lambda w: w.calibrate("--samples", "0"), 2, "'--samples'"),
+    ("seqlen-negative", lambda w: w.calibrate("--seqlen", "-5"), 2, "'--seqlen'"),
+    ("batch-size-not-integer", lambda w: w.calibrate("--batch-size", "two"), 2, "'two'"),
+    ("unknown-flag", lambda w: w.calibrate("--smaples", "3"), 2, "--smaples"),
+    ("unknown-dtype", lambda w: w.calibrate("--dtype", "float8"), 2, "'float8'"),
+    ("validate-top-zero", lambda w: ["validate", str(w.out), "--dataset", "pydoc", "--top", "0", *FAST], 2, "'--top'"),
+    ("export-unknown-format", lambda w: ["export-scales", str(w.out), "--format", "onnx", "--out", str(w.out)],
+     2, "'onnx'"),
+    ("export-tp-zero", lambda w: ["export-scales", str(w.out), "--format", "sglang-json", "--tp", "0",
+                                  "--out", str(w.out / "x.json")], 2, "'--tp'"),
+    ("export-unknown-reduce", lambda w: ["export-scales", str(w.out), "--format", "sglang-json", "--reduce", "mean",
+                                         "--out", str(w.out / "x.json")], 2, "'mean'"),
+    ("solve-missing-recipe-flag", lambda w: ["solve", str(w.out), "--out", str(w.out)], 2, "--recipe"),
+    # --- missing things ---
+    ("missing-data-file", lambda w: w.calibrate("--dataset", "c4", "--data-files", str(w.tmp / "missing.jsonl")),
+     2, "missing.jsonl"),
+    ("unknown-dataset", lambda w: w.calibrate("--dataset", "c5"), 2, "unknown dataset 'c5'"),
+    ("missing-model", lambda w: w.calibrate("--model", str(w.tmp / "no-model")), 2, "no-model"),
+    ("missing-stats", lambda w: ["solve", str(w.tmp / "nope"), "--recipe", "int8-sym-per-head", "--out", str(w.out)],
+     2, "nope"),
+    ("eval-missing-scales", lambda w: ["eval", "--model", str(w.model), "--dataset", "pydoc", "--scales",
+                                       str(w.tmp / "none"), *FAST], 2, "none"),
+    ("eval-unknown-eval-recipe", lambda w: ["eval", "--model", str(w.model), "--dataset", "pydoc", "--recipe", "int7",
+                                            "--device", "cpu", *FAST], 2, "'int7'"),
+    # --- the model ---
+    ("seqlen-beyond-positions", lambda w: w.calibrate("--seqlen", "1024"), 2, "--seqlen 1024"),
+    ("eval-seqlen-beyond-positions", lambda w: ["eval", "--model", str(w.model), "--dataset", "pydoc", "--seqlen", "600",
+                                                "--samples", "1", "--device", "cpu"], 2, "--seqlen 600"),
+    ("corrupt-weights", lambda w: w.calibrate("--model", str(w.model_copy(lambda m: _truncate(m / "model.safetensors")))),
+     2, "model.safetensors"),
+    ("corrupt-gguf", lambda w: w.calibrate("--model", str(w.write("broken.gguf", b"GGUF" + os.urandom(4000)))),
+     2, "broken.gguf"),
+    ("gguf-not-gguf", lambda w: w.calibrate("--model", str(w.write("text.gguf", "hello\n" * 100))), 2, "text.gguf"),
+    # --- devices: refused before any data or model is loaded (the model path does not even exist) ---
+    ("device-tpu", lambda w: w.calibrate("--device", "tpu", "--model", str(w.tmp / "no-model"), "--dataset", "c5"),
+     2, "--device 'tpu'"),
+    ("device-gpu-word", lambda w: ["validate", str(w.out), "--device", "gpu", "--model", str(w.tmp / "no-model"),
+                                   "--dataset", "c5"], 2, "--device 'gpu'"),
+    ("device-cuda-7", lambda w: ["eval", "--device", "cuda:7", "--model", str(w.tmp / "no-model"), "--dataset", "c5"],
+     2, "--device cuda:7"),
+    # --- --out ---
+    ("out-is-a-file", lambda w: w.calibrate(out=w.out / "scales.json"), 2, "scales.json"),
+    ("out-under-a-file", lambda w: w.calibrate(out=w.out / "scales.json" / "sub"), 2, "scales.json"),
+    ("out-read-only", lambda w: w.calibrate(out=Path("/sys/kvq-test-out")), 2, "/sys/kvq-test-out"),
+    ("solve-out-is-its-own-stats", lambda w: ["solve", str(w.out / "stats.safetensors"), "--recipe", "int8-sym-per-head",
+                                              "--out", str(w.out / "stats.safetensors")], 2, "stats.safetensors"),
+    # --- artifacts ---
+    ("stats-min-above-max", lambda w: ["solve", str(w.stats_with(_min_above_max)), "--recipe", "int8-sym-per-head",
+                                       "--out", str(w.out)], 2, "min"),
+    ("stats-missing-layer", lambda w: ["solve", str(w.stats_with(_drop_layer)), "--recipe", "int8-sym-per-head",
+                                       "--out", str(w.out)], 2, "1 missing"),
+    ("stats-empty-file", lambda w: ["solve", str(w.write("stats.safetensors", b"")), "--recipe", "int8-sym-per-head",
+                                    "--out", str(w.out)], 2, "stats.safetensors"),
+    ("stats-garbage", lambda w: ["solve", str(w.write("stats.safetensors", os.urandom(512))), "--recipe",
+                                 "int8-sym-per-head", "--out", str(w.out)], 2, "stats.safetensors"),
+    ("scales-empty-file", lambda w: ["export-scales", str(w.write("scales.safetensors", b"")), "--format", "sglang-json",
+                                     "--out", str(w.out / "x.json")], 2, "scales.safetensors"),
+    ("validate-nan-scales", lambda w: ["validate", str(w.scales_with(_nan_scales)), "--model", str(w.model),
+                                       "--dataset", "pydoc", "--device", "cpu", *FAST, "--json", str(w.out / "v.json")],
+     2, "edited-artifact"),
+    ("eval-nan-scales", lambda w: ["eval", "--scales", str(w.scales_with(_nan_scales)), "--model", str(w.model),
+                                   "--dataset", "pydoc", "--device", "cpu", *FAST], 2, "edited-artifact"),
+    ("export-nan-scales", lambda w: ["export-scales", str(w.scales_with(_nan_scales)), "--format", "sglang-json",
+                                     "--out", str(w.out / "x.json")], 2, "edited-artifact"),
+    # --- data files that are not text ---
+    ("data-binary", lambda w: w.calibrate("--dataset", "c4", "--data-files", str(w.write("d.txt", os.urandom(2048)))),
+     2, "d.txt"),
+    ("data-utf16", lambda w: w.calibrate("--dataset", "c4", "--data-files", str(w.write(
+        "d.jsonl", json.dumps({"text": "some words " * 50}).encode("utf-16")))), 2, "d.jsonl"),
+    ("data-broken-symlink", lambda w: w.calibrate("--dataset", "c4", "--data-files",
+                                                  str(_symlink_to_nowhere(w.tmp / "d.jsonl"))), 2, "d.jsonl"),
+    ("data-file-is-folder", lambda w: w.calibrate("--dataset", "c4", "--data-files", str(w.tmp)), 2, "{tmp}"),
+]
+
+
+@pytest.mark.parametrize("case_id, argv_of, code, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case_id, argv_of, code, expected, tiny_llama, good_artifact, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    world = World(model=tiny_llama, good=good_artifact, out=out, tmp=scratch)
+    argv = argv_of(world)
+    before = snapshot(out)
+    start = time.perf_counter()
+    outcome = run_in_process(argv, capsys)
+    assert_contract(outcome, code, expected.format(tmp=world.tmp, out=world.out))
+    assert snapshot(out) == before, f"{case_id}: --out changed"
+    if case_id.startswith("device-"):  # refused before loading: no model, no data, so it is quick
+        assert time.perf_counter() - start < 5.0
+
+
+def test_alias_bomb_stays_small(tmp_path, capsys):
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(ALIAS_BOMB)  # 9**9 = 387 million strings if expanded
+    tracemalloc.start()
+    try:
+        outcome = run_in_process(["solve", str(tmp_path), "--recipe", str(recipe), "--out", str(tmp_path / "o")], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    line = assert_contract(outcome, 2, "aliases")
+    assert len(line) < 200 and peak < 20 * 2**20, (len(line), peak)
+
+
+def test_huge_recipe_message_is_bounded(tmp_path, capsys):
+    """A megabyte-long value in a small file: the line stays one bounded line."""
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text("format: " + "x" * 60000 + "\ngranularity: head\n")
+    line = assert_contract(run_in_process(["solve", str(tmp_path), "--recipe", str(recipe), "--out",
+                                           str(tmp_path / "o")], capsys), 2, "format: Input should be")
+    assert len(line) <= MAX_LINE
+
+
+def test_no_space_left_names_the_path(capsys):
+    """A real ENOSPC from the kernel (/dev/full), through the one error map."""
+    from kvq.error_map import handle
+
+    with pytest.raises(OSError) as err:
+        with open("/dev/full", "wb") as fh:
+            fh.write(b"x" * 8192)
+            fh.flush()
+    assert err.value.errno == errno.ENOSPC
+    err.value.filename = "/dev/full"
+    code = handle(err.value)
+    outcome = Outcome(code, *capsys.readouterr())
+    assert_contract(outcome, 1, "no space left on the device writing /dev/full")
+
+
+def _kvq(*argv: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
+    return subprocess.Popen([sys.executable, "-m", "kvq", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env)
+
+
+def _interrupted(proc: subprocess.Popen) -> Outcome:
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return Outcome(proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_while_reading_the_recipe(tmp_path):
+    """SIGINT while kvq is blocked reading its inputs (a FIFO recipe): exit 130, one line, nothing written."""
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    proc = _kvq("calibrate", "--dataset", "pydoc", "--recipe", str(fifo), "--out", str(out))
+    deadline = time.monotonic() + 120
+    while True:  # kvq has opened the FIFO once a non-blocking writer can open it
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO and proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            time.sleep(0.05)
+    try:
+        outcome = _interrupted(proc)
+    finally:
+        os.close(writer)
+    assert_contract(outcome, 130)
+    assert outcome.stderr.strip().splitlines()[-1] == "kvq: interrupted"
+    assert snapshot(out) is None
+
+
+def test_ctrl_c_while_starting_up(tiny_llama, good_artifact, tmp_path):
+    """SIGINT one second in (imports, model loading): exit 130, one line, the good artifact untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    proc = _kvq("calibrate", "--model", str(tiny_llama), "--dataset", "pydoc", *FAST, "--device", "cpu",
+                "--out", str(out), "--force")
+    time.sleep(1.0)
+    assert proc.poll() is None
+    outcome = _interrupted(proc)
+    assert_contract(outcome, 130)
+    assert snapshot(out) == before
+
+
+def _raised(action: Callable[[], object]) -> BaseException:
+    try:
+        action()
+    except BaseException as exc:  # noqa: B036 - the real exception, whatever it is, goes to the map
+        return exc
+    raise AssertionError("did not raise")
+
+
+@pytest.mark.parametrize("action", [lambda: bytearray(2**62), lambda: torch.empty(2**42, dtype=torch.float32)],
+                         ids=["MemoryError", "torch-cpu-allocator"])
+def test_out_of_memory_names_the_flags_that_help(action, capsys):
+    """Real allocation failures (Python's and torch's CPU allocator) through the one error map."""
+    from kvq.error_map import handle
+
+    code = handle(_raised(action))
+    outcome = Outcome(code, *capsys.readouterr())
+    assert_contract(outcome, 1, "out of memory in main memory (CPU)")
+    hint = outcome.stderr.strip().splitlines()[-1]
+    assert "--batch-size" in hint and "--seqlen" in hint and "--dtype" in hint
+
+
+def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
+    from kvq.error_map import handle
+
+    code = handle(_raised(lambda: {}["missing key"]))
+    outcome = Outcome(code, *capsys.readouterr())
+    assert_contract(outcome, 1, "internal error: KeyError: 'missing key'")
+    assert "KVQ_DEBUG=1" in outcome.stderr
+    code = handle(RuntimeError("first line " + "x" * 5000 + "\nsecond line"))  # multi-line and huge: its first line
+    outcome = Outcome(code, *capsys.readouterr())
+    assert_contract(outcome, 1, "internal error: RuntimeError: first line")
+    assert "second line" not in outcome.stderr
