@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.console import progress_bar  # noqa: E402
 from kvq.data import batches, load_documents, select_samples  # noqa: E402
 from kvq.evaluate import (  # noqa: E402
     DYNAMIC_RECIPES,
@@ -44,7 +45,7 @@ from kvq.evaluate import (  # noqa: E402
     measure,
 )
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.evaluate.report import eval_json, print_eval, progress_bar, report_console, write_json  # noqa: E402
+from kvq.evaluate.report import eval_json, print_eval, report_console, write_json  # noqa: E402
 from kvq.models import load_model  # noqa: E402
 from kvq.recipe import builtin_recipe_names, load_recipe  # noqa: E402
 from kvq.solver import solve  # noqa: E402

@@ -7,52 +7,18 @@ from contextlib import contextmanager
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from kvq.calibrate.run import CalibrationResult
+from kvq.console import progress_bar, summary_table
 from kvq.data import Batch
 from kvq.stats import KVStats
 
 
-class _TokensPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        tokens = task.fields.get("tokens", 0)
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:,.0f} tok/s", style="cyan")
-
-
 @contextmanager
 def calibration_progress(num_samples: int, num_tokens: int) -> Iterator[Callable[[Batch], None]]:
-    """A rich progress bar over samples with tokens/s and ETA; yields the per-batch callback."""
-    columns = (
-        TextColumn("[bold]calibrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("samples"),
-        _TokensPerSecond(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task("calibrate", total=num_samples, tokens=0)
-
-        def advance(batch: Batch) -> None:
-            done = progress.tasks[0].fields["tokens"] + batch.num_tokens
-            progress.update(task, advance=batch.num_samples, tokens=done)
-
-        yield advance
+    """A progress bar over samples with tokens/s and ETA; yields the per-batch callback."""
+    with progress_bar("calibrating", num_samples, "samples", tokens_per_second=True) as advance:
+        yield lambda batch: advance(batch.num_samples, batch.num_tokens)
 
 
 def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:
@@ -70,9 +36,7 @@ def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:
 def print_summary(result: CalibrationResult, console: Console | None = None) -> None:
     console = console or Console()
     info = result.info
-    table = Table(title="kvq calibration", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table = summary_table("kvq calibration")
     table.add_row("model", f"{info.model_id} ({info.model_type}, config {info.config_hash})")
     table.add_row("layers x kv heads x head_dim", f"{info.num_layers} x {info.num_kv_heads} x {info.head_dim}")
     meta = result.stats.metadata

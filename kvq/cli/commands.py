@@ -19,12 +19,12 @@ from kvq.cli.params import (
     KvqCommand,
     ModelFlags,
     Seed,
-    export_format,
     input_path,
     option,
+    parse_export_format,
+    parse_reduction,
     paths_arg,
     positive,
-    reduction,
     with_model_flags,
 )
 from kvq.recipe import DEFAULT_RECIPE
@@ -139,13 +139,8 @@ def validate_command(
     quantize -> dequantize error of the scales: SQNR, RMSE, max |error|, clip rate; worst heads
     first. Writes the full report as JSON (default: validate.json in the scales folder)."""
     flags.check_device()
-    from kvq.evaluate.report import (
-        print_validation,
-        progress_bar,
-        report_console,
-        validation_json,
-        write_json,
-    )
+    from kvq.console import progress_bar
+    from kvq.evaluate.report import print_validation, report_console, validation_json, write_json
     from kvq.evaluate.validate import ValidateConfig, validate
 
     cfg = ValidateConfig(scales=str(scales), model=flags.model, dataset=dataset, data_files=flags.data_files,
@@ -198,8 +193,9 @@ def eval_command(
     KV-cache bytes per token each saves. Non-overlapping windows of --seqlen tokens from the start
     of the text (docs/evaluate.md)."""
     flags.check_device()
+    from kvq.console import progress_bar
     from kvq.evaluate.perplexity import EvalConfig, run_eval
-    from kvq.evaluate.report import eval_json, print_eval, progress_bar, report_console, write_json
+    from kvq.evaluate.report import eval_json, print_eval, report_console, write_json
 
     cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
                      scales=paths_arg(scales) or [], recipes=list(recipe or []), samples=samples, seqlen=seqlen,
@@ -227,7 +223,7 @@ def eval_command(
 def export_scales_command(
     artifact: Annotated[Path, input_path("ARTIFACT",
                                          "scales.safetensors, or the calibration output folder holding it")],
-    fmt: Annotated[str, option("--format", parser=export_format, metavar="FORMAT",
+    export_format: Annotated[str, option("--format", parser=parse_export_format, metavar="FORMAT",
                                help="vllm / modelopt: checkpoint folder; sglang-json: one JSON file; "
                                "trtllm: TensorRT-LLM checkpoint ranks; lmdeploy: TurboMind parameter files")],
     out: Annotated[str, option("--out", help="output folder (output file for sglang-json)")],
@@ -238,7 +234,7 @@ def export_scales_command(
     tp: Annotated[int, positive("--tp", help="tensor-parallel size the engine runs with (sglang-json, trtllm, "
                                 "lmdeploy; default 1)")] = 1,
     reduce: Annotated[str | None, option(
-        "--reduce", parser=reduction, metavar="HOW",
+        "--reduce", parser=parse_reduction, metavar="HOW",
         help="merge finer scales (per channel / per head) into what the format holds by taking their maximum "
         "(exact for symmetric scales); without it such an export is refused")] = None,
     force: Annotated[bool, option("--force", help="replace an existing non-empty --out")] = False,
@@ -254,12 +250,12 @@ def export_scales_command(
 
     from kvq.export import export_scales
 
-    result = export_scales(str(artifact), fmt, out=out, model=model, tp=tp, reduce=reduce, force=force,
+    result = export_scales(str(artifact), export_format, out=out, model=model, tp=tp, reduce=reduce, force=force,
                            trtllm_checkpoint=str(trtllm_checkpoint) if trtllm_checkpoint else None)
     console = Console()
     linked = f", {result.linked} model file(s) linked" if result.linked else ""
     copied = f", {result.copied} copied" if result.copied else ""
-    console.print(f"[bold]{result.format}[/]: wrote {escape(str(result.out))} "
+    console.print(f"[bold]{result.export_format}[/]: wrote {escape(str(result.out))} "
                   f"({len(result.written)} new file(s){linked}{copied})")
     for note in result.notes:
         console.print(f"  note: {escape(note)}")

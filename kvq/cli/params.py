@@ -43,21 +43,21 @@ def _one_of(text: str, choices: Sequence[str]) -> str:
 
 # typer takes choices as a Literal or an Enum, both spelled out where the command is defined; these
 # names live in modules that import torch, so the check runs as a typer parser when the flag is used.
-def export_format(text: str) -> str:
+def parse_export_format(text: str) -> str:
     """A ``--format`` value: one of kvq.export.EXPORT_FORMATS."""
     from kvq.export import EXPORT_FORMATS
 
     return _one_of(text, EXPORT_FORMATS)
 
 
-def dtype_name(text: str) -> str:
+def parse_dtype(text: str) -> str:
     """A ``--dtype`` value: a key of kvq.models.DTYPES."""
     from kvq.models import DTYPES
 
     return _one_of(text, tuple(DTYPES))
 
 
-def reduction(text: str) -> str:
+def parse_reduction(text: str) -> str:
     """A ``--reduce`` value: one of kvq.export.REDUCTIONS."""
     from kvq.export import REDUCTIONS
 
@@ -131,7 +131,7 @@ def _model_flags(
     model: Model = None,
     device: Annotated[str | None, option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
                       ] = None,
-    dtype: Annotated[str | None, option("--dtype", parser=dtype_name, metavar="DTYPE",
+    dtype: Annotated[str | None, option("--dtype", parser=parse_dtype, metavar="DTYPE",
                                         help="float32, bfloat16, float16 (default: the model's own)")] = None,
     trust_remote_code: Annotated[bool, option("--trust-remote-code", help="allow the model's own code from the hub")
                                  ] = False,

@@ -114,8 +114,8 @@ def eval_only_quantizer(name: str) -> DynamicQuantizer | UnitScaleQuantizer:
     if name in DYNAMIC_RECIPES:
         return DynamicQuantizer(DYNAMIC_RECIPES[name])
     if name in UNIT_SCALE_RECIPES:
-        fmt = UNIT_SCALE_RECIPES[name]
-        return UnitScaleQuantizer(fmt, fmt, name=name)
+        number_format = UNIT_SCALE_RECIPES[name]
+        return UnitScaleQuantizer(number_format, number_format, name=name)
     if name in builtin_recipe_names():
         raise UsageError(
             f"recipe {name!r} uses calibrated scales; --recipe takes eval-only recipes: "

@@ -7,23 +7,14 @@ JSON numbers that are not finite (an SQNR of +inf where the error is exactly 0) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from kvq import __version__
 from kvq.artifact import json_bytes
+from kvq.console import summary_table
 from kvq.evaluate.perplexity import EvalResult, Measured
 from kvq.evaluate.quant_cache import describe_spec
 from kvq.evaluate.validate import HeadError, ValidationResult
@@ -43,20 +34,6 @@ ATTENTION_ERROR_METHOD = (
 
 def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-@contextmanager
-def progress_bar(label: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)``."""
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(label, total=total)
-
-        def advance(n: int) -> None:
-            progress.update(task, advance=n)
-
-        yield advance
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -122,9 +99,7 @@ def _db(x: float) -> str:
 def print_validation(result: ValidationResult, top: int = 20, console: Console | None = None) -> None:
     console = console or report_console()
     info = result.info
-    summary = Table(title="kvq validate", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column()
+    summary = summary_table("kvq validate")
     summary.add_row("scales", f"{result.scales_path} ({_recipe_line(result)})")
     summary.add_row("model", f"{info.model_id} ({info.num_layers} layers x {info.num_kv_heads} KV heads x "
                     f"head_dim {info.head_dim})")

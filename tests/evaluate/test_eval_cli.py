@@ -56,7 +56,8 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_llama, tiny_artifacts, tmp_pat
         (["--scales", str(tmp_path / "missing")], 2, "missing"),
         (["--recipe", "int3-dynamic-per-token"], 2, "int8-dynamic-per-token, int4-dynamic-per-token"),
         (["--recipe", "int8-asym-per-head"], 2, "uses calibrated scales"),
-        (["--scales", str(tiny_artifacts["int8"]), "--data-files", str(short)], 1, "fewer than one window"),
+        (["--scales", str(tiny_artifacts["int8"]), "--data-files", str(short), "--seqlen", "64"], 1,
+         "fewer than one window"),
     ]
     for extra, want_code, want_text in cases:
         code = main(["eval", "--model", str(tiny_llama), "--dataset", "pydoc", "--samples", "1",

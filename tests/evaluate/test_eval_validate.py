@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from kvq.calibrate.capture import real_tokens
 from kvq.cli import main
 from kvq.errors import UsageError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
-from kvq.evaluate.validate import ErrorCache, LayerError, head_errors
-from kvq.kernels import RoundTripError, roundtrip_error
+from kvq.evaluate.validate import LayerError, ValidateConfig, head_errors, validate
+from kvq.kernels import RoundTripError
 from kvq.models import ModelInfo
 from kvq.recipe import load_recipe
 from kvq.scales import KVScales, LayerScales
@@ -46,37 +46,100 @@ def test_heads_are_ordered_worst_sqnr_first():
     assert math.isinf(rows[-1].sqnr_db)
 
 
-def test_error_cache_counts_real_tokens_only_and_matches_the_kernel():
-    recipe = load_recipe("int8-sym-per-head")
-    scale = torch.tensor([0.02, 0.05])
-    scales = KVScales(recipe, {0: LayerScales(scale, scale)})
-    errors: dict[int, LayerError] = {}
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # (batch, seq): 5 real tokens
-    k = torch.rand(2, 2, 4, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # |k| < 1: inside both ranges
-    k[0, :, 3] = 1e6  # padding that would dominate (and clip) if it were counted
-    k[1, :, 2:] = 1e6
-    cache = ErrorCache(scales, errors, mask, torch.device("cpu"))
-    assert cache.update(k, k.clone(), 0)[0] is k
-    assert errors[0].k.count.tolist() == [5 * 8, 5 * 8]
-    assert int(errors[0].k.clipped.sum()) == 0
-    want = roundtrip_error(real_tokens(k, mask.bool()), scale, None, "int8")
-    assert torch.equal(errors[0].k.sse, want.sse)
-    # A second batch folds in.
-    ErrorCache(scales, errors, None, torch.device("cpu")).update(k[:, :, :2], k[:, :, :2], 0)
-    assert errors[0].k.count.tolist() == [9 * 8, 9 * 8]
+# --- the report against an independent computation ----------------------------------------------
+
+SEQLEN = 40
 
 
-def test_error_cache_on_grid_values_reports_zero_error():
-    recipe = load_recipe("int8-asym-per-head")
-    scale = torch.tensor([0.125, 0.5])
-    zp = torch.tensor([-20, 11], dtype=torch.int32)
-    q = torch.randint(-128, 128, (1, 2, 9, 4)).to(torch.float32)
-    x = (q - zp.reshape(1, 2, 1, 1)) * scale.reshape(1, 2, 1, 1)  # (h,) -> (1, h, 1, 1)
-    errors: dict[int, LayerError] = {}
-    ErrorCache(KVScales(recipe, {0: LayerScales(scale, scale, zp, zp)}), errors, None,
-               torch.device("cpu")).update(x, x, 0)
-    rows = head_errors(errors)
-    assert all(r.mse == 0.0 and math.isinf(r.sqnr_db) and r.clipped == 0 for r in rows)
+def _documents(path) -> list[str]:
+    """Five texts of Python's documentation, 2 shorter than SEQLEN tokens (padded in a batch), written
+    as jsonl; with --samples 5, validate takes the first SEQLEN tokens of each, in some order."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    texts = [topics[keys[i]][:n] for i, n in ((3, 60), (10, 400), (20, 1000), (30, 90), (40, 2000))]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def _model_cache(model_dir, texts: list[str]) -> dict[str, dict[int, np.ndarray]]:
+    """K and V of every layer as the model's own cache holds them, each sample run alone (no padding),
+    concatenated along tokens: {"k"|"v": {layer: (kv_heads, tokens, head_dim) float32}}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {"k": {}, "v": {}}
+    with torch.inference_mode():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"][:SEQLEN]])  # (1, tokens)
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            for i, layer in enumerate(cache.layers):  # keys / values: (1, kv_heads, tokens, head_dim)
+                parts["k"].setdefault(i, []).append(layer.keys[0])
+                parts["v"].setdefault(i, []).append(layer.values[0])
+    return {w: {i: torch.cat(xs, dim=1).numpy() for i, xs in by_layer.items()} for w, by_layer in parts.items()}
+
+
+def _int_asym_oracle(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: x_hat = (clip(round(x / s) + zp, -128, 127) - zp) * s in float32 (np.round: half to even),
+    and whether round(x / s) + zp fell outside [-128, 127] (clipped). x (h, n, d), s and zp (h,)."""
+    s = scale.astype(np.float32)[:, None, None]  # (h,) -> (h, 1, 1)
+    z = zp.astype(np.float32)[:, None, None]  # (h,) -> (h, 1, 1)
+    r = np.round(x / s) + z
+    return ((np.clip(r, -128, 127) - z) * s).astype(np.float32), (r < -128) | (r > 127)
+
+
+def _fp8_oracle(x: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """compressed-tensors' fp8 e4m3 fake-quantize with a per-tensor scale; clipped where |x / s| > 464,
+    the midpoint of e4m3's largest value 448 and the next grid step 480."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor")
+    s = torch.from_numpy(scale.astype(np.float32)).reshape(1, 1, 1)  # () -> (1, 1, 1)
+    x_hat = ct_fake_quantize(torch.from_numpy(x), s, None, args).numpy()
+    return x_hat, np.abs(x / s.numpy()) > 464
+
+
+@pytest.mark.parametrize(("artifact", "batch_size", "rtol"), [("int8", 1, 1e-9), ("int8", 2, 1e-5), ("fp8", 2, 1e-5)])
+def test_validate_report_matches_an_independent_computation(tiny_llama, tiny_artifacts, tmp_path, artifact,
+                                                            batch_size, rtol):
+    """Per (layer, KV head, K|V): SQNR, MSE, RMSE, max |error|, clipped and count, computed here by hand
+    from the model's own cache and an independent quantizer (numpy for int8, compressed-tensors for
+    fp8). One sample per batch computes the same K/V as the oracle (equal up to float64 summation
+    order); padded batches of 2 may round K/V differently in float32 (relative ~1e-7 seen)."""
+    data = tmp_path / "docs.jsonl"
+    texts = _documents(data)
+    result = validate(ValidateConfig(model=str(tiny_llama), dataset="docs", data_files=[str(data)], samples=5,
+                                     seqlen=SEQLEN, batch_size=batch_size, device="cpu",
+                                     scales=str(tiny_artifacts[artifact])))
+    cached = _model_cache(tiny_llama, texts)
+    scales = KVScales.load(tiny_artifacts[artifact])
+    rows = {(r.layer, r.kv_head, r.tensor): r for r in result.heads()}
+    assert len(rows) == 3 * 2 * 2
+    clipped_total = 0
+    for which in ("k", "v"):
+        for i, x in cached[which].items():
+            layer = scales.layers[i]
+            if artifact == "int8":
+                x_hat, clipped = _int_asym_oracle(x, layer.scale(which).numpy(), layer.zero_point(which).numpy())
+            else:
+                x_hat, clipped = _fp8_oracle(x, layer.scale(which).numpy())
+            err = (x - x_hat).astype(np.float64)  # the float32 difference, squared in float64
+            for h in range(x.shape[0]):
+                row = rows[(i, h, which)]
+                n = x[h].size
+                sse, signal = float((err[h] ** 2).sum()), float((x[h].astype(np.float64) ** 2).sum())
+                assert row.count == n
+                assert row.mse == pytest.approx(sse / n, rel=rtol)
+                assert row.rmse == pytest.approx(math.sqrt(sse / n), rel=rtol)
+                assert row.sqnr_db == pytest.approx(10 * math.log10(signal / sse), rel=rtol)
+                assert row.max_abs_err == pytest.approx(float(np.abs(err[h]).max()), rel=rtol)
+                assert row.clipped == int(clipped[h].sum())
+                assert row.clip_rate == row.clipped / n
+                clipped_total += row.clipped
+    assert result.tokens * 16 == rows[(0, 0, "k")].count  # every real token, no padding
+    assert artifact == "fp8" or clipped_total > 0  # held-out text: some values fall outside the range
 
 
 def _info(layers=3, heads=2, dim=16, config_hash="abc") -> ModelInfo:
