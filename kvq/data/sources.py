@@ -141,7 +141,8 @@ def _from_files(name: str, files: list[Path], field: str, origin: str) -> Loaded
     docs = read_files(files, field)
     if all(d.is_empty for d in docs):
         what = f"data file {files[0]}" if len(files) == 1 else f"the {len(files)} data files ({files[0]}, ...)"
-        raise UsageError(f"{what}: no non-empty documents ({len(docs)} records, all empty or whitespace)",
+        records = f"{len(docs)} record" + ("" if len(docs) == 1 else "s")
+        raise UsageError(f"{what}: no non-empty documents ({records}, all empty or whitespace)",
                          hint="pass files whose records hold text")
     return LoadedDataset(name, docs, origin, tuple(map(str, files)))
 

@@ -222,7 +222,13 @@ def _bad_files(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "notext.jsonl").write_text('{"body": "b"}\n')
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n')
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "\\udfff"}\n')
     return {
+        "folder.jsonl": "folder.jsonl is a folder",
+        "blank.jsonl": "blank.jsonl: no non-empty documents (1 record, all empty or whitespace)",
+        "surrogate.jsonl": "surrogate.jsonl:1: holds a lone surrogate '\\udfff'",
         "latin1.jsonl": "latin1.jsonl:2: not UTF-8 text",
         "u16.jsonl": "u16.jsonl is UTF-16 text",
         "broken.jsonl": "broken.jsonl:2: not valid JSON",
@@ -235,13 +241,12 @@ def _bad_files(tmp_path):
 def test_calibrate_refuses_bad_data_and_leaves_out_alone(tmp_path, tiny_llama, capsys, out_state):
     cases = _bad_files(tmp_path)
     out = tmp_path / "out"
-    if out_state == "good artifact":
-        out.mkdir()
-        (out / "scales.json").write_text('{"good": true}\n')
-        (out / "stats.safetensors").write_bytes(b"previous run")
+    common = ["--model", str(tiny_llama), "--device", "cpu", "--samples", "2", "--seqlen", "16", "--out", str(out)]
+    if out_state == "good artifact":  # a real artifact from an earlier good run
+        assert run_in_process(["calibrate", "--dataset", "pydoc", *common], capsys).code == 0
+        assert (out / "scales.safetensors").is_file()
     before = snapshot(out)
     for name, expected in cases.items():
-        argv = ["calibrate", "--model", str(tiny_llama), "--device", "cpu", "--dataset", "c4",
-                "--data-files", str(tmp_path / name), "--samples", "2", "--seqlen", "16", "--out", str(out)]
+        argv = ["calibrate", "--dataset", "c4", "--data-files", str(tmp_path / name), *common]
         assert_contract(run_in_process(argv, capsys), 2, expected)
         assert snapshot(out) == before, name
