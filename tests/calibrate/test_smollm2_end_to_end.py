@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -11,6 +12,7 @@ from kvq.scales import KVScales
 from kvq.stats import KVStats
 
 
+@pytest.mark.slow
 def test_smollm2_calibrates_on_c4(shared_data, tmp_path):
     data = shared_data / "c4-en-validation-sample.jsonl"
     out = tmp_path / "out"

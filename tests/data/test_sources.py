@@ -109,9 +109,10 @@ def test_no_connection_is_the_libraries_error_not_a_probe(tmp_path):
                                    "hub is unreachable (no connection) | ConnectionError"), proc.stderr[-2000:]
 
 
-def test_kvq_data_dir_gives_the_named_set(tmp_path, monkeypatch, shared_data):
+def test_kvq_data_dir_gives_the_named_set(tmp_path, monkeypatch):
     (tmp_path / "c4").mkdir()
-    (tmp_path / "c4" / "part.jsonl").write_text((shared_data / "c4-en-validation-sample.jsonl").read_text())
+    (tmp_path / "c4" / "part.jsonl").write_text("".join(f'{{"text": "document {i}", "url": "u{i}"}}\n'
+                                                       for i in range(1350)))
     (tmp_path / "wikitext2.txt").write_text("A wiki text.\n")
     monkeypatch.setenv("KVQ_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -163,7 +163,6 @@ def test_paired_stderr_of_the_nll_difference():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quantizers_on_cuda_match_the_cpu(tiny_artifacts):
     scales = KVScales.load(tiny_artifacts["int8"])
     x = torch.randn(2, 2, 33, 16) * 3
