@@ -292,8 +292,10 @@ def test_no_space_left_names_the_path(capsys):
 
 def _kvq(*argv: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
+    # SIGINT handled as a shell gives it, even when this test runs in a background job (which ignores it).
     return subprocess.Popen([sys.executable, "-m", "kvq", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, env=env)
+                            stdin=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupted(proc: subprocess.Popen) -> Outcome:
@@ -325,15 +327,18 @@ def test_ctrl_c_while_reading_the_recipe(tmp_path):
     assert snapshot(out) is None
 
 
-def test_ctrl_c_while_starting_up(tiny_llama, good_artifact, tmp_path):
-    """SIGINT one second in (imports, model loading): exit 130, one line, the good artifact untouched."""
+@pytest.mark.parametrize("delay", [0.1, 0.5, 1.0, 2.0])
+def test_ctrl_c_while_starting_up(tiny_llama, good_artifact, tmp_path, delay):
+    """SIGINT at several instants of start-up (imports, model loading): exit 130, one line, the good
+    artifact untouched. An interrupt that arrives inside an import is delivered once the import is done."""
     out = tmp_path / "out"
     shutil.copytree(good_artifact, out)
     before = snapshot(out)
     proc = _kvq("calibrate", "--model", str(tiny_llama), "--dataset", "pydoc", *FAST, "--device", "cpu",
                 "--out", str(out), "--force")
-    time.sleep(1.0)
-    assert proc.poll() is None
+    time.sleep(delay)
+    if proc.poll() is not None:
+        pytest.skip(f"the run ended in under {delay} s")
     outcome = _interrupted(proc)
     assert_contract(outcome, 130)
     assert snapshot(out) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from kvq.cli.interrupt import interrupts_after_imports
 from kvq.error_map import EXIT_FAILURE, EXIT_USAGE, handle
 from kvq.errors import UsageError
 
@@ -18,16 +19,17 @@ from kvq.errors import UsageError
 def main(argv: list[str] | None = None) -> int:
     """Run ``kvq ARGV`` (default: ``sys.argv[1:]``) and return the exit code; never raises."""
     try:
-        import typer.main
+        with interrupts_after_imports():
+            import typer.main
 
-        from kvq.cli.commands import app
+            from kvq.cli.commands import app
 
-        command = typer.main.get_command(app)
-        args = list(sys.argv[1:] if argv is None else argv)
-        # Not command.main(): typer's own handlers would print a usage box or swallow
-        # Ctrl-C; every exception goes to kvq.error_map instead.
-        with command.make_context("kvq", args) as ctx:
-            result = command.invoke(ctx)
+            command = typer.main.get_command(app)
+            args = list(sys.argv[1:] if argv is None else argv)
+            # Not command.main(): typer's own handlers would print a usage box or swallow
+            # Ctrl-C; every exception goes to kvq.error_map instead.
+            with command.make_context("kvq", args) as ctx:
+                result = command.invoke(ctx)
         return result if isinstance(result, int) else 0
     except SystemExit as exc:  # raised by code kvq calls, not by typer (it raises typer.Exit)
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE

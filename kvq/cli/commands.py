@@ -260,3 +260,38 @@ def export_scales_command(
     for note in result.notes:
         console.print(f"  note: {escape(note)}")
     return 0
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+
+@app.command("inspect", cls=KvqCommand,
+             short_help="report the KV-cache scales of any checkpoint or kvq output, and their defects")
+def inspect_command(
+    path: Annotated[Path, input_path("PATH", "a checkpoint folder, TensorRT-LLM checkpoint, SGLang scales JSON, "
+                                     "LMDeploy past_kv_scale folder, or kvq artifact")],
+    tp: Annotated[int | None, positive("--tp", help="check that per-head scales split over this tensor-parallel "
+                                       "size (and per-rank files are written for it)")] = None,
+    model: Annotated[str | None, option(
+        "--model", help="the model the scales should be for (folder, .gguf or hub id; its config only is read): "
+        "checks layers, heads and the config hash the artifact records")] = None,
+    stats: Annotated[Path | None, option(
+        "--stats", metavar="STATS", exists=True,
+        help="a stats.safetensors of the same model: per layer, the share of observed ranges each scale clips")
+                     ] = None,
+    json: Annotated[str | None, option("--json", metavar="FILE", help="also write the report as JSON to FILE")
+                    ] = None,
+) -> int:
+    """Read the KV-cache scales of PATH without loading model weights and report the declared scheme,
+    the scale tensors per layer, their defects and which engines apply them. Exit 0 when clean,
+    1 when a defect is found. docs/inspect.md."""
+    from kvq.evaluate.report import report_console, write_json
+    from kvq.inspection import inspect_path
+    from kvq.inspection.report import inspection_json, print_inspection
+
+    result = inspect_path(path, tp=tp, model=model, stats=stats)
+    console = report_console()
+    print_inspection(result, console)
+    if json:
+        console.print(f"report: {write_json(json, inspection_json(result))}")
+    return 0 if result.clean else 1

@@ -1,0 +1,96 @@
+"""With ``--stats``: how far the observed K/V ranges reach beyond what each scale can represent.
+
+For every layer and K / V, each observed (KV head, channel) range [min, max] of ``stats.safetensors``
+is compared with the range the layer's scale represents: ``[qmin * scale + offset, qmax * scale +
+offset]`` (``qmin`` / ``qmax`` of the number format, :func:`kvq.qparams.qrange`; offset 0 for symmetric
+scales). The figures are the share of ranges that reach beyond it and the worst overshoot ratio
+(observed / representable, 1.0 = exactly at the edge). These are ranges, not values: the share of
+*values* that would be clipped needs value histograms, which statistics files do not hold yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvq.errors import UsageError
+from kvq.export.tensor_parallel import heads_of_rank
+from kvq.inspection.defects import Defect, inferred_granularity
+from kvq.inspection.found import ROLE_NAME, Found, KVShape, ScaleEntry
+from kvq.qparams import qrange
+from kvq.stats import KVStats
+
+CLIP_TOLERANCE = 1e-5  # relative: a calibrated absmax lands on the edge up to float32 rounding
+CLIP_DEFECT_RATIO = 2.0  # observed ranges twice what the scale represents: scales not for this data
+
+
+@dataclass(frozen=True)
+class Clipping:
+    layer: int
+    role: str  # k or v
+    share: float  # of (head, channel) ranges reaching beyond the representable range
+    worst: float  # largest observed / representable ratio
+
+
+def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: int | None,
+            shape: KVShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lowest and highest representable value per (head, channel), each of shape (heads, head_dim)."""
+    qmin, qmax = qrange(number)
+    scale = entry.values.to(torch.float32)
+    offset = entry.offset if entry.offset is not None else torch.zeros_like(scale)
+    lo, hi = qmin * scale + offset, qmax * scale + offset
+    full = torch.full((heads, head_dim), float("nan"))
+    lo_full, hi_full = full.clone(), full.clone()
+    if entry.rank is not None and ranks is not None:
+        rows = heads_of_rank(heads, ranks, entry.rank) if heads % ranks == 0 or ranks % heads == 0 else []
+        lo_full[rows], hi_full[rows] = lo.reshape(()), hi.reshape(())  # (1,) or () -> (): one value, the rank's heads
+        return lo_full, hi_full
+    granularity = inferred_granularity(entry, shape)
+    if granularity == "tensor":
+        return lo_full.fill_(lo.reshape(()).item()), hi_full.fill_(hi.reshape(()).item())  # any 1-value shape -> ()
+    if granularity == "head":
+        # (H,), (H, 1) or (H, 1, 1) -> (H, 1) -> (H, D)
+        return lo.reshape(heads, 1).expand(heads, head_dim), hi.reshape(heads, 1).expand(heads, head_dim)
+    return lo.reshape(heads, head_dim), hi.reshape(heads, head_dim)  # any (H*D)-value layout -> (H, D)
+
+
+def clipping(found: Found, stats: KVStats, shape: KVShape) -> tuple[list[Clipping], list[Defect]]:
+    first = stats.layers[min(stats.layers)]
+    heads, head_dim = (int(x) for x in first.k.min.shape)
+    if (shape.num_kv_heads, shape.head_dim) not in ((heads, head_dim), (None, None)):
+        raise UsageError(f"--stats holds {heads} KV heads x head_dim {head_dim}, but the scales are for "
+                         f"{shape.num_kv_heads} x {shape.head_dim} ({shape.source})",
+                         hint="pass the stats.safetensors of a calibration of the same model")
+    stat_shape = KVShape(shape.num_layers, heads, head_dim, shape.num_heads, shape.model_type, shape.source)
+    rows, defects = [], []
+    by_slot: dict[tuple[int, str], list[ScaleEntry]] = {}
+    for e in found.entries:
+        for role in ("k", "v") if e.role == "kv" else (e.role,):
+            if role in ("k", "v"):
+                by_slot.setdefault((e.layer, role), []).append(e)
+    for (layer, role), entries in sorted(by_slot.items()):
+        number, _ = found.spec(entries[0].role)
+        if number is None or layer not in stats.layers:
+            continue
+        ts = stats.layers[layer].k if role == "k" else stats.layers[layer].v
+        lo, hi = torch.full((heads, head_dim), float("nan")), torch.full((heads, head_dim), float("nan"))
+        for e in entries:
+            if e.rank is None and inferred_granularity(e, stat_shape) is None:
+                continue  # a shape defect, reported already
+            e_lo, e_hi = _limits(e, number, heads, head_dim, found.ranks, stat_shape)
+            lo, hi = torch.where(torch.isnan(lo), e_lo, lo), torch.where(torch.isnan(hi), e_hi, hi)
+        known = ~(torch.isnan(lo) | torch.isnan(hi)) & (hi > 0) & (lo < 0)
+        if not known.any():
+            continue
+        over_hi = torch.where(ts.max > 0, ts.max / hi, torch.zeros_like(hi))
+        over_lo = torch.where(ts.min < 0, ts.min / lo, torch.zeros_like(lo))
+        ratio = torch.maximum(over_hi, over_lo)[known]  # (known ranges,)
+        row = Clipping(layer, role, float((ratio > 1 + CLIP_TOLERANCE).float().mean()), float(ratio.max()))
+        rows.append(row)
+        if row.worst > CLIP_DEFECT_RATIO:
+            e = entries[0]
+            defects.append(Defect("clipping", layer, e.name, f"layer {layer} {ROLE_NAME[role]}: observed ranges reach "
+                                  f"{row.worst:.3g}x what {e.name} represents ({row.share:.1%} of (head, channel) "
+                                  "ranges beyond it)"))
+    return rows, defects

@@ -1,0 +1,237 @@
+"""The defects `kvq inspect` reports, each naming the layer and the tensor.
+
+Checks on a :class:`~kvq.inspection.found.Found` (and the model of ``--model``, when given): scale
+values (zero, negative, NaN, inf; exactly 1.0 where a calibrated value is expected), coverage (layers
+missing or beyond the model's), shapes against the model's KV heads and head_dim, the split over
+``--tp`` ranks, the config against the tensors, and the model the scales were calibrated on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from kvq.export.model_check import ModelShape
+from kvq.inspection.found import KVQ_ARTIFACT, MODELOPT, ROLE_NAME, Found, KVShape, ScaleEntry
+
+PER_RANK = "rank"
+
+
+@dataclass(frozen=True)
+class Defect:
+    kind: str  # zero, negative, nan, inf, uncalibrated, missing-layer, extra-layer, shape, tp, config,
+    # other-model, clipping
+    layer: int | None  # None: the whole file or every layer
+    tensor: str  # the tensor, JSON entry or file at fault
+    message: str
+
+
+def _positions(mask: torch.Tensor) -> str:
+    if mask.numel() <= 1:
+        return ""
+    idx = [tuple(int(x) for x in row) for row in mask.nonzero()[:4]]
+    shown = ", ".join(str(i[0]) if len(i) == 1 else str(i) for i in idx)
+    more = " ..." if int(mask.sum()) > 4 else ""
+    return f" at index {shown}{more}"
+
+
+def value_defects(found: Found) -> list[Defect]:
+    out = []
+    for e in found.entries:
+        v = e.values
+        for kind, mask in (("nan", torch.isnan(v)), ("inf", torch.isinf(v)), ("zero", v == 0),
+                           ("negative", v < 0)):
+            if mask.any():
+                word = {"nan": "NaN", "inf": "inf", "zero": "zero", "negative": "negative"}[kind]
+                count = f"{int(mask.sum())} of {v.numel()} values are" if v.numel() > 1 else "the value is"
+                out.append(Defect(kind, e.layer, e.name, f"layer {e.layer} {ROLE_NAME[e.role]} scale {e.name}: "
+                                  f"{count} {word}{_positions(mask)}"))
+    return out
+
+
+def _all_one(entries: list[ScaleEntry]) -> bool:
+    return bool(entries) and all(bool((e.values == 1.0).all()) for e in entries)
+
+
+def uncalibrated_defects(found: Found) -> list[Defect]:
+    """Every scale of a role exactly 1.0 under a declared scheme; or one layer at 1.0 among calibrated ones."""
+    if found.scheme is None or found.scheme.dynamic:
+        return []
+    out = []
+    by_role: dict[str, list[ScaleEntry]] = defaultdict(list)
+    for e in found.entries:
+        by_role[e.role].append(e)
+    for role, entries in sorted(by_role.items()):
+        first = entries[0]
+        if _all_one(entries):
+            more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+            out.append(Defect("uncalibrated", None, first.name, f"every {ROLE_NAME[role]} scale ({first.name}{more}) "
+                              f"is exactly 1.0: {found.scheme.text} is declared but not calibrated (engines "
+                              "use 1.0 when there is no scale at all)"))
+            continue
+        if found.kind == MODELOPT:
+            continue  # ModelOpt's export raises scales below 1.0 to 1.0: a 1.0 there is its floor
+        for e in entries:
+            if _all_one([e]):
+                out.append(Defect("uncalibrated", e.layer, e.name, f"layer {e.layer} {ROLE_NAME[role]} scale "
+                                  f"{e.name} is exactly 1.0 while the other layers are calibrated"))
+    return out
+
+
+def _sibling_name(entry: ScaleEntry, layer: int, rank: int | None) -> str:
+    if entry.name.startswith("kv_cache.scaling_factor."):
+        return f"kv_cache.scaling_factor.{rank}.{layer}"
+    name = re.sub(r"layers\.\d+\.", f"layers.{layer}.", entry.name, count=1)
+    return name if rank is None else re.sub(r"past_kv_scale\.\d+\.", f"past_kv_scale.{rank}.", name)
+
+
+def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
+    """Every layer (and rank) holds each role the file uses; nothing beyond the model's layers; no duplicates."""
+    out = []
+    slots: dict[tuple[str, int | None], dict[int, ScaleEntry]] = defaultdict(dict)
+    for e in found.entries:
+        seen = slots[(e.role, e.rank)]
+        if e.layer in seen:
+            out.append(Defect("config", e.layer, e.name, f"layer {e.layer} {ROLE_NAME[e.role]}: two tensors, "
+                              f"{seen[e.layer].name} and {e.name}"))
+        seen[e.layer] = e
+    if not slots:
+        return out
+    top = max(e.layer for e in found.entries) + 1
+    num_layers = shape.num_layers if shape.num_layers is not None else top
+    roles = {role for role, _ in slots}
+    ranks = sorted({rank for _, rank in slots}, key=lambda r: -1 if r is None else r)
+    if found.ranks is not None:
+        ranks = list(range(found.ranks))
+    for role in sorted(roles):
+        sample = next(e for (r, _), layers in slots.items() if r == role for e in layers.values())
+        for rank in ranks:
+            have = slots.get((role, rank), {})
+            for i in range(num_layers):
+                if i not in have:
+                    where = f" rank {rank}" if rank is not None else ""
+                    name = _sibling_name(sample, i, rank)
+                    out.append(Defect("missing-layer", i, name, f"layer {i}{where} has no {ROLE_NAME[role]} scale "
+                                      f"({name} is absent; the model has {num_layers} layers)"))
+            for i in sorted(i for i in have if i >= num_layers):
+                out.append(Defect("extra-layer", i, have[i].name, f"layer {i} {ROLE_NAME[role]} scale "
+                                  f"{have[i].name} is beyond the model's {num_layers} layers ({shape.source})"))
+    return out
+
+
+def inferred_granularity(entry: ScaleEntry, shape: KVShape) -> str | None:
+    """tensor / head / channel from the number of values (None: matches none of the model's)."""
+    n = entry.values.numel()
+    heads = shape.num_heads if entry.role == "q" else shape.num_kv_heads
+    if n == 1:
+        return "tensor"
+    if heads is not None and n == heads:
+        return "head"
+    if entry.role != "q" and heads is not None and shape.head_dim is not None and n == heads * shape.head_dim:
+        return "channel"
+    return None
+
+
+_KVQ_SHAPE = {"tensor": lambda h, d: (), "head": lambda h, d: (h,), "channel": lambda h, d: (h, d)}
+
+
+def shape_defects(found: Found, shape: KVShape) -> list[Defect]:
+    out = []
+    for e in found.entries:
+        number, declared = found.spec(e.role)
+        where = f"layer {e.layer} {ROLE_NAME[e.role]} scale {e.name}"
+        if found.kind == KVQ_ARTIFACT and declared in _KVQ_SHAPE and shape.num_kv_heads and shape.head_dim:
+            want = _KVQ_SHAPE[declared](shape.num_kv_heads, shape.head_dim)
+            if e.shape != want:
+                out.append(Defect("shape", e.layer, e.name, f"{where} has shape {e.shape}; per-{declared} scales of "
+                                  f"{shape.num_kv_heads} KV heads x head_dim {shape.head_dim} have shape {want}"))
+            continue
+        if declared == PER_RANK:
+            if e.values.numel() != 1:
+                out.append(Defect("shape", e.layer, e.name, f"{where} holds {e.values.numel()} values; the "
+                                  "format holds one per layer and rank"))
+            continue
+        heads = shape.num_heads if e.role == "q" else shape.num_kv_heads
+        if heads is None:
+            continue
+        got = inferred_granularity(e, shape)
+        if got is None:
+            channels = f" nor {heads} x {shape.head_dim} channels" if e.role != "q" and shape.head_dim else ""
+            out.append(Defect("shape", e.layer, e.name, f"{where} has shape {e.shape}: neither one value, "
+                              f"{heads} {'query' if e.role == 'q' else 'KV'} heads{channels} ({shape.source})"))
+        elif e.role != "q" and declared is not None and got != declared and not (heads == 1 and got == "tensor"):
+            out.append(Defect("config", e.layer, e.name, f"{where} has shape {e.shape} (per {got}), but "
+                              f"{found.scheme.declared_in if found.scheme else 'the scheme'} declares per {declared}"))
+    return out
+
+
+def tp_defects(found: Found, shape: KVShape, tp: int | None) -> list[Defect]:
+    if tp is None:
+        return []
+    out = []
+    if found.ranks is not None and found.ranks != tp:
+        out.append(Defect("tp", None, found.entries[0].file if found.entries else found.path.name,
+                          f"the scales are written for {found.ranks} tensor-parallel rank(s), but --tp is {tp}: "
+                          f"an engine running tp {tp} needs one value per rank for {tp} ranks"))
+    heads = shape.num_kv_heads
+    if heads is None or heads % tp == 0 or tp % heads == 0:
+        return out
+    split = [e for e in found.entries if e.role != "q" and inferred_granularity(e, shape) in ("head", "channel")]
+    if split:
+        e = split[0]
+        out.append(Defect("tp", e.layer, e.name, f"layer {e.layer} {ROLE_NAME[e.role]} scale {e.name} (and every "
+                          f"per-head scale) holds {heads} KV heads, which --tp {tp} cannot split (neither divides "
+                          "the other)"))
+    return out
+
+
+def config_defects(found: Found) -> list[Defect]:
+    out = [Defect("config", None, where, f"{where}: {what}") for where, what in found.conflicts]
+    kv = [e for e in found.entries if e.role != "q"]
+    scheme = found.scheme
+    if scheme is not None and not scheme.dynamic and not kv:
+        out.append(Defect("config", None, scheme.declared_in, f"{scheme.declared_in} declares {scheme.text}, but "
+                          "there are no K/V scale tensors: engines fall back to 1.0"))
+    if scheme is None and kv and found.unread_method is None:
+        out.append(Defect("config", kv[0].layer, kv[0].name, f"{len(kv)} K/V scale tensors ({kv[0].name}, ...) but no "
+                          "KV-cache scheme in the config: engines do not apply them"))
+    return out
+
+
+def model_defects(found: Found, model: ModelShape | None) -> list[Defect]:
+    """The scales against the model of --model: recorded shape, model_type and config hash."""
+    if model is None:
+        return []
+    recorded = {"num_layers": found.shape.num_layers, "num_kv_heads": found.shape.num_kv_heads,
+                "head_dim": found.shape.head_dim, "model_type": found.shape.model_type,
+                "config_hash": found.config_hash}
+    actual = {"num_layers": model.num_layers, "num_kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
+              "model_type": model.model_type, "config_hash": model.config_hash}
+    bad = [f"{k} {recorded[k]} ({found.shape.source if k != 'config_hash' else 'recorded'}) vs {actual[k]} "
+           f"({model.source})" for k in recorded if recorded[k] is not None and actual[k] is not None
+           and recorded[k] != actual[k]]
+    if not bad:
+        return []
+    return [Defect("other-model", None, found.path.name, "the scales are for a different model: " + "; ".join(bad))]
+
+
+def merged_shape(found: Found, model: ModelShape | None) -> KVShape:
+    """The shape the checks use: what the input states, completed from --model."""
+    s = found.shape
+    if model is None:
+        return s
+    return KVShape(s.num_layers if s.num_layers is not None else model.num_layers,
+                   s.num_kv_heads if s.num_kv_heads is not None else model.num_kv_heads,
+                   s.head_dim if s.head_dim is not None else model.head_dim, s.num_heads,
+                   s.model_type or model.model_type,
+                   s.source if s.num_layers is not None else model.source)
+
+
+def find_defects(found: Found, tp: int | None = None, model: ModelShape | None = None) -> list[Defect]:
+    shape = merged_shape(found, model)
+    return (config_defects(found) + model_defects(found, model) + value_defects(found)
+            + uncalibrated_defects(found) + coverage_defects(found, shape) + shape_defects(found, shape)
+            + tp_defects(found, shape, tp))

@@ -1,0 +1,43 @@
+"""Ctrl-C inside an import is held until the import is complete, then raised as KeyboardInterrupt."""
+
+import signal
+import sys
+
+import pytest
+
+from kvq.cli.interrupt import interrupts_after_imports
+
+
+def test_sigint_inside_an_import_waits_for_the_import(tmp_path, monkeypatch):
+    # A module whose import receives SIGINT half-way and then finishes initialising itself.
+    (tmp_path / "kvq_test_slow_module.py").write_text(
+        "import signal\n"
+        "FIRST = 1\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "SECOND = 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt), interrupts_after_imports():
+        import kvq_test_slow_module  # noqa: F401
+        while True:  # the held interrupt is delivered once the import is done
+            pass
+    module = sys.modules.pop("kvq_test_slow_module")
+    assert module.FIRST == 1 and module.SECOND == 2  # fully initialised, not half
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_sigint_outside_an_import_is_immediate():
+    with pytest.raises(KeyboardInterrupt), interrupts_after_imports():
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("not interrupted")
+
+
+def test_without_the_guard_python_leaves_the_module_half_imported(tmp_path, monkeypatch):
+    """The failure the guard prevents (the oracle: Python's own handler)."""
+    (tmp_path / "kvq_test_half_module.py").write_text(
+        "import signal\nFIRST = 1\nsignal.raise_signal(signal.SIGINT)\nSECOND = 2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        import kvq_test_half_module  # noqa: F401
+    assert "kvq_test_half_module" not in sys.modules  # and any module it imported first stays half-built
