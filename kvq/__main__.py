@@ -2,14 +2,18 @@
 
 import sys
 
+from kvq.cli.interrupt import interrupts_after_imports
+
 
 def _run() -> int:
     try:
-        from kvq.cli import main
-    except KeyboardInterrupt:  # Ctrl-C while the command line itself is being imported
+        with interrupts_after_imports():  # from here on, Ctrl-C never lands inside an import
+            from kvq.cli import main
+
+            return main()
+    except KeyboardInterrupt:  # Ctrl-C between imports, before main() took over
         sys.stderr.write("kvq: interrupted\n")
         return 130
-    return main()
 
 
 if __name__ == "__main__":

@@ -30,11 +30,8 @@ import typer
 import yaml
 from safetensors import SafetensorError
 
-from kvq.errors import KvqError, first_line
+from kvq.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, KvqError, first_line
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
 MAX_LINE = 400  # characters of one printed line, prefix included
 _ELLIPSIS = " ..."
 DEBUG_HINT = "rerun with KVQ_DEBUG=1 to see the traceback"

@@ -7,11 +7,15 @@ line (two with the hint) and exits with ``exit_code``; ``KVQ_DEBUG=1`` shows the
 
 from __future__ import annotations
 
+EXIT_USAGE = 2  # bad usage or bad input
+EXIT_FAILURE = 1  # a failure while working
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
 
 class KvqError(Exception):
     """A failure while doing the work (exit code 1): bad data, NaN activations, an unobserved layer."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -25,7 +29,7 @@ class KvqError(Exception):
 class UsageError(KvqError):
     """The user asked for something that cannot be (exit code 2): a bad flag, recipe, or missing file."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def first_line(exc: BaseException) -> str:

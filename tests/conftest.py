@@ -48,3 +48,21 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def modelopt_fp8_model(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama dressed as a ModelOpt FP8-weight checkpoint: its files (hard links) plus the
+    hf_quant_config.json ModelOpt 0.47.0's HF export writes (quant_algo FP8, no KV algo yet), the only
+    kind of model whose ModelOpt KV scales vLLM and SGLang apply (docs/engines.md)."""
+    import json
+    import os
+
+    folder = tmp_path_factory.mktemp("modelopt-fp8")
+    for path in tiny_llama.iterdir():
+        os.link(path, folder / path.name)
+    (folder / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.47.0"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]},
+    }))
+    return folder

@@ -12,8 +12,11 @@ from __future__ import annotations
 import sys
 
 from kvq.cli.interrupt import interrupts_after_imports
-from kvq.error_map import EXIT_FAILURE, EXIT_USAGE, handle
-from kvq.errors import UsageError
+from kvq.errors import (  # kvq.error_map is imported only when a command fails
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UsageError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     except BaseException as exc:  # noqa: B036 - the one place every failure becomes the one-line contract
         import typer
+
+        from kvq.error_map import handle
 
         if isinstance(exc, typer.Exit):  # --help, --version
             return exc.exit_code

@@ -238,6 +238,8 @@ def export_scales_command(
         help="merge finer scales (per channel / per head) into what the format holds by taking their maximum "
         "(exact for symmetric scales); without it such an export is refused")] = None,
     force: Annotated[bool, option("--force", help="replace an existing non-empty --out")] = False,
+    legacy: Annotated[bool, option("--legacy", help="write a format that only older engine releases apply "
+                                   "(sglang-json, lmdeploy; the refusal without it names the releases)")] = False,
     trtllm_checkpoint: Annotated[Path | None, option(
         "--trtllm-checkpoint", metavar="DIR", exists=True, file_okay=False,
         help="(trtllm) a TensorRT-LLM checkpoint from convert_checkpoint.py to merge the scales into")] = None,
@@ -251,7 +253,7 @@ def export_scales_command(
     from kvq.export import export_scales
 
     result = export_scales(str(artifact), export_format, out=out, model=model, tp=tp, reduce=reduce, force=force,
-                           trtllm_checkpoint=str(trtllm_checkpoint) if trtllm_checkpoint else None)
+                           trtllm_checkpoint=str(trtllm_checkpoint) if trtllm_checkpoint else None, legacy=legacy)
     console = Console()
     linked = f", {result.linked} model file(s) linked" if result.linked else ""
     copied = f", {result.copied} copied" if result.copied else ""
@@ -259,6 +261,10 @@ def export_scales_command(
                   f"({len(result.written)} new file(s){linked}{copied})")
     for note in result.notes:
         console.print(f"  note: {escape(note)}")
+    for warning in result.warnings:
+        console.print(f"  [yellow]warning:[/] {escape(warning)}")
+    for command in result.serve:
+        console.print(f"  serve: {escape(command)}")
     return 0
 
 

@@ -12,7 +12,6 @@ nor the stack offers it.
 
 from __future__ import annotations
 
-import _thread
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,8 +31,10 @@ def _inside_import(frame: FrameType | None) -> bool:
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     if _inside_import(frame):
-        # _thread.interrupt_main runs this handler again in the main thread: try once more shortly.
-        timer = threading.Timer(RETRY_SECONDS, _thread.interrupt_main, args=(signal.SIGINT,))
+        # A real SIGINT to the main thread shortly: it runs this handler again, and it also interrupts a
+        # blocking system call the main thread may have entered by then (a read of a FIFO, say), which
+        # _thread.interrupt_main (a flag only) would not.
+        timer = threading.Timer(RETRY_SECONDS, signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGINT))
         timer.daemon = True
         timer.start()
         return

@@ -44,12 +44,16 @@ def export_scales(
     reduce: str | None = None,
     force: bool = False,
     trtllm_checkpoint: str | Path | None = None,
+    legacy: bool = False,
 ) -> ExportResult:
     """Write ``artifact`` (scales.safetensors or its folder) in engine format ``export_format`` at ``out``.
 
     ``model`` is the model the scales are for: required by the formats that write a checkpoint
     folder (``None`` there means the default model, as in calibrate); optional for the others,
-    which then take the KV-cache shape from the artifact's metadata.
+    which then take the KV-cache shape from the artifact's metadata. A format that no current engine
+    release applies is refused unless ``legacy`` (the refusal names the releases that apply it). The
+    result carries ``warnings`` (engine releases and backends that do not apply the scales) and
+    ``serve`` (commands that serve the output with the scales applied).
     """
     if export_format not in EXPORTERS:
         raise UsageError(f"unknown export format {export_format!r}", hint=f"use one of {', '.join(EXPORTERS)}")
@@ -79,7 +83,7 @@ def export_scales(
     inputs = [artifact_path]
     check_reads(out_path, inputs, sources)  # before the plan is built; write_* apply the whole policy
     plan = exporter.build(ExportRequest(scales=scales, shape=shape, files=files, tp=tp, reduce=reduce,
-                                        trtllm_checkpoint=ckpt))
+                                        trtllm_checkpoint=ckpt, legacy=legacy))
     linked = copied = 0
     if isinstance(plan, FilePlan):
         write_file(out_path, plan.content, force=force, inputs=inputs)
@@ -87,11 +91,14 @@ def export_scales(
     else:
         result = write_folder(out_path, plan.files, links=plan.links, force=force, inputs=inputs, sources=sources)
         written, linked, copied = sorted(plan.files), result.linked, result.copied
-    notes += [note.replace("{out}", str(out_path)) for note in plan.notes]  # notes name the output as {out}
+    def named(texts: list[str]) -> list[str]:
+        return [text.replace("{out}", str(out_path)) for text in texts]  # plans name the output as {out}
+
+    notes += named(plan.notes)
     if copied:
         notes.append(f"{copied} model file(s) copied: the filesystem could not hard-link them")
     return ExportResult(out=out_path, export_format=export_format, written=written, linked=linked, copied=copied,
-                        notes=notes)
+                        notes=notes, warnings=named(plan.warnings), serve=named(plan.serve))
 
 
 __all__ = ["EXPORTERS", "EXPORT_FORMATS", "REDUCTIONS", "ExportResult", "export_scales"]

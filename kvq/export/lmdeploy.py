@@ -20,6 +20,11 @@ to even; TurboMind rounds half away from zero before v0.3.0).
 
 Only int8: TurboMind's offline parameters were int8 (``--quant-policy 4``); int4 KV arrived in
 v0.4.0 together with online quantization, which reads no parameter files.
+
+No current release applies these files: since LMDeploy 0.4.0 (commit e5aaca541, #1377) TurboMind
+quantizes int4 / int8 online per token and head and reads no file (``quant_policy`` renumbered: 8 is
+int8, 4 is int4), ``lmdeploy convert`` is gone since 0.10.0, and the PyTorch engine's FP8 cache uses
+fixed scales of 1.0. The export is refused unless ``--legacy`` asks for LMDeploy 0.0.4-0.3.0.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from kvq.export.model_check import refuse_format
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest, require_legacy
 from kvq.export.tensor_parallel import rank_values
 
 EXPORT_FORMAT = "lmdeploy"
@@ -42,12 +47,21 @@ def lmdeploy_zero_point(scale: torch.Tensor, zero_point: torch.Tensor | None) ->
     return centre.to(torch.float32)
 
 
+LEGACY_RELEASES = "LMDeploy 0.0.4-0.3.0 (TurboMind, through a `lmdeploy convert` workspace)"
+
+
 def build(req: ExportRequest) -> ExportPlan:
     refuse_format(
         req.scales, EXPORT_FORMAT, ("int8",),
-        why="TurboMind's offline KV parameters are int8 only (quant_policy 4); fp8 and int4 KV caches "
-        "in LMDeploy are quantized online and read no parameter files",
+        why="TurboMind's offline KV parameters are int8 only (quant_policy 4); LMDeploy's int4 KV cache is "
+        "quantized online, TurboMind has no fp8 KV cache and the PyTorch engine's fp8 cache uses scales of 1.0",
         hint="solve an int8 recipe (e.g. --recipe int8-asym-per-head)",
+    )
+    require_legacy(
+        req, EXPORT_FORMAT,
+        why="LMDeploy >= 0.4.0 quantizes the KV cache online and ignores these files (no error)",
+        applied_by=LEGACY_RELEASES,
+        hint="on current LMDeploy serve the original model with --quant-policy 8 (online int8, no calibration)",
     )
     ranks = rank_values(req, EXPORT_FORMAT, allow_replication=False)
     plan = ExportPlan(notes=list(ranks.notes))
@@ -57,10 +71,10 @@ def build(req: ExportRequest) -> ExportPlan:
         for r in range(req.tp):
             params = torch.stack([k.scale[r], k_zp[r], v.scale[r], v_zp[r]]).to(torch.float32)  # (4,)
             plan.files[FILE_NAME.format(i=i, rank=r)] = params.numpy().astype("<f4").tobytes()
-    plan.notes.append(
-        "LMDeploy 0.0.4-0.3.0 (TurboMind): copy these files into workspace/triton_models/weights/ of a "
-        "`lmdeploy convert` output and set quant_policy 4; LMDeploy >= 0.4.0 quantizes the KV cache online "
-        "and ignores them"
+    plan.warnings.append(f"--legacy: only {LEGACY_RELEASES} applies these files; LMDeploy >= 0.4.0 ignores them")
+    plan.serve.append(
+        "lmdeploy convert MODEL_NAME MODEL; cp {out}/* workspace/triton_models/weights/; set quant_policy = 4 in "
+        "workspace/triton_models/weights/config.ini; lmdeploy serve api_server ./workspace   (LMDeploy 0.0.4-0.3.0)"
     )
     return plan
 

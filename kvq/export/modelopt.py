@@ -17,6 +17,12 @@ unless the model already is a ModelOpt checkpoint whose config.json holds a ``qu
 
 ModelOpt exports FP8 KV scales per tensor only, and its HF export has no INT8 KV scales, so this
 format holds fp8 e4m3 per tensor (``--reduce max`` merges finer scales).
+
+Who applies it (docs/engines.md): vLLM and SGLang apply these scales when they are merged into a
+ModelOpt FP8-weight checkpoint (``hf_quant_config.json`` with ``quant_algo: FP8``); a KV-only export
+of an unquantized model (``quant_algo: null``) is not recognised as ModelOpt by vLLM 0.33 or SGLang
+0.5.23, and TensorRT-LLM's PyTorch backend serves every FP8 KV cache at scale 1.0. So the export is
+refused for a model that is not a ModelOpt checkpoint: ``--format vllm`` is the path that works there.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import json
 
 import torch
 
-from kvq import __version__
 from kvq.artifact import json_bytes
 from kvq.errors import UsageError
 from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
@@ -42,15 +47,25 @@ MODELOPT_FP8_KV_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 def _hf_quant_config(files: ModelFiles) -> dict:
     path = files.folder / HF_QUANT_CONFIG
     if not path.is_file():
-        return {
-            "producer": {"name": "kvq", "version": __version__},
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": "FP8"},
-        }
+        raise UsageError(
+            f"--format modelopt: model {files.folder} is not a ModelOpt checkpoint (no {HF_QUANT_CONFIG}); a "
+            "KV-only ModelOpt export is applied by no current engine: vLLM 0.33 and SGLang 0.5.23 do not recognise "
+            "quant_algo null, and TensorRT-LLM's PyTorch backend serves the FP8 KV cache at scale 1.0",
+            hint="use --format vllm (vLLM, SGLang >= 0.5.19) or --format trtllm (trtllm-build <= 1.3.0rc20), or "
+            "--format modelopt with a ModelOpt FP8 checkpoint",
+        )
     try:
         existing = json.loads(path.read_text(encoding="utf-8"))
         quantization = dict(existing["quantization"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is not a ModelOpt quantization config: {exc}") from exc
+    if not quantization.get("quant_algo"):
+        raise UsageError(
+            f"--format modelopt: {path} declares no quant_algo (a KV-only ModelOpt config), which vLLM 0.33 and "
+            "SGLang 0.5.23 do not recognise as ModelOpt, so no current engine applies the KV scales",
+            hint="use --format vllm (vLLM, SGLang >= 0.5.19) or --format trtllm (trtllm-build <= 1.3.0rc20), or "
+            "export from a ModelOpt FP8-weight checkpoint",
+        )
     if quantization.get("kv_cache_quant_algo") is not None:
         raise UsageError(
             f"{path} already sets kv_cache_quant_algo {quantization['kv_cache_quant_algo']!r}",
@@ -93,7 +108,8 @@ def build(req: ExportRequest) -> ExportPlan:
         return f"{module}.{which}_proj.{which}_scale", value.reshape(())  # (1,) -> (): a scalar per projection
 
     kv = checkpoint_scales(req, EXPORT_FORMAT, [list(range(req.shape.num_kv_heads))], "per tensor", place)
-    rewritten = {HF_QUANT_CONFIG: json_bytes(_hf_quant_config(kv.files))}
+    quant_config = _hf_quant_config(kv.files)
+    rewritten = {HF_QUANT_CONFIG: json_bytes(quant_config)}
     config = _config_json(kv.files)
     if config is not None:
         rewritten["config.json"] = config
@@ -102,14 +118,24 @@ def build(req: ExportRequest) -> ExportPlan:
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: the engine loads the same per-tensor scales on every rank")
     notes.append(
-        "kvq writes the calibrated scales as they are; ModelOpt's own export raises FP8 KV scales below 1.0 "
-        "to 1.0, kvq does not"
-    )
-    notes.append(
-        "TensorRT-LLM (PyTorch backend): TRTLLM_LOAD_KV_SCALES=1 trtllm-serve {out} "
-        "(docs/engines.md says which releases apply the scales)"
+        "kvq writes the calibrated scales as they are (amax / 448, as ModelOpt >= 0.43 does; ModelOpt <= 0.42 "
+        "raised FP8 KV scales below 1.0 to 1.0)"
     )
     plan.notes = notes + plan.notes
+    plan.warnings.append(
+        "TensorRT-LLM's PyTorch backend serves the FP8 KV cache at scale 1.0 and ignores these scales "
+        "(TRTLLM_LOAD_KV_SCALES concerns NVFP4 only); SGLang ignores them on Qwen2 models"
+    )
+    weights = quant_config["quantization"]["quant_algo"]
+    if weights != "FP8":
+        plan.warnings.append(
+            f"the model's ModelOpt quant_algo is {weights!r}: that vLLM and SGLang apply KV scales merged into "
+            "it was read for FP8-weight checkpoints only, not verified for this one"
+        )
+    plan.serve += [
+        "vllm serve {out} --kv-cache-dtype fp8",
+        "python -m sglang.launch_server --model-path {out} --kv-cache-dtype fp8_e4m3",
+    ]
     return plan
 
 

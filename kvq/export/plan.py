@@ -25,6 +25,7 @@ class ExportRequest:
     tp: int
     reduce: str | None
     trtllm_checkpoint: Path | None = None
+    legacy: bool = False  # write a format that only older engine releases apply (the refusal names them)
 
     def model_files(self, export_format: str) -> ModelFiles:
         """The model's local checkpoint folder, which formats writing a checkpoint need."""
@@ -41,6 +42,8 @@ class ExportPlan:
     files: dict[str, bytes] = field(default_factory=dict)
     links: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # engine releases / backends that do not apply the scales
+    serve: list[str] = field(default_factory=list)  # commands that serve the output with the scales applied
 
 
 @dataclass
@@ -49,6 +52,8 @@ class FilePlan:
 
     content: bytes
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    serve: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,16 @@ class ExportResult:
     linked: int
     copied: int
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)
+    serve: list[str] = field(default_factory=list)
+
+
+def require_legacy(req: ExportRequest, export_format: str, why: str, applied_by: str, hint: str) -> None:
+    """Refuse a format no current engine release applies, unless ``--legacy`` asks for it knowingly.
+
+    ``why`` says what current releases do with it (with versions), ``applied_by`` the releases that
+    apply it, ``hint`` the path that works today.
+    """
+    if not req.legacy:
+        raise UsageError(f"--format {export_format}: {why}; only {applied_by} apply it",
+                         hint=f"{hint}; or pass --legacy to write it for {applied_by}")

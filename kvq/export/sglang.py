@@ -18,6 +18,13 @@ One value per (rank, layer) is set as both ``k_scale`` and ``v_scale`` of the la
 (``mem_cache/memory_pool.py`` ``set_kv_buffer``). So the value is max(K scale, V scale) over the KV
 heads the rank holds: a larger scale never clips, and for symmetric fp8 scales the maximum is the
 scale of the merged range, exactly.
+
+No current release applies this file (read in SGLang 0.4.5-0.5.23 and vLLM 0.6.3-0.33.0, docs/engines.md):
+SGLang's loader assigns the value to ``attn.k_scale`` as a Python float and never sets the
+``k_scale_float`` the read side uses, so from 0.5.2 FlashInfer writes ``k / s`` and reads it back with
+1.0 (silently wrong), and fa3 (>= 0.4.6), triton (>= 0.5.10) and trtllm_mha crash; vLLM removed
+``--quantization-param-path`` in 0.7.0. The export is therefore refused unless ``--legacy`` asks for
+the file for SGLang <= 0.5.1 with the flashinfer backend; ``--format vllm`` is the path that works.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from __future__ import annotations
 from kvq.artifact import json_bytes
 from kvq.errors import UsageError
 from kvq.export.model_check import refuse_format
-from kvq.export.plan import Exporter, ExportRequest, FilePlan
+from kvq.export.plan import Exporter, ExportRequest, FilePlan, require_legacy
 from kvq.export.tensor_parallel import float_list, rank_values
 
 EXPORT_FORMAT = "sglang-json"
+
+
+LEGACY_RELEASES = "SGLang <= 0.5.1 with flashinfer (unverified on a GPU)"
 
 
 def build(req: ExportRequest) -> FilePlan:
@@ -37,6 +47,13 @@ def build(req: ExportRequest) -> FilePlan:
         scales, EXPORT_FORMAT, ("fp8_e4m3",),
         why="the file's kv_cache.dtype must be float8_e4m3fn (SGLang's KVCacheQuantSchema.check_is_fp8)",
         hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor)",
+    )
+    require_legacy(
+        req, EXPORT_FORMAT,
+        why="SGLang 0.5.2-0.5.23 mis-applies it (flashinfer: wrong output) or crashes (fa3, triton, trtllm_mha) "
+        "and vLLM >= 0.7.0 does not read it",
+        applied_by=LEGACY_RELEASES,
+        hint="export --format vllm with a per-tensor fp8 recipe (vLLM and SGLang >= 0.5.19 apply it)",
     )
     if not shape.model_type:
         raise UsageError(
@@ -55,9 +72,11 @@ def build(req: ExportRequest) -> FilePlan:
     }
     plan = FilePlan(content=json_bytes(data), notes=list(ranks.notes))
     plan.notes.append("K and V share one scale per layer and rank in this format: max(K scale, V scale)")
-    plan.notes.append(
-        "serve with: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype fp8_e4m3 "
-        f"--quantization-param-path {{out}} --tp {tp}"
+    plan.warnings.append(f"--legacy: only {LEGACY_RELEASES} applies this file; later SGLang releases mis-apply it "
+                         "or crash, and vLLM >= 0.7.0 does not read it")
+    plan.serve.append(
+        "python -m sglang.launch_server --model-path MODEL --kv-cache-dtype fp8_e4m3 --attention-backend flashinfer "
+        f"--quantization-param-path {{out}} --tp {tp}   (SGLang <= 0.5.1)"
     )
     return plan
 

@@ -141,6 +141,15 @@ def build(req: ExportRequest) -> ExportPlan:
             "scales only: merge into a TensorRT-LLM checkpoint (or pass --trtllm-checkpoint) before trtllm-build"
         )
     plan.notes.append("K and V share one kv_cache_scaling_factor per layer: max(K scale, V scale)")
+    plan.warnings.append(
+        "only TensorRT-LLM's trtllm-build (TensorRT) path applies these factors, and it exists up to 1.3.0rc20 "
+        "(1.2.x stable); later releases have only the PyTorch backend, which serves the FP8 KV cache at scale 1.0 "
+        "and reads no kvq format (_torch/attention/backends/trtllm.py)"
+    )
+    target = "{out}" if ckpt is not None else "CHECKPOINT (after merging these files into it)"
+    plan.serve.append(f"trtllm-build --checkpoint_dir {target} --output_dir ENGINE_DIR, then serve ENGINE_DIR with "
+                      "TensorRT-LLM's TensorRT runtime (<= 1.3.0rc20; e.g. trtllm-serve ENGINE_DIR --backend tensorrt "
+                      "--tokenizer MODEL)")
     return plan
 
 

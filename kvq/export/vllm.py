@@ -29,9 +29,32 @@ from kvq.export.model_check import refuse_format
 from kvq.export.plan import Exporter, ExportPlan, ExportRequest
 
 EXPORT_FORMAT = "vllm"
-PER_HEAD_NOTE = (
-    "per-head scales (kv_cache_scheme strategy attn_head): vLLM applies them only on its FlashAttention "
-    "backend (FlashAttention 3); other backends and SGLang do not use per-head scales"
+# What engines do with this checkpoint, read in their source (docs/engines.md, kvq/engines.py).
+SERVE_PER_TENSOR = [
+    "vllm serve {out} --kv-cache-dtype fp8   (vLLM >= 0.20; applied on FLASH_ATTN, FLASHINFER, TRITON_ATTN)",
+    "python -m sglang.launch_server --model-path {out} --kv-cache-dtype fp8_e4m3   (SGLang >= 0.5.19)",
+]
+SERVE_PER_HEAD = [
+    "vllm serve {out} --kv-cache-dtype fp8 --attention-backend FLASH_ATTN   (Hopper: vLLM >= 0.15; "
+    "Blackwell SM100: vLLM >= 0.28 with head_dim <= 128)",
+]
+WARN_FLASHINFER = (
+    "vLLM 0.15-0.19 with the FLASHINFER backend (the fp8 default on Blackwell, Ampere and Ada) writes the cache "
+    "with these scales and reads it with 1.0: wrong output; use vLLM >= 0.20 or --attention-backend FLASH_ATTN "
+    "(v1/attention/backends/flashinfer.py@0.15.0..0.19.1)"
+)
+WARN_ROCM = (
+    "AMD MI300/MI325 (fp8 e4m3fnuz, largest value 240): vLLM >= 0.15 no longer doubles compressed-tensors KV "
+    "scales, so K/V beyond 240 x scale (54% of the calibrated range) clip (compressed_tensors.py process_weights_after_loading@0.15.0)"
+)
+WARN_SGLANG_PER_TENSOR = (
+    "SGLang < 0.5.19 loads no compressed-tensors KV scales, and SGLang serves Qwen2 models and the torch_native / "
+    "flex_attention backends at scale 1.0 (models/qwen2.py, compressed_tensors.py@0.5.23)"
+)
+WARN_PER_HEAD = (
+    "per-head scales (strategy attn_head) are applied only by vLLM's FLASH_ATTN backend (FA3 on Hopper from 0.15, "
+    "FA4 on Blackwell SM100 from 0.28); every other vLLM backend refuses to start, vLLM <= 0.14 rejects the "
+    "scheme, and SGLang ignores it (bf16 or fp8 at 1.0): for SGLang or other GPUs export a per-tensor recipe"
 )
 
 
@@ -92,8 +115,6 @@ def build(req: ExportRequest) -> ExportPlan:
 
     kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place)
     notes = list(kv.notes)
-    if per_head:
-        notes.append(PER_HEAD_NOTE)
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: vLLM splits the KV heads across ranks itself when loading")
     config = dict(kv.files.config)
@@ -102,7 +123,8 @@ def build(req: ExportRequest) -> ExportPlan:
     )
     plan = checkpoint_plan(kv.files, kv.index, kv.tensors, {"config.json": json_bytes(config)})
     plan.notes = notes + plan.notes
-    plan.notes.append("serve with: vllm serve {out} --kv-cache-dtype fp8")
+    plan.warnings = [WARN_PER_HEAD, WARN_ROCM] if per_head else [WARN_FLASHINFER, WARN_ROCM, WARN_SGLANG_PER_TENSOR]
+    plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
     return plan
 
 

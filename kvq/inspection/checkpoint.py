@@ -152,6 +152,17 @@ def _modelopt_config_scheme(qc: dict) -> Scheme | None:
     return scheme
 
 
+def modelopt_weights(hf_quant: dict | None, qc: dict) -> str | None:
+    """What a ModelOpt checkpoint's weights are (its ``quant_algo``), in kvq.engines' terms; None if unknown."""
+    from kvq.engines import FP8_WEIGHTS, UNQUANTIZED
+
+    quantization = _dict(_dict(hf_quant).get("quantization")) if hf_quant is not None else qc
+    if "quant_algo" not in quantization:
+        return None
+    algo = quantization.get("quant_algo")
+    return UNQUANTIZED if not algo else FP8_WEIGHTS if algo == "FP8" else None
+
+
 def read_checkpoint(folder: Path) -> Found:
     """A checkpoint folder's declared KV scheme, its KV-scale tensors and the config's KV shape."""
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
@@ -172,6 +183,7 @@ def read_checkpoint(folder: Path) -> Found:
     elif method.startswith("modelopt") or from_hf is not None:
         from_config = _modelopt_config_scheme(qc) if method.startswith("modelopt") else None
         found.kind, found.scheme = MODELOPT, from_hf or from_config
+        found.weights = modelopt_weights(hf_quant, qc)
         if from_hf is not None and from_config is not None and from_hf.number != from_config.number:
             found.conflicts.append((HF_QUANT_CONFIG, f"{from_hf.declared_in} says {from_hf.text!r} but "
                                     f"{from_config.declared_in} says {from_config.text!r}"))

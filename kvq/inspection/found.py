@@ -89,6 +89,7 @@ class Found:
     unread_method: str | None = None  # a quant_method kvq does not read (its KV scheme is unknown, not absent)
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (tensor or file, what disagrees)
     specs: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # role -> (number, granularity)
+    weights: str | None = None  # ModelOpt: kvq.engines.UNQUANTIZED or FP8_WEIGHTS (hf_quant_config quant_algo)
 
     def spec(self, role: str) -> tuple[str | None, str | None]:
         """(number format, granularity) declared for ``role``: its own (kvq recipes), else the scheme's."""

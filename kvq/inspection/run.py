@@ -55,7 +55,8 @@ def inspect_path(path: str | Path, tp: int | None = None, model: str | None = No
     granularity = stored_granularity(found, shape)
     # a format the config names but kvq does not know (NVFP4, say) matches only rows for any format
     number = (found.scheme.number if found.scheme is not None else None) or "unknown"
-    result = Inspection(found, shape, defects, granularity, engine_verdicts(found.kind, number, granularity))
+    result = Inspection(found, shape, defects, granularity, engine_verdicts(found.kind, number, granularity,
+                                                                             weights=found.weights))
     if stats is not None:
         from kvq.stats import KVStats
 

@@ -32,7 +32,7 @@ def test_artifact_from_another_model_is_refused_with_both_values(tiny_llama, mak
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), meta, layers)
     out = tmp_path / ("o.json" if export_format == "sglang-json" else "o")
     with pytest.raises(UsageError) as err:
-        export_scales(artifact, export_format, out=out, model=str(tiny_llama))
+        export_scales(artifact, export_format, out=out, model=str(tiny_llama), legacy=export_format == "sglang-json")
     message = str(err.value)
     assert f"{key} {wrong} (artifact) vs {right} (model {tiny_llama})" in message
     assert not out.exists()
@@ -53,7 +53,7 @@ def test_missing_layers_are_refused(make_artifact, tmp_path):
     layers = {i: LayerScales(torch.tensor(0.5), torch.tensor(0.5)) for i in (0, 2)}
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), meta, layers)
     with pytest.raises(UsageError, match=r"scales\.safetensors: layer\(s\) 1 missing \(layers 0\.\.2 must"):
-        export_scales(artifact, "sglang-json", out=tmp_path / "o.json")
+        export_scales(artifact, "sglang-json", out=tmp_path / "o.json", legacy=True)
 
 
 def test_no_model_and_no_shape_in_metadata_is_refused(make_artifact, tmp_path):
@@ -71,7 +71,7 @@ def test_sglang_needs_a_model_type(make_artifact, tmp_path):
     del meta["model_type"]
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), meta)
     with pytest.raises(UsageError, match="model_type"):
-        export_scales(artifact, "sglang-json", out=tmp_path / "o.json")
+        export_scales(artifact, "sglang-json", out=tmp_path / "o.json", legacy=True)
 
 
 def test_existing_output_needs_force_and_is_replaced_whole(make_artifact, tmp_path):
@@ -80,10 +80,10 @@ def test_existing_output_needs_force_and_is_replaced_whole(make_artifact, tmp_pa
     out.mkdir()
     (out / "stale.txt").write_text("old")
     with pytest.raises(UsageError, match="--force") as err:
-        export_scales(artifact, "lmdeploy", out=out)
+        export_scales(artifact, "lmdeploy", out=out, legacy=True)
     assert (out / "stale.txt").read_text() == "old"
     assert "--force" in err.value.hint
-    export_scales(artifact, "lmdeploy", out=out, force=True)
+    export_scales(artifact, "lmdeploy", out=out, force=True, legacy=True)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == [f"layers.{i}.past_kv_scale.0.weight" for i in (0, 1)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -92,22 +92,22 @@ def test_existing_output_needs_force_and_is_replaced_whole(make_artifact, tmp_pa
 def test_an_earlier_export_of_the_same_kind_is_replaced_without_force(make_artifact, tmp_path):
     artifact = make_artifact(recipe("int8", True, "tensor"), synthetic_metadata())
     out = tmp_path / "out"
-    export_scales(artifact, "lmdeploy", out=out, tp=1)  # 2 layers x 1 rank
-    export_scales(artifact, "lmdeploy", out=out, tp=2)  # the new export writes every name the folder holds
+    export_scales(artifact, "lmdeploy", out=out, tp=1, legacy=True)  # 2 layers x 1 rank
+    export_scales(artifact, "lmdeploy", out=out, tp=2, legacy=True)  # the new export writes every name the folder holds
     names = sorted(f"layers.{i}.past_kv_scale.{r}.weight" for i in (0, 1) for r in (0, 1))
     assert sorted(p.name for p in out.iterdir()) == names
     with pytest.raises(UsageError, match="holds files this command does not write"):
-        export_scales(artifact, "lmdeploy", out=out, tp=1)  # rank 1's files would be left over: --force
+        export_scales(artifact, "lmdeploy", out=out, tp=1, legacy=True)  # rank 1's files would be left over: --force
     assert sorted(p.name for p in out.iterdir()) == names
     fp8 = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata())
     json_out = tmp_path / "scales.json"
-    export_scales(fp8, "sglang-json", out=json_out)
-    export_scales(fp8, "sglang-json", out=json_out, tp=2)  # an earlier sglang-json file: same kind
+    export_scales(fp8, "sglang-json", out=json_out, legacy=True)
+    export_scales(fp8, "sglang-json", out=json_out, tp=2, legacy=True)  # an earlier sglang-json file: same kind
     assert sorted(json.loads(json_out.read_text())["kv_cache"]["scaling_factor"]) == ["0", "1"]
     other = tmp_path / "config.json"
     other.write_text('{"model_type": "llama"}')
     with pytest.raises(UsageError, match="existing file of another kind"):
-        export_scales(fp8, "sglang-json", out=other)
+        export_scales(fp8, "sglang-json", out=other, legacy=True)
     assert other.read_text() == '{"model_type": "llama"}'
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".kvq-tmp")] == []
 
@@ -116,7 +116,7 @@ def test_empty_existing_folder_is_used(make_artifact, tmp_path):
     artifact = make_artifact(recipe("int8", True, "tensor"), synthetic_metadata())
     out = tmp_path / "out"
     out.mkdir()
-    export_scales(artifact, "lmdeploy", out=out)
+    export_scales(artifact, "lmdeploy", out=out, legacy=True)
     assert len(list(out.iterdir())) == 2
 
 
@@ -154,7 +154,7 @@ def test_output_over_the_artifact_is_refused(make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata())
     before = snapshot(artifact)
     with pytest.raises(UsageError, match="scales.safetensors is a file this command reads"):
-        export_scales(artifact / "scales.safetensors", "sglang-json", out=artifact / "scales.safetensors", force=True)
+        export_scales(artifact / "scales.safetensors", "sglang-json", out=artifact / "scales.safetensors", force=True, legacy=True)
     with pytest.raises(UsageError, match=r"would replace .*scales\.safetensors, which this command reads"):
         export_scales(artifact, "trtllm", out=artifact, force=True)
     assert snapshot(artifact) == before
@@ -173,12 +173,13 @@ def test_cli_exports_and_reports(make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata())
     out = tmp_path / "kv_cache_scales.json"
     code = main(["export-scales", str(artifact), "--format", "sglang-json", "--tp", "2", "--reduce", "max",
-                 "--out", str(out)])
+                 "--legacy", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     assert sorted(data["kv_cache"]["scaling_factor"]) == ["0", "1"]
     printed = capsys.readouterr().out
     assert "sglang-json" in printed and "--reduce max" in printed
+    assert "warning:" in printed and "serve:" in printed and "SGLang <= 0.5.1" in printed
 
 
 def test_cli_refusal_exits_2_with_reason_and_flag(make_artifact, tmp_path, capsys):

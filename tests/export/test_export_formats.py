@@ -22,7 +22,6 @@ from export_helpers import model_metadata, recipe, synthetic_metadata
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvq import __version__
 from kvq.errors import UsageError
 from kvq.export import export_scales
 from kvq.export.lmdeploy import lmdeploy_zero_point
@@ -66,7 +65,8 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
 def test_sglang_json_golden(make_artifact, tmp_path, tp, golden):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "kv_cache_scales.json"
-    result = export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 2 else None)
+    result = export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 2 else None,
+                           legacy=True)
     assert json.loads(out.read_text()) == json.loads((GOLDEN / golden).read_text())
     assert any("max(K scale, V scale)" in n for n in result.notes)
 
@@ -75,20 +75,20 @@ def test_sglang_json_per_tensor_tp1(make_artifact, tmp_path):
     layers = per_tensor_layers({0: 0.5, 1: 0.125}, {0: 0.25, 1: 1.0})
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata(), layers)
     out = tmp_path / "scales.json"
-    result = export_scales(artifact, "sglang-json", out=out)
+    result = export_scales(artifact, "sglang-json", out=out, legacy=True)
     assert json.loads(out.read_text()) == {
         "model_type": "llama",
         "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {"0": {"0": 0.5, "1": 1.0}}},
     }
     assert not any("--reduce max" in n for n in result.notes)
-    assert any(f"--quantization-param-path {out} --tp 1" in n for n in result.notes)
+    assert any(f"--quantization-param-path {out} --tp 1" in s for s in result.serve)
 
 
 def test_sglang_json_passes_sglang_schema_rules(make_artifact, tmp_path):
     """The checks of SGLang's QuantParamSchema, restated: every rank and layer, dtype, model_type."""
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(layers=2, heads=4), per_head_layers())
     out = tmp_path / "s.json"
-    export_scales(artifact, "sglang-json", out=out, tp=4)
+    export_scales(artifact, "sglang-json", out=out, tp=4, legacy=True)
     data = json.loads(out.read_text())
     assert data["kv_cache"]["dtype"] == "float8_e4m3fn"
     table = {int(r): {int(layer): s for layer, s in m.items()} for r, m in data["kv_cache"]["scaling_factor"].items()}
@@ -190,7 +190,7 @@ def test_lmdeploy_asymmetric_per_tensor(make_artifact, tmp_path):
     layers = per_tensor_layers({0: 0.5, 1: 0.125}, {0: 0.25, 1: 2.0}, {0: -3, 1: 0}, {0: 10, 1: -128})
     artifact = make_artifact(recipe("int8", False, "tensor"), synthetic_metadata(), layers)
     out = tmp_path / "tm"
-    export_scales(artifact, "lmdeploy", out=out, tp=2)
+    export_scales(artifact, "lmdeploy", out=out, tp=2, legacy=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"layers.{i}.past_kv_scale.{r}.weight" for i in (0, 1) for r in (0, 1))
     for r in (0, 1):  # per tensor: every rank holds the same parameters
@@ -203,7 +203,7 @@ def test_lmdeploy_asymmetric_per_head_one_head_per_rank(make_artifact, tmp_path)
     v_zp = {0: [1, 2, -1, 0], 1: [0, 0, 0, 0]}
     artifact = make_artifact(recipe("int8", False, "head"), synthetic_metadata(), per_head_layers(k_zp, v_zp))
     out = tmp_path / "tm"
-    export_scales(artifact, "lmdeploy", out=out, tp=4)
+    export_scales(artifact, "lmdeploy", out=out, tp=4, legacy=True)
     expected_l0 = [  # [k_scale, -k_z * k_scale, v_scale, -v_z * v_scale] of head r
         (0.5, 1.5, 0.75, -0.75), (0.25, 0.0, 0.0625, -0.125), (1.0, -127.0, 0.5, 0.5), (0.125, 16.0, 2.0, 0.0),
     ]
@@ -215,7 +215,7 @@ def test_lmdeploy_asymmetric_per_head_one_head_per_rank(make_artifact, tmp_path)
 def test_lmdeploy_symmetric_reduced(make_artifact, tmp_path):
     artifact = make_artifact(recipe("int8", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "tm"
-    result = export_scales(artifact, "lmdeploy", out=out, tp=2, reduce="max")
+    result = export_scales(artifact, "lmdeploy", out=out, tp=2, reduce="max", legacy=True)
     assert _params(out / "layers.0.past_kv_scale.0.weight") == (0.5, 0.0, 0.75, 0.0)
     assert _params(out / "layers.0.past_kv_scale.1.weight") == (1.0, 0.0, 2.0, 0.0)
     assert _params(out / "layers.1.past_kv_scale.0.weight") == (1.5, 0.0, 0.5, 0.0)
@@ -243,15 +243,17 @@ def test_lmdeploy_convention_reproduces_kvq_dequantization():
 # --- modelopt ------------------------------------------------------------------------------------
 
 
-def test_modelopt_golden(tiny_llama, make_artifact, tmp_path):
-    meta = model_metadata(tiny_llama)
+def test_modelopt_golden(modelopt_fp8_model, make_artifact, tmp_path):
+    """ModelOpt 0.47.0's layout (modelopt/torch/export/unified_export_hf.py, quant_utils.py): hf_quant_config
+    gains kv_cache_quant_algo FP8; k_proj.k_scale / v_proj.v_scale float32 scalars = amax / 448."""
+    meta = model_metadata(modelopt_fp8_model)
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), meta)
     out = tmp_path / "mo"
-    result = export_scales(artifact, "modelopt", out=out, model=str(tiny_llama), reduce="max")
-    golden = (GOLDEN / "modelopt_hf_quant_config.json").read_text().replace("KVQ_VERSION", __version__)
+    result = export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model), reduce="max")
+    golden = (GOLDEN / "modelopt_hf_quant_config.json").read_text()
     assert json.loads((out / "hf_quant_config.json").read_text()) == json.loads(golden)
     # config.json is the model's own file, linked
-    assert os.stat(out / "config.json").st_ino == os.stat(tiny_llama / "config.json").st_ino
+    assert os.stat(out / "config.json").st_ino == os.stat(modelopt_fp8_model / "config.json").st_ino
     scales = KVScales.load(artifact)
     tensors = tensors_of(out / "kvq-kv-scales.safetensors")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

@@ -60,23 +60,29 @@ def test_kvq_vllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, g
     assert _values(report, "k") == want
 
 
-def test_kvq_modelopt_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys):
-    artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
+def test_kvq_modelopt_export_is_clean(modelopt_fp8_model, make_artifact, tmp_path, capsys):
+    artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(modelopt_fp8_model))
     out = tmp_path / "modelopt"
-    export_scales(artifact, "modelopt", out=out, model=str(tiny_llama))
+    export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
     code, report, _ = inspect_json([out], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "modelopt" and report["scheme"]["number"] == "fp8_e4m3"
     assert _values(report, "v") == {i: [0.03125 * (i + 1)] for i in range(3)}
     assert {t["name"] for t in report["tensors"] if t["role"] == "k"} == {
         f"model.layers.{i}.self_attn.k_proj.k_scale" for i in range(3)}
+    # merged into a ModelOpt FP8-weight checkpoint: only the rows of that kind (vLLM applies it; TRT-LLM's
+    # PyTorch backend ignores FP8 KV scales), none of the KV-only kind
+    weights = {row["weights"] for row in report["engines"]}
+    assert weights <= {"fp8", "any"}, weights
+    verdicts = {(row["engine"], row["verdict"]) for row in report["engines"]}
+    assert ("vLLM", "applied") in verdicts and ("TensorRT-LLM", "ignored") in verdicts, verdicts
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_kvq_sglang_json_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, tp):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 1 else None)
+    export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 1 else None, legacy=True)
     code, report, _ = inspect_json([out, "--tp", tp, "--model", tiny_llama], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "sglang-json" and report["ranks"] == tp
@@ -100,7 +106,7 @@ def test_kvq_trtllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys,
 def test_kvq_lmdeploy_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("int8", False, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "lmdeploy"
-    export_scales(artifact, "lmdeploy", out=out, tp=2)
+    export_scales(artifact, "lmdeploy", out=out, tp=2, legacy=True)
     code, report, _ = inspect_json([out, "--tp", "2", "--model", tiny_llama], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "lmdeploy" and report["ranks"] == 2

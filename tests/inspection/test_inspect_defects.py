@@ -136,7 +136,7 @@ def test_per_head_scales_cannot_split_over_tp(ct_head_checkpoint, tmp_path, caps
 def test_rank_files_for_another_tp(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=2)
+    export_scales(artifact, "sglang-json", out=out, tp=2, legacy=True)
     code, report, _ = inspect_json([out, "--tp", "1"], tmp_path, capsys)
     assert code == 1
     (defect,) = _only(report, "tp")
@@ -204,7 +204,7 @@ def test_zero_in_a_kvq_artifact(tiny_llama, make_artifact, tmp_path, capsys):
 def test_sglang_json_zero_and_missing_layer(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=2)
+    export_scales(artifact, "sglang-json", out=out, tp=2, legacy=True)
     _edit_json(out, lambda d: d["kv_cache"]["scaling_factor"]["0"].update({"1": 0.0}))
     code, report, _ = inspect_json([out], tmp_path, capsys)
     assert code == 1
@@ -233,7 +233,7 @@ def test_trtllm_rank_missing_a_layer(tiny_llama, make_artifact, tmp_path, capsys
 def test_lmdeploy_file_of_the_wrong_size(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("int8", True, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "lmdeploy"
-    export_scales(artifact, "lmdeploy", out=out)
+    export_scales(artifact, "lmdeploy", out=out, legacy=True)
     bad = out / "layers.1.past_kv_scale.0.weight"
     data = bad.read_bytes()
     bad.unlink()
