@@ -13,10 +13,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +68,6 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     model_type: str
-    checkpoint_dir: Path | None  # a local HF checkpoint folder holding the model's files, when there is one
 
 
 @dataclass
@@ -135,9 +132,10 @@ def _convert_gguf(gguf: Path, model_id: str) -> Path:
 
     hf_logging.disable_progress_bar()
     sys.stderr.write(f"kvq: converting {gguf.name} once into {target} (later runs load it in about a second)\n")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from kvq.output import staged_folder
+
+    # kvq's one writer: converted in a temporary sibling, put in place as one set (a crash leaves no half model)
+    with staged_folder(target, force=True, option="the model cache") as tmp:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -155,14 +153,6 @@ def _convert_gguf(gguf: Path, model_id: str) -> Path:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "kvq_source.json").write_text(json.dumps({"gguf": str(gguf), "model_id": model_id}) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -308,6 +298,5 @@ def load_model(
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         model_type=str(model.config.model_type),
-        checkpoint_dir=folder,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)

@@ -115,10 +115,6 @@ class KVRecipe(BaseModel):
     def spec(self, which: Literal["k", "v"]) -> QuantSpec:
         return self.key if which == "k" else self.value
 
-    @property
-    def asymmetric(self) -> bool:
-        return not (self.key.symmetric and self.value.symmetric)
-
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
 

@@ -42,7 +42,6 @@ from kvq.scales import KVScales
 @dataclass
 class EvalWindows:
     input_ids: torch.Tensor  # (windows, seqlen) long
-    stream_tokens: int  # tokens in the stream that was cut (only as much as needed is encoded)
     documents_used: int
 
     @property
@@ -91,7 +90,7 @@ def eval_windows(documents: Sequence[Document], tokenizer, seqlen: int, max_wind
             hint="lower --seqlen or give more evaluation text",
         )
     ids = torch.tensor(stream[: count * seqlen], dtype=torch.long).view(count, seqlen)  # (count*seqlen,) -> (windows, seqlen)
-    return EvalWindows(ids, len(stream), used)
+    return EvalWindows(ids, used)
 
 
 def window_nlls(model: torch.nn.Module, input_ids: torch.Tensor, consumer: Consumer | None) -> list[float]:

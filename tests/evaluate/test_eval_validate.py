@@ -143,7 +143,7 @@ def test_validate_report_matches_an_independent_computation(tiny_llama, tiny_art
 
 
 def _info(layers=3, heads=2, dim=16, config_hash="abc") -> ModelInfo:
-    return ModelInfo("m", config_hash, layers, heads, dim, "llama", None)
+    return ModelInfo("m", config_hash, layers, heads, dim, "llama")
 
 
 def test_scales_must_fit_the_model():
