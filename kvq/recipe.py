@@ -11,6 +11,9 @@ are rejected, never rewritten.
     keys:                   # optional: override any of the four for keys ...
       granularity: channel
     values: {}              # ... or for values
+    transforms:             # optional: outlier transforms folded into the weights before calibration
+      - smooth-keys         # a name, or a mapping with options: {name: smooth-keys, alpha: 0.5}
+      - {name: rotate-values, seed: 0}
 
 Built-in recipes live in ``recipes/`` and are usable by name (``--recipe int8-asym-per-head``).
 """
@@ -18,13 +21,23 @@ Built-in recipes live in ``recipes/`` and are usable by name (``--recipe int8-as
 from __future__ import annotations
 
 import difflib
+import json
 import typing
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from kvq.errors import UsageError
 
@@ -76,6 +89,48 @@ class TensorOverride(BaseModel):
     observer: Observer | None = None
 
 
+class SmoothKeysSpec(BaseModel):
+    """Key smoothing (SmoothAttention): K channels / s, the matching Q channels * s, s = |K|^alpha / |Q|^(1-alpha)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["smooth-keys"]
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class RotateValuesSpec(BaseModel):
+    """A seeded per-KV-head orthogonal (randomised Hadamard) rotation of V, undone in o_proj."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["rotate-values"]
+    seed: int = 0
+
+
+def _named(entries: object) -> object:
+    """``- smooth-keys`` (a bare name in YAML) means ``- {name: smooth-keys}``."""
+    if not isinstance(entries, list):
+        return entries
+    return [{"name": entry} if isinstance(entry, str) else entry for entry in entries]
+
+
+TransformSpec = Annotated[SmoothKeysSpec | RotateValuesSpec, Field(discriminator="name")]
+TRANSFORM_NAMES: tuple[str, ...] = ("smooth-keys", "rotate-values")
+
+
+def _one_of_each(transforms: list) -> list:
+    names = [t.name for t in transforms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"transform {twice[0]} is listed twice")
+    return transforms
+
+
+def transforms_json(specs: Sequence[SmoothKeysSpec | RotateValuesSpec]) -> str:
+    """The canonical JSON of a recipe's transforms, as artifacts record and compare it ("[]" for none)."""
+    return json.dumps([spec.model_dump(mode="json") for spec in specs], sort_keys=True)
+
+
 class RecipeFile(BaseModel):
     """The YAML file as written."""
 
@@ -89,6 +144,12 @@ class RecipeFile(BaseModel):
     observer: Observer = "minmax"
     keys: TensorOverride | None = None
     values: TensorOverride | None = None
+    transforms: Annotated[list[TransformSpec], BeforeValidator(_named)] = []
+
+    @model_validator(mode="after")
+    def _transforms_once(self) -> RecipeFile:
+        _one_of_each(self.transforms)
+        return self
 
     def _spec(self, override: TensorOverride | None) -> dict:
         base = {
@@ -111,12 +172,14 @@ class KVRecipe(BaseModel):
     description: str = ""
     key: QuantSpec
     value: QuantSpec
+    transforms: tuple[TransformSpec, ...] = ()  # folded into the weights before calibration, in this order
 
     def spec(self, which: Literal["k", "v"]) -> QuantSpec:
         return self.key if which == "k" else self.value
 
     def to_json(self) -> dict:
-        return self.model_dump(mode="json")
+        """The recipe as JSON; ``transforms`` only when there are any (recipes without stay as they were)."""
+        return self.model_dump(mode="json", exclude=None if self.transforms else {"transforms"})
 
     @classmethod
     def from_json(cls, data: dict) -> KVRecipe:
@@ -163,7 +226,8 @@ def parse_recipe(data: object, source: str, default_name: str) -> KVRecipe:
         raise UsageError(
             f"recipe {source}: {problems}",
             hint=f"allowed: format {'|'.join(NUMBER_FORMATS)}, granularity {'|'.join(GRANULARITIES)}, "
-            f"observer {'|'.join(OBSERVERS)}, symmetric true|false, optional keys:/values: overrides",
+            f"observer {'|'.join(OBSERVERS)}, symmetric true|false, optional keys:/values: overrides, "
+            f"transforms: {'|'.join(TRANSFORM_NAMES)}",
         ) from exc
     specs = {}
     for which, override in (("keys", raw.keys), ("values", raw.values)):
@@ -178,6 +242,7 @@ def parse_recipe(data: object, source: str, default_name: str) -> KVRecipe:
         description=raw.description or "",
         key=specs["keys"],
         value=specs["values"],
+        transforms=tuple(raw.transforms),
     )
 
 

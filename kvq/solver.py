@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from kvq.errors import KvqError
+from kvq.errors import KvqError, UsageError
 from kvq.qparams import choose_qparams
-from kvq.recipe import KVRecipe, QuantSpec
+from kvq.recipe import KVRecipe, QuantSpec, transforms_json
 from kvq.scales import KVScales, LayerScales
 from kvq.stats import KVStats, TensorStats
 
@@ -39,6 +39,13 @@ def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
     """Scales and zero-points of every layer in ``stats`` under ``recipe``."""
     if not stats.layers:
         raise KvqError("the statistics hold no layers")
+    calibrated_with = stats.metadata.get("transforms", "[]")
+    if calibrated_with != transforms_json(recipe.transforms):
+        raise UsageError(
+            f"recipe {recipe.name} lists transforms {transforms_json(recipe.transforms)}, but the statistics were "
+            f"calibrated on a model transformed with {calibrated_with}: transforms change the K/V themselves",
+            hint="calibrate again with this recipe, or solve a recipe with the statistics' transforms",
+        )
     layers: dict[int, LayerScales] = {}
     for i in sorted(stats.layers):
         layer = stats.layers[i]

@@ -102,3 +102,27 @@ def test_a_data_file_given_as_recipe_says_so(tmp_path):
     with pytest.raises(UsageError) as err:
         load_recipe(data)
     assert "text: unknown key" in err.value.message and "--data-files" in err.value.hint
+
+
+def test_transforms_by_name_or_with_options(tmp_path):
+    from kvq.recipe import KVRecipe, RotateValuesSpec, SmoothKeysSpec
+
+    r = load_recipe(write(tmp_path, "format: int8\nsymmetric: false\ngranularity: head\n"
+                                    "transforms: [smooth-keys, {name: rotate-values, seed: 7}]\n"))
+    assert r.transforms == (SmoothKeysSpec(name="smooth-keys", alpha=0.5), RotateValuesSpec(name="rotate-values", seed=7))
+    assert r.to_json()["transforms"] == [{"name": "smooth-keys", "alpha": 0.5}, {"name": "rotate-values", "seed": 7}]
+    assert KVRecipe.from_json(r.to_json()) == r  # round trip through the artifact's metadata
+    assert "transforms" not in load_recipe("int8-asym-per-head").to_json()  # recipes without stay as they were
+
+
+@pytest.mark.parametrize("body,message", [
+    ("transforms: [smoth-keys]\n", "does not match any of the expected tags: 'smooth-keys', 'rotate-values'"),
+    ("transforms: [{name: smooth-keys, alpha: 1.5}]\n", "alpha: Input should be less than or equal to 1 (got 1.5)"),
+    ("transforms: [{name: rotate-values, sed: 1}]\n", "sed: unknown key"),
+    ("transforms: [smooth-keys, smooth-keys]\n", "transform smooth-keys is listed twice"),
+    ("transforms: smooth-keys\n", "transforms: Input should be a valid list"),
+])
+def test_bad_transforms_are_refused(tmp_path, body, message):
+    with pytest.raises(UsageError) as err:
+        load_recipe(write(tmp_path, "format: int8\ngranularity: head\n" + body))
+    assert message in err.value.message, err.value.message

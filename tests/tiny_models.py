@@ -12,13 +12,16 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    CohereConfig,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 49152
@@ -35,6 +38,15 @@ CONFIGS = {
     "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0),
     "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in COMMON.items() if k != "intermediate_size"},
                                       intermediate_size=128, rotary_pct=0.5),
+    # QK-norm (a head_dim weight shared by all heads), GQA.
+    "qwen3": lambda: Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16),
+    # QK-norm with Gemma's (1 + weight) RMSNorm; a sliding and a full layer with their own RoPE.
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Interleaved RoPE: pairs (2i, 2i + 1).
+    "cohere": lambda: CohereConfig(**COMMON, num_key_value_heads=2, eos_token_id=2),
+    # Llama with q/k/v/o biases.
+    "llama_bias": lambda: LlamaConfig(**COMMON, num_key_value_heads=2, head_dim=16, attention_bias=True),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -50,6 +51,9 @@ def print_summary(result: CalibrationResult, console: Console | None = None) -> 
     r = result.scales.recipe
     table.add_row("recipe", f"{r.name}: K {r.key.format} {'sym' if r.key.symmetric else 'asym'} per {r.key.granularity}, "
                   f"V {r.value.format} {'sym' if r.value.symmetric else 'asym'} per {r.value.granularity}")
+    if r.transforms:
+        table.add_row("transforms", ", ".join(json.dumps(t.model_dump(mode="json")) for t in r.transforms)
+                      + " (folded into the weights before calibrating; transforms.safetensors)")
     table.add_row("files written", "\n".join(str(p) for p in result.files))
     console.print(table)
     if int(meta.get("samples", 0)) < int(meta.get("samples_requested", 0)):

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 from kvq import __version__
-from kvq.artifact import SCALES_FILE, SCALES_JSON, STATS_FILE, check_artifact_out, file_sha256, write_artifact
+from kvq.artifact import (
+    SCALES_FILE,
+    SCALES_JSON,
+    STATS_FILE,
+    TRANSFORMS_FILE,
+    check_artifact_out,
+    file_sha256,
+    write_artifact,
+)
 from kvq.calibrate.observer import StatsObserver
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
@@ -79,7 +87,8 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     """
     check_device(cfg.device)  # before any data or model is loaded
     out_dir = Path(out_dir)
-    check_artifact_out(out_dir, ARTIFACT_SET, force=force, inputs=_named_inputs(cfg))
+    written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
+    check_artifact_out(out_dir, written, force=force, inputs=_named_inputs(cfg))
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -88,6 +97,12 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     start = time.perf_counter()
+    record = None
+    if recipe.transforms:  # folded into the weights first: the statistics are those of the transformed K/V
+        from kvq.transforms.record import transform_model
+
+        record = transform_model(loaded.model, recipe.transforms,
+                                 lambda: batches(picked.token_ids, cfg.batch_size, pad_id))
     if progress:
         from kvq.calibrate.report import calibration_progress
 
@@ -124,7 +139,12 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
         "capture_point": CAPTURE_POINT,
         "kvq_version": __version__,
     }
+    artifacts = {STATS_FILE: b""}
+    if record is not None:
+        stats.metadata.update(transforms=record.transforms_json, weights_hash=record.weights_hash)
+        artifacts[TRANSFORMS_FILE] = record.to_bytes()
+    artifacts[STATS_FILE] = stats.to_bytes()
     scales = solve(stats, recipe)
-    files = write_artifact(out_dir, {STATS_FILE: stats.to_bytes(), **scales.to_files()}, force=force,
+    files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,
                            inputs=[*_named_inputs(cfg), *map(Path, dataset.files)])
     return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)

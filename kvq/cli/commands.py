@@ -105,12 +105,10 @@ def solve_command(
     from rich.markup import escape
 
     from kvq.recipe import load_recipe
-    from kvq.solver import solve
-    from kvq.stats import KVStats, stats_path
+    from kvq.solve_artifact import solve_artifact
 
     recipe_ = load_recipe(recipe)
-    loaded = KVStats.load(str(stats))
-    written = solve(loaded, recipe_).save(Path(out), force=force, inputs=[stats_path(stats)])
+    loaded, _, written = solve_artifact(stats, recipe_, out, force=force)
     Console().print(f"recipe [bold]{escape(recipe_.name)}[/] on {loaded.num_layers} layers: wrote "
                     + escape(", ".join(str(p) for p in written)))
     return 0

@@ -30,13 +30,14 @@ import torch.nn.functional as F
 
 from kvq.capture import CaptureCache, Consumer, forward, input_device
 from kvq.data import Document, LoadedDataset, encode_document, load_documents
-from kvq.errors import KvqError
+from kvq.errors import KvqError, UsageError
 from kvq.evaluate.attention_error import AttentionErrorProbe
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.evaluate.dynamic import UnitScaleQuantizer, eval_only_quantizer
 from kvq.evaluate.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
 from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
-from kvq.scales import KVScales
+from kvq.scales import KVScales, scales_path
+from kvq.transforms.record import fold_recorded
 
 
 @dataclass
@@ -267,6 +268,18 @@ def static_quantizers(paths: Sequence[str], fp8_fallback: bool) -> list[KVQuanti
     return out
 
 
+def _one_transform_set(static: Sequence[StaticQuantizer]) -> StaticQuantizer | None:
+    """The artifact whose transforms the model must carry (None: no artifact has any); all must agree."""
+    keys = {(q.scales.metadata.get("transforms", "[]"), q.scales.metadata.get("weights_hash")) for q in static}
+    if len(keys) > 1:
+        raise UsageError(
+            "the --scales were calibrated on differently transformed models ("
+            + "; ".join(f"{q.source}: {q.scales.metadata.get('transforms', '[]')}" for q in static) + ")",
+            hint="eval compares scales on one model: run kvq eval once per set of transforms",
+        )
+    return next((q for q in static if q.recipe.transforms), None)
+
+
 def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
     """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
     check_device(cfg.device)  # before any data or model is loaded
@@ -279,12 +292,18 @@ def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] |
                                      trust_remote_code=cfg.trust_remote_code)
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings: list[str] = []
-    for q in quantizers:
-        if isinstance(q, StaticQuantizer):
-            warnings += check_scales_match(q.scales, loaded.info, q.source)
-            same = same_data_warning(q.scales.metadata, dataset, q.source)
-            if same:
-                warnings.append(same)
+    static = [q for q in quantizers if isinstance(q, StaticQuantizer)]
+    for q in static:
+        warnings += check_scales_match(q.scales, loaded.info, q.source)
+        same = same_data_warning(q.scales.metadata, dataset, q.source)
+        if same:
+            warnings.append(same)
+    transformed = _one_transform_set(static)
+    if transformed is not None:
+        fold_recorded(loaded.model, transformed.recipe.transforms, transformed.scales.metadata,
+                      scales_path(transformed.source))
+        warnings.append(f"the model is evaluated with the transforms of {transformed.source} folded into its "
+                        "weights (exact: the baseline is the model's own perplexity within float rounding)")
     windows = eval_windows(dataset.documents, loaded.tokenizer, cfg.seqlen, cfg.samples)
     callback = on_start(windows.num_windows) if on_start is not None else None
     measurement = measure(loaded.model, windows, quantizers, cfg.batch_size, cfg.attention_error, callback)

@@ -30,6 +30,7 @@ from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
 from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
 from kvq.scales import KVScales, LayerScales, scales_path
+from kvq.transforms.record import fold_recorded
 
 
 @dataclass
@@ -179,6 +180,7 @@ def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch
                                      trust_remote_code=cfg.trust_remote_code)
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
+    fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, scales_path(cfg.scales))
     same = same_data_warning(scales.metadata, dataset, str(cfg.scales))
     if same:
         warnings.append(same)

@@ -35,6 +35,21 @@ EXPORT_FORMATS: tuple[str, ...] = tuple(EXPORTERS)
 REDUCTIONS = ("max",)
 
 
+def _transformed_weights(scales: KVScales, artifact_path: Path, model: str | None) -> dict | None:
+    """The weights the scales' transforms rewrote, for the checkpoint formats to write (None: no transforms).
+
+    The scales were calibrated on K/V of the transformed model: exporting them without the transformed
+    weights would apply them to the wrong K/V (so the scale-only formats refuse such scales).
+    """
+    if not scales.recipe.transforms:
+        return None
+    from kvq.models import load_model
+    from kvq.transforms.record import fold_recorded
+
+    loaded = load_model(model, device="cpu")  # the weights in their own dtype: the fold casts back to it
+    return fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, artifact_path)
+
+
 def export_scales(
     artifact: str | Path,
     export_format: str,
@@ -82,8 +97,15 @@ def export_scales(
     sources = [p for p in (files.folder if files is not None else None, ckpt) if p is not None]
     inputs = [artifact_path]
     check_reads(out_path, inputs, sources)  # before the plan is built; write_* apply the whole policy
-    plan = exporter.build(ExportRequest(scales=scales, shape=shape, files=files, tp=tp, reduce=reduce,
-                                        trtllm_checkpoint=ckpt, legacy=legacy))
+    if scales.recipe.transforms and not exporter.needs_model_files:
+        raise UsageError(
+            f"--format {export_format} holds scales only, but these were calibrated on a model with transforms "
+            "folded into its weights: the engine would serve the original weights with them",
+            hint="export a checkpoint format (--format vllm), which writes the transformed weights too",
+        )
+    plan = exporter.build(ExportRequest(
+        scales=scales, shape=shape, files=files, tp=tp, reduce=reduce, trtllm_checkpoint=ckpt, legacy=legacy,
+        transformed_weights=lambda: _transformed_weights(scales, artifact_path, model)))
     linked = copied = 0
     if isinstance(plan, FilePlan):
         write_file(out_path, plan.content, force=force, inputs=inputs)

@@ -147,13 +147,41 @@ def model_file_links(folder: Path, index: WeightIndex, rewritten: set[str]) -> d
     return links
 
 
+def rewritten_shards(index: WeightIndex, modified: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The weight files holding a ``modified`` tensor, rewritten with it (every other tensor and the file's
+    metadata as they were): only the shards a transform touched are rewritten, the rest stay linked."""
+    unknown = sorted(set(modified) - set(index.weight_map))
+    if unknown:
+        raise UsageError(f"the transformed weights name {unknown[0]}, which the model's checkpoint does not hold",
+                         hint="export with the model the transforms were calibrated on")
+    shards: dict[str, bytes] = {}
+    for shard in sorted({index.weight_map[name] for name in modified}):
+        path = index.sources[shard]
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+                metadata = dict(fh.metadata() or {})
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
+        for name in [n for n in modified if index.weight_map[n] == shard]:
+            new, old = modified[name], tensors[name]
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise UsageError(f"transformed {name} has shape {tuple(new.shape)} {new.dtype}, the checkpoint's "
+                                 f"{tuple(old.shape)} {old.dtype}")
+            tensors[name] = new
+        shards[shard] = safetensors_bytes(tensors, metadata)
+    return shards
+
+
 def checkpoint_plan(
     files: ModelFiles,
     index: WeightIndex,
     scale_tensors: dict[str, torch.Tensor],
     rewritten: dict[str, bytes],
+    modified: dict[str, torch.Tensor] | None = None,
 ) -> ExportPlan:
-    """Model files linked, ``scale_tensors`` in a new shard, the index updated, ``rewritten`` written."""
+    """Model files linked, ``scale_tensors`` in a new shard, the index updated, ``rewritten`` written;
+    the weight files holding a ``modified`` tensor (folded transforms) rewritten with it."""
     clash = sorted(set(scale_tensors) & set(index.weight_map))
     if clash:
         raise UsageError(f"model {files.folder} already has a tensor named {clash[0]}")
@@ -169,8 +197,11 @@ def checkpoint_plan(
         metadata["total_size"] = metadata["total_size"] + added
     new_index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     plan = ExportPlan()
+    shards = rewritten_shards(index, modified) if modified else {}
     plan.links = model_file_links(files.folder, index, set(rewritten) | {SCALES_SHARD})
-    plan.files = dict(rewritten)
+    for shard in shards:
+        plan.links.pop(shard, None)
+    plan.files = {**rewritten, **shards}
     plan.files[INDEX] = json_bytes(new_index)
     plan.files[SCALES_SHARD] = safetensors_bytes(
         scale_tensors, {"format": "pt", "producer": f"kvq {__version__}"}

@@ -113,7 +113,7 @@ def build(req: ExportRequest) -> ExportPlan:
     config = _config_json(kv.files)
     if config is not None:
         rewritten["config.json"] = config
-    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, rewritten)
+    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, rewritten, modified=req.transformed_weights())
     notes = list(kv.notes)
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: the engine loads the same per-tensor scales on every rank")

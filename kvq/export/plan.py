@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from kvq.errors import UsageError
 from kvq.export.model_check import ModelFiles, ModelShape
 from kvq.scales import KVScales
@@ -26,6 +28,9 @@ class ExportRequest:
     reduce: str | None
     trtllm_checkpoint: Path | None = None
     legacy: bool = False  # write a format that only older engine releases apply (the refusal names them)
+    # The weights the scales' transforms rewrote (state-dict name -> tensor; None without transforms): called
+    # by the checkpoint formats once their cheap checks pass, since it loads and transforms the model.
+    transformed_weights: Callable[[], dict[str, torch.Tensor] | None] = lambda: None
 
     def model_files(self, export_format: str) -> ModelFiles:
         """The model's local checkpoint folder, which formats writing a checkpoint need."""

@@ -121,7 +121,7 @@ def build(req: ExportRequest) -> ExportPlan:
     config["quantization_config"] = quantization_config(
         config.get("quantization_config"), "attn_head" if per_head else "tensor", str(kv.files.folder)
     )
-    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, {"config.json": json_bytes(config)})
+    plan = checkpoint_plan(kv.files, kv.index, kv.tensors, {"config.json": json_bytes(config)}, modified=req.transformed_weights())
     plan.notes = notes + plan.notes
     plan.warnings = [WARN_PER_HEAD, WARN_ROCM] if per_head else [WARN_FLASHINFER, WARN_ROCM, WARN_SGLANG_PER_TENSOR]
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)

@@ -1,0 +1,47 @@
+"""The transforms a recipe can list, with their options: what to fold, not how.
+
+``SmoothKeys`` and ``RotateValues`` become recipe entries
+``transforms: [{name: smooth-keys, alpha: 0.5}, {name: rotate-values, seed: 0}]``; ``name`` is the
+spelling there. :func:`kvq.transforms.plan.plan_transforms` turns them into factors and matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvq.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SmoothKeys:
+    """Divide key channels by factors s and multiply the matching query channels by s (q.k unchanged).
+
+    ``alpha`` is SmoothAttention's migration strength: s = k_absmax^alpha / q_absmax^(1 - alpha).
+    """
+
+    name: ClassVar[str] = "smooth-keys"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not (
+            math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0
+        ):
+            raise UsageError(f"transform {self.name}: alpha {self.alpha!r} is not a number in [0, 1]",
+                             hint="0.5 balances the key and query ranges")
+
+
+@dataclass(frozen=True)
+class RotateValues:
+    """Rotate every KV head's values by an orthogonal matrix R (V' = V R), undone in o_proj (W_o R)."""
+
+    name: ClassVar[str] = "rotate-values"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"transform {self.name}: seed {self.seed!r} is not a non-negative integer")
+
+
+Transform = SmoothKeys | RotateValues
