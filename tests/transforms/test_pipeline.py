@@ -149,3 +149,31 @@ def test_validate_folds_the_transforms_before_measuring(calibrated, tiny_llama):
     assert sorted(result.errors) == [0, 1, 2]
     # The same samples' K/V of the transformed model: every value within the calibrated range (in-sample, fp8)
     assert all(e.k.clipped.sum() == 0 and e.v.clipped.sum() == 0 for e in result.errors.values())
+
+
+def test_a_sharded_checkpoint_gets_only_its_touched_shards_rewritten(tiny_llama, tmp_path):
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.save_pretrained(sharded, max_shard_size="2MB")  # embeddings alone in shards of their own
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    cal = tmp_path / "cal"
+    _calibrate(sharded, _recipe("fp8_e4m3", "tensor", ["smooth-keys", "rotate-values"]), cal)
+    out = tmp_path / "out"
+    export_scales(cal, "vllm", out=out, model=str(sharded))
+    touched = {index[n] for n in index if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    for shard in set(index.values()):
+        linked = os.stat(out / shard).st_ino == os.stat(sharded / shard).st_ino
+        assert linked == (shard not in touched), shard  # untouched shards stay hard links of the model's
+    with safe_open(str(out / sorted(touched)[0]), "pt") as new, safe_open(str(sharded / sorted(touched)[0]), "pt") as old:
+        assert set(new.keys()) == set(old.keys())
+    served = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        assert torch.isfinite(served(ids).logits).all()

@@ -1,0 +1,136 @@
+"""What the folded transforms buy: perplexity change of each recipe without and with them, on SmolLM2.
+
+    python bench/transforms.py [--model M] [--cal-samples 32] [--cal-seqlen 512] [--windows 16]
+                               [--seqlen 512] [--alpha 0.5] [--seed 0] [--device cpu|cuda]
+
+1. Calibrate the model on ``--cal-samples`` samples of the C4 train sample
+   (``../shared/data/c4-en-train-sample.jsonl``), once as it is and once with smooth-keys +
+   rotate-values folded into a copy of its weights (``kvq.transforms.record.transform_model``: the
+   query/key ranges for the smoothing factors come from the same samples).
+2. Solve fp8 e4m3 per tensor, int8 asymmetric per head, int4 asymmetric per head and per channel from
+   each set of statistics.
+3. Evaluate each on the first ``--windows`` windows of ``--seqlen`` tokens of WikiText-2 (test) and of
+   the held-out C4 file, on the model it was calibrated on: the perplexity change against the
+   unquantized baseline (the transforms are exact, so both models share the baseline within float
+   rounding), with the paired standard error over windows.
+4. Print the table and the issue's targets: int8 asymmetric per head within 0.1% of the baseline
+   with the transforms; int4 asymmetric per head at least 5x smaller loss with than without; fp8 no
+   worse with than without (within one standard error). Exit 0 when every target passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.data import batches, load_documents, select_samples  # noqa: E402
+from kvq.evaluate import StaticQuantizer, eval_windows, measure  # noqa: E402
+from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
+from kvq.models import load_model  # noqa: E402
+from kvq.recipe import load_recipe, parse_recipe, transforms_json  # noqa: E402
+from kvq.solver import solve  # noqa: E402
+from kvq.transforms.record import transform_model  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+RECIPES = ["fp8-e4m3-per-tensor", "int8-asym-per-head", "int4-asym-per-head", "int4-asym-per-channel"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--cal-data", default=str(SHARED / "c4-en-train-sample.jsonl"))
+    p.add_argument("--eval-data", nargs="+", default=[str(SHARED / "wikitext-2-raw-test.txt"),
+                                                      str(SHARED / "c4-en-validation-heldout.jsonl")])
+    p.add_argument("--cal-samples", type=int, default=32)
+    p.add_argument("--cal-seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--alpha", type=float, default=0.5, help="smooth-keys migration strength")
+    p.add_argument("--seed", type=int, default=0, help="rotate-values seed")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def with_transforms(name: str, alpha: float, seed: int):
+    base = load_recipe(name)
+    data = {"name": f"{name}+smooth+rotate", "format": base.key.format, "symmetric": base.key.symmetric,
+            "granularity": base.key.granularity,
+            "transforms": [{"name": "smooth-keys", "alpha": alpha}, {"name": "rotate-values", "seed": seed}]}
+    return parse_recipe(data, "bench", data["name"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for path in (args.cal_data, *args.eval_data):
+        if not Path(path).is_file():
+            sys.exit(f"bench/transforms.py: {path} not found (the shared data folder sits beside the repository)")
+    loaded = load_model(args.model, device=args.device)
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    cal = load_documents("c4", [args.cal_data], purpose="calibration")
+    picked = select_samples(cal.documents, tok, args.cal_samples, args.cal_seqlen, 0)
+
+    def cal_batches():
+        return batches(picked.token_ids, 1, pad_id)
+
+    models = {"without": loaded.model, "with": copy.deepcopy(loaded.model)}
+    specs = {name: with_transforms(name, args.alpha, args.seed) for name in RECIPES}
+    transform_model(models["with"], specs[RECIPES[0]].transforms, cal_batches)
+    quantizers = {
+        "without": [StaticQuantizer(solve(collect_stats(models["without"], cal_batches()), load_recipe(n)), name=n)
+                    for n in RECIPES],
+        "with": [],
+    }
+    stats_with = collect_stats(models["with"], cal_batches())
+    stats_with.metadata["transforms"] = transforms_json(specs[RECIPES[0]].transforms)  # what calibrate records
+    quantizers["with"] = [StaticQuantizer(solve(stats_with, specs[n]), name=n) for n in RECIPES]
+
+    rows = []  # (dataset, recipe, without %, ± , with %, ±)
+    for path in args.eval_data:
+        name = Path(path).name
+        docs = load_documents("wikitext2" if path.endswith(".txt") else "c4", [path], purpose="evaluation").documents
+        windows = eval_windows(docs, tok, args.seqlen, args.windows)
+        measured = {key: measure(models[key], windows, quantizers[key], attention_error=False) for key in models}
+        base = measured["without"].baseline
+        drift = abs(measured["with"].baseline.mean_nll - base.mean_nll)
+        print(f"{name}: {windows.num_windows} windows x {windows.seqlen} tokens, baseline ppl {base.ppl:.4f} "
+              f"(transformed model: {measured['with'].baseline.ppl:.4f}, |d mean NLL| {drift:.2e})")
+        for i, recipe in enumerate(RECIPES):
+            cells = []
+            for key in ("without", "with"):
+                m = measured[key]
+                entry = m.entries[i]
+                pct = 100 * (entry.ppl / m.baseline.ppl - 1)
+                err = 100 * paired_stderr(entry.window_nll, m.baseline.window_nll, entry.tokens_per_window)
+                cells += [pct, err]
+            rows.append((name, recipe, *cells))
+    print()
+    print(f"{'data':32} {'recipe':24} {'without transforms':>22} {'with smooth+rotate':>22}")
+    for name, recipe, a, ae, b, be in rows:
+        print(f"{name:32} {recipe:24} {a:+9.3f}% ± {ae:6.3f}    {b:+9.3f}% ± {be:6.3f}")
+    print()
+    ok = True
+    for name, recipe, a, ae, b, be in rows:
+        checks = []
+        if recipe == "int8-asym-per-head":
+            checks.append(("int8 asym per head within 0.1% of the baseline with transforms", abs(b) <= 0.1))
+        if recipe == "int4-asym-per-head":
+            ratio = a / b if b > 0 else math.inf
+            checks.append((f"int4 asym per head loss {ratio:.1f}x smaller with transforms (target >= 5x)", ratio >= 5))
+        if recipe == "fp8-e4m3-per-tensor":
+            checks.append(("fp8 per tensor no worse with transforms (within one stderr)", b <= a + max(ae, be)))
+        for text, passed in checks:
+            ok &= passed
+            print(f"{'PASS' if passed else 'FAIL'}  {name}: {text}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
