@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -84,7 +85,27 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         plain[name] = t
-    return save(plain, metadata=dict(sorted(metadata.items())))
+    return _sorted_metadata(save(plain, metadata=dict(metadata)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors serializes the metadata from a hash map, so two saves of the same metadata can list
+    it in different orders: re-ordering it here makes equal artifacts byte-identical. Hand-written
+    because safetensors has no option for it; the header keeps its length (the same keys and values
+    re-ordered), so no tensor offset moves.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    raw = data[8 : 8 + length]
+    header = json.loads(raw, object_pairs_hook=dict)
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # cannot happen for a re-ordering; keep the library's bytes rather than guess
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
 
 
 def file_sha256(path: str | Path) -> str:
