@@ -143,7 +143,11 @@ def _put_in_place(new: Path, target: Path) -> None:
         # Without RENAME_EXCHANGE: two renames; between them the target is briefly absent (never mixed).
         aside = _temp_path(target, "old")
         os.rename(target, aside)
-        os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(aside, target)  # the old set back: a failure leaves the target as it was
+            raise
         os.rename(aside, new)
     _fsync_dir(target.parent)
 

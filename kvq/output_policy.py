@@ -45,8 +45,8 @@ def check_reads(out: str | Path, inputs: Sequence[Path] = (), sources: Sequence[
     for source in sources:
         src = Path(os.path.realpath(source))
         if _within(out, src) or _within(src, out):
-            raise UsageError(f"{option} {out} overlaps {source}, which the export reads from",
-                             hint="write the export to a new path outside the model folder")
+            raise UsageError(f"{option} {out} overlaps {source}, which this command reads from",
+                             hint=f"choose an {option} outside {source}")
     for read in inputs:
         path = Path(os.path.realpath(read))
         if path == out:
@@ -96,7 +96,31 @@ def check_file_out(path: Path, data: bytes, force: bool, option: str) -> None:
     except OSError as exc:
         raise UsageError(f"{option} {path} exists but cannot be read: {exc.strerror or exc}",
                          hint=_force_hint(option)) from exc
-    if new_keys is None or old_keys != new_keys:
+    if new_keys is None or not _same_kind(old_keys, new_keys):
+        raise UsageError(f"{option} {path} is an existing file of another kind", hint=_force_hint(option))
+
+
+def _same_kind(old: set[str] | None, new: set[str]) -> bool:
+    """The same top-level keys, or both kvq reports (``kvq_version``: validate / eval / inspect JSON)."""
+    return old is not None and (old == new or {KVQ_REPORT_KEY} <= old & new)
+
+
+KVQ_REPORT_KEY = "kvq_version"
+
+
+def check_report_target(path: str | Path, option: str = "--json") -> None:
+    """Before any work: a report file may replace only an earlier kvq report (or nothing)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder, but this command writes one file", hint=_force_hint(option))
+    try:
+        keys = _json_keys(path.read_bytes()) if path.stat().st_size <= _MAX_JSON else None
+    except OSError as exc:
+        raise UsageError(f"{option} {path} exists but cannot be read: {exc.strerror or exc}",
+                         hint=_force_hint(option)) from exc
+    if keys is None or KVQ_REPORT_KEY not in keys:
         raise UsageError(f"{option} {path} is an existing file of another kind", hint=_force_hint(option))
 
 

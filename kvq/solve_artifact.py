@@ -8,6 +8,7 @@ exports, ``validate`` and ``eval`` fold it into the model before applying the sc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvq.artifact import TRANSFORMS_FILE, write_artifact
@@ -18,9 +19,10 @@ from kvq.solver import solve
 from kvq.stats import KVStats, stats_path
 
 
-def solve_artifact(stats: str | Path, recipe: KVRecipe, out: str | Path, *, force: bool = False
-                   ) -> tuple[KVStats, KVScales, list[Path]]:
-    """Solve ``recipe`` on the statistics at ``stats`` (file or folder) and write the scales into ``out``."""
+def solve_artifact(stats: str | Path, recipe: KVRecipe, out: str | Path, *, force: bool = False,
+                   inputs: Sequence[Path] = ()) -> tuple[KVStats, KVScales, list[Path]]:
+    """Solve ``recipe`` on the statistics at ``stats`` (file or folder) and write the scales into ``out``;
+    ``inputs`` (the recipe file, say) are never replaced, even with ``force``."""
     source = stats_path(stats)
     loaded = KVStats.load(source)
     scales = solve(loaded, recipe)
@@ -32,5 +34,5 @@ def solve_artifact(stats: str | Path, recipe: KVRecipe, out: str | Path, *, forc
             raise UsageError(f"the statistics {source} were calibrated with transforms, but {record} is missing",
                              hint="keep transforms.safetensors beside stats.safetensors")
         files[TRANSFORMS_FILE] = record.read_bytes()
-    written = write_artifact(out, files, force=force, inputs=[source])
+    written = write_artifact(out, files, force=force, inputs=[source, *inputs])
     return loaded, scales, written

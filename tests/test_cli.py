@@ -175,3 +175,32 @@ def test_several_data_files_after_one_flag(tmp_path):
     assert spread_values(["--data-files", "a", "--data-files", "b"]) == ["--data-files", "a", "--data-files", "b"]
     assert spread_values(["--data-files=a", "b"]) == ["--data-files=a", "b"]
     assert spread_values(["--data-files", "a", "--", "b"]) == ["--data-files", "a", "--", "b"]
+
+
+def test_force_never_replaces_what_the_command_reads(tiny_llama, c4_file, tmp_path, capsys):
+    """--force replaces a folder of other files, never the recipe, the model or the data the run reads."""
+    from bad_input import snapshot
+
+    out = tmp_path / "out"
+    assert main(calibrate_args(tiny_llama, c4_file, out)) == 0
+    recipe = out / "mine.yaml"
+    recipe.write_text("format: int8\ngranularity: head\n")
+    before = snapshot(out)
+    argv = ["solve", str(out), "--recipe", str(recipe), "--out", str(out), "--force"]
+    assert main(argv) == 2 and "mine.yaml, which this command reads" in capsys.readouterr().err
+    assert snapshot(out) == before
+    model_before = snapshot(tiny_llama)
+    assert main(calibrate_args(tiny_llama, c4_file, tiny_llama, "--force")) == 2
+    assert "which this command reads from" in capsys.readouterr().err
+    assert main(calibrate_args(tiny_llama, c4_file, tiny_llama / "sub", "--force")) == 2
+    assert snapshot(tiny_llama) == model_before
+
+
+def test_a_report_path_of_another_kind_is_refused_before_the_model_runs(tiny_llama, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"mine": 1}\n')
+    code = main(["eval", "--model", str(tmp_path / "no-such-model"), "--dataset", "pydoc", "--samples", "1",
+                 "--seqlen", "32", "--device", "cpu", "--json", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is an existing file of another kind" in err  # not "model path ... does not exist"
+    assert other.read_text() == '{"mine": 1}\n'

@@ -79,7 +79,7 @@ def test_a_export_overlapping_a_source_folder_is_refused_even_with_force(tmp_pat
     model = tmp_path / "model"
     make_set(model, {"config.json": b"{}"})
     out = model / "export" if where == "inside" else tmp_path
-    with pytest.raises(UsageError, match="overlaps .*model, which the export reads from"):
+    with pytest.raises(UsageError, match="overlaps .*model, which this command reads from"):
         write_folder(out, {"a.bin": b"1"}, force=True, sources=[model])
     assert contents(model) == {"config.json": b"{}"}
 
@@ -250,6 +250,26 @@ def test_the_fallback_without_rename_exchange_gives_the_same_result(tmp_path, mo
     make_set(out, OLD)
     write_artifact(out, {"scales.safetensors": b"new"})
     assert contents(out) == {"stats.safetensors": b"old stats", "scales.safetensors": b"new"}
+    assert temporaries(tmp_path) == []
+
+
+def test_the_fallback_puts_the_old_set_back_when_the_second_rename_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    make_set(out, OLD)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # new -> out, right after out was moved aside
+            raise OSError(errno.EIO, "simulated I/O error", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(output.os, "rename", rename)
+    with pytest.raises((OSError, KvqError)):
+        write_artifact(out, {"scales.safetensors": b"new"})
+    monkeypatch.setattr(output.os, "rename", real_rename)
+    assert contents(out) == {name: data for name, data in OLD.items()}
     assert temporaries(tmp_path) == []
 
 

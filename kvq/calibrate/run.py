@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,9 @@ from kvq.artifact import (
 from kvq.calibrate.observer import StatsObserver
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
-from kvq.errors import KvqError
+from kvq.errors import KvqError, UsageError
 from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
+from kvq.output_policy import check_reads
 from kvq.recipe import KVRecipe
 from kvq.scales import KVScales
 from kvq.solver import solve
@@ -79,16 +80,26 @@ def _named_inputs(cfg: CalibrationConfig) -> list[Path]:
 
 
 def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress: bool = False,
-              force: bool = False) -> CalibrationResult:
+              force: bool = False, inputs: Sequence[Path] = ()) -> CalibrationResult:
     """Calibrate ``cfg.model`` on ``cfg.dataset`` and write stats + scales into ``out_dir``.
 
     ``out_dir`` follows the one --out policy (docs/artifacts.md), checked before anything loads;
-    ``force`` replaces a folder that holds files other than a kvq artifact.
+    ``force`` replaces a folder that holds files other than a kvq artifact, never one the run reads
+    (the data, the model, ``inputs`` such as the recipe file).
     """
     check_device(cfg.device)  # before any data or model is loaded
+    if recipe.transforms and cfg.dtype is not None:
+        raise UsageError(
+            f"recipe {recipe.name} folds transforms into the model's weights, which must stay in the checkpoint's "
+            f"own dtype for the export to write them exactly: --dtype {cfg.dtype} cannot be used with transforms",
+            hint="omit --dtype (the model's own dtype)",
+        )
     out_dir = Path(out_dir)
+    reads = [*_named_inputs(cfg), *inputs]
+    model_path = Path(cfg.model) if cfg.model else None
+    check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
     written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
-    check_artifact_out(out_dir, written, force=force, inputs=_named_inputs(cfg))
+    check_artifact_out(out_dir, written, force=force, inputs=reads)
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -146,5 +157,5 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     artifacts[STATS_FILE] = stats.to_bytes()
     scales = solve(stats, recipe)
     files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,
-                           inputs=[*_named_inputs(cfg), *map(Path, dataset.files)])
+                           inputs=[*reads, *map(Path, dataset.files)])
     return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)

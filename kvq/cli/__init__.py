@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                 result = command.invoke(ctx)
         return result if isinstance(result, int) else 0
     except SystemExit as exc:  # raised by code kvq calls, not by typer (it raises typer.Exit)
-        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        sys.stderr.write(f"kvq: error: {exc.code}\n")
+        return EXIT_FAILURE
     except BaseException as exc:  # noqa: B036 - the one place every failure becomes the one-line contract
         import typer
 

@@ -56,6 +56,11 @@ def _root(
 # --- calibrate ----------------------------------------------------------------------------------
 
 
+
+def _recipe_file(recipe: str) -> list[Path]:
+    """The recipe YAML the command reads, when --recipe names a file (an --out never replaces it)."""
+    return [Path(recipe)] if Path(recipe).is_file() else []
+
 @app.command("calibrate", cls=KvqCommand,
              short_help="run a model over calibration data, record K/V statistics, solve scales")
 @with_model_flags
@@ -84,7 +89,7 @@ def calibrate_command(
     cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
                             dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
-    result = calibrate(cfg, recipe_, Path(out), progress=True, force=force)
+    result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
     print_summary(result)
     return 0
 
@@ -108,7 +113,7 @@ def solve_command(
     from kvq.solve_artifact import solve_artifact
 
     recipe_ = load_recipe(recipe)
-    loaded, _, written = solve_artifact(stats, recipe_, out, force=force)
+    loaded, _, written = solve_artifact(stats, recipe_, out, force=force, inputs=_recipe_file(recipe))
     Console().print(f"recipe [bold]{escape(recipe_.name)}[/] on {loaded.num_layers} layers: wrote "
                     + escape(", ".join(str(p) for p in written)))
     return 0
@@ -140,7 +145,11 @@ def validate_command(
     from kvq.console import progress_bar
     from kvq.evaluate.report import print_validation, report_console, validation_json, write_json
     from kvq.evaluate.validate import ValidateConfig, validate
+    from kvq.output_policy import check_report_target
+    from kvq.scales import scales_path
 
+    report = Path(json) if json else scales_path(scales).parent / "validate.json"
+    check_report_target(report)  # before the model runs, not after
     cfg = ValidateConfig(scales=str(scales), model=flags.model, dataset=dataset, data_files=flags.data_files,
                          samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
                          dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
@@ -151,10 +160,9 @@ def validate_command(
             return lambda batch: advance(batch.num_samples)
 
         result = validate(cfg, on_start)
-    report = Path(json) if json else result.scales_path.parent / "validate.json"
-    write_json(report, validation_json(result))
     console = report_console()
     print_validation(result, top=top, console=console)
+    write_json(report, validation_json(result))
     console.print(f"report: {report}")
     return 0
 
@@ -194,7 +202,10 @@ def eval_command(
     from kvq.console import progress_bar
     from kvq.evaluate.perplexity import EvalConfig, run_eval
     from kvq.evaluate.report import eval_json, print_eval, report_console, write_json
+    from kvq.output_policy import check_report_target
 
+    if json:
+        check_report_target(json)  # before the model runs, not after
     cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
                      scales=paths_arg(scales) or [], recipes=list(recipe or []), samples=samples, seqlen=seqlen,
                      batch_size=batch_size, device=flags.device, dtype=flags.dtype,

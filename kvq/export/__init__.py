@@ -12,6 +12,7 @@ with ``reduce="max"`` (:mod:`kvq.export.tensor_parallel`), and writes with kvq's
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kvq.errors import UsageError
@@ -22,9 +23,9 @@ from kvq.export.model_check import (
     model_shape_and_files,
     shape_from_metadata,
 )
-from kvq.export.plan import Exporter, ExportRequest, ExportResult, FilePlan
+from kvq.export.plan import Exporter, ExportPlan, ExportRequest, ExportResult, FilePlan
 from kvq.output import write_file, write_folder
-from kvq.output_policy import check_reads
+from kvq.output_policy import check_folder_out, check_reads
 from kvq.scales import KVScales, scales_path
 
 EXPORTERS: dict[str, Exporter] = {
@@ -94,7 +95,8 @@ def export_scales(
     ckpt = Path(trtllm_checkpoint) if trtllm_checkpoint is not None else None
     if ckpt is not None and not ckpt.is_dir():
         raise UsageError(f"--trtllm-checkpoint {ckpt} is not a folder")
-    sources = [p for p in (files.folder if files is not None else None, ckpt) if p is not None]
+    model_path = Path(model) if model is not None and Path(model).exists() else None  # never replaced, any format
+    sources = [p for p in (files.folder if files is not None else model_path, ckpt) if p is not None]
     inputs = [artifact_path]
     check_reads(out_path, inputs, sources)  # before the plan is built; write_* apply the whole policy
     if scales.recipe.transforms and not exporter.needs_model_files:
@@ -103,9 +105,16 @@ def export_scales(
             "folded into its weights: the engine would serve the original weights with them",
             hint="export a checkpoint format (--format vllm), which writes the transformed weights too",
         )
-    plan = exporter.build(ExportRequest(
-        scales=scales, shape=shape, files=files, tp=tp, reduce=reduce, trtllm_checkpoint=ckpt, legacy=legacy,
-        transformed_weights=lambda: _transformed_weights(scales, artifact_path, model)))
+    request = ExportRequest(scales=scales, shape=shape, files=files, tp=tp, reduce=reduce, trtllm_checkpoint=ckpt,
+                            legacy=legacy)
+    if scales.recipe.transforms:
+        # Folding the transforms loads the whole model: the plan without them (cheap) is checked against
+        # the --out policy first, so a refused --out fails before that work.
+        dry = exporter.build(request)
+        if isinstance(dry, ExportPlan):
+            check_folder_out(out_path, set(dry.files) | set(dry.links), force=force, inputs=inputs, sources=sources)
+        request = replace(request, transformed_weights=lambda: _transformed_weights(scales, artifact_path, model))
+    plan = exporter.build(request)
     linked = copied = 0
     if isinstance(plan, FilePlan):
         write_file(out_path, plan.content, force=force, inputs=inputs)

@@ -123,6 +123,12 @@ def fold_recorded(model: torch.nn.Module, recipe_transforms: Sequence[TransformS
     none); the folded weights by state-dict name."""
     if not recipe_transforms:
         return None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    calibrated = metadata.get("dtype")
+    if calibrated and dtype != calibrated:
+        raise UsageError(f"the scales {scales_file} were calibrated with transforms folded into the model in "
+                         f"{calibrated}, but the model is loaded in {dtype}",
+                         hint=f"load it in {calibrated} (--dtype {calibrated}, or omit --dtype)")
     record = record_beside(scales_file)
     if record.weights_hash != metadata.get("weights_hash"):
         raise UsageError(f"{scales_file.parent / TRANSFORMS_FILE} is not the transforms record of the scales "

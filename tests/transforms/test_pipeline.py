@@ -177,3 +177,19 @@ def test_a_sharded_checkpoint_gets_only_its_touched_shards_rewritten(tiny_llama,
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     with torch.no_grad():
         assert torch.isfinite(served(ids).logits).all()
+
+
+def test_transforms_need_the_checkpoints_own_dtype(tiny_llama, tmp_path):
+    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=SEQLEN, device="cpu",
+                            dtype="bfloat16")
+    with pytest.raises(UsageError, match="--dtype bfloat16 cannot be used with transforms"):
+        calibrate(cfg, _recipe("fp8_e4m3", "tensor", ["smooth-keys"]), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_validate_in_another_dtype_names_both(calibrated, tiny_llama):
+    from kvq.evaluate.validate import ValidateConfig, validate
+
+    with pytest.raises(UsageError, match="in float32, but the model is loaded in bfloat16"):
+        validate(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
+                                samples=1, seqlen=SEQLEN, device="cpu", dtype="bfloat16"))
