@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,13 +244,82 @@ def _weight_files(folder: Path | None) -> str:
     return shown or "model.safetensors"
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` as accelerate's max_memory ({0: "70GiB", ..., "cpu": "200GiB"}).
+
+    GPU indices must exist here; the sizes are accelerate's (``70GiB``, ``500MB``, or a number of bytes).
+    """
+    import re
+
+    memory: dict[int | str, str] = {}
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not key or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size, flags=re.IGNORECASE):
+            raise UsageError(f"--max-memory {text!r}: {part.strip()!r} is not DEVICE=SIZE",
+                             hint="e.g. --max-memory 0=70GiB,1=70GiB,cpu=200GiB")
+        if key.isdigit():
+            if int(key) >= count:
+                raise UsageError(f"--max-memory names GPU {key}, but {count} CUDA device(s) are visible here",
+                                 hint="name the GPUs 0..N-1 that exist, and cpu")
+            memory[int(key)] = size
+        elif key in ("cpu", "mps"):
+            memory[key] = size
+        else:
+            raise UsageError(f"--max-memory names device {key!r}", hint="devices are GPU indices (0, 1, ...) and cpu")
+    return memory
+
+
+def check_offload_folder(folder: str) -> None:
+    """An --offload-folder that can be written (created if missing), checked before anything loads."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--offload-folder {folder} cannot be written: {exc.strerror or exc}",
+                         hint="pass a writable folder with room for the offloaded weights") from exc
+
+
+def placement_kwargs(device_map: str | None, max_memory: str | None, offload_folder: str | None) -> dict:
+    """--device-map / --max-memory / --offload-folder as from_pretrained's keywords ({} without a device map);
+    cheap, so the commands check them before loading any data or model."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise UsageError("--max-memory and --offload-folder place the model with a device map",
+                             hint="add --device-map auto")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    placement: dict = {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = parse_max_memory(max_memory)
+    if offload_folder is not None:
+        check_offload_folder(offload_folder)
+        placement["offload_folder"] = offload_folder
+    return placement
+
+
 def load_model(
     name: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode. ``dtype`` None keeps the model's own dtype."""
+    """Load a causal LM and its tokenizer in eval mode. ``dtype`` None keeps the model's own dtype.
+
+    ``device_map`` (auto / balanced / balanced_low_0 / sequential) spreads the model over the devices
+    ``max_memory`` allows (``0=70GiB,cpu=200GiB``) with accelerate, offloading the rest to
+    ``offload_folder`` on disk; ``device`` is then not used.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -259,6 +329,7 @@ def load_model(
             raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(set(DTYPES)))}")
         dtype = DTYPES[dtype]
     target = check_device(device)
+    placement = placement_kwargs(device_map, max_memory, offload_folder)
     model_id, source, folder = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -273,7 +344,7 @@ def load_model(
     num_layers, num_kv_heads, head_dim = kv_shape(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+            source, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except SafetensorError as exc:
@@ -282,6 +353,9 @@ def load_model(
             hint="the file is truncated or damaged: copy or download the checkpoint again",
         ) from exc
     except ValueError as exc:
+        if placement and "offload" in str(exc).lower():
+            raise UsageError(f"model {model_id} does not fit --max-memory {max_memory}: {first_line(exc)}",
+                             hint="raise --max-memory, or pass --offload-folder for the layers that do not fit") from exc
         raise UsageError(
             f"model {model_id} ({config.model_type}) cannot be loaded as a causal language model: "
             f"{first_line(exc)}",
@@ -289,7 +363,8 @@ def load_model(
         ) from exc
     except OSError as exc:
         raise KvqError(f"model {model_id}: {first_line(exc)}") from exc
-    model.to(target)
+    if not placement:
+        model.to(target)
     model.eval()
     info = ModelInfo(
         model_id=model_id,

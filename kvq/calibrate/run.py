@@ -24,7 +24,7 @@ from kvq.calibrate.observer import StatsObserver
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError, UsageError
-from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model
+from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model, placement_kwargs
 from kvq.output_policy import check_reads
 from kvq.recipe import KVRecipe
 from kvq.scales import KVScales
@@ -47,6 +47,9 @@ class CalibrationConfig:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
+    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
+    offload_folder: str | None = None  # disk offload for what does not fit
 
 
 @dataclass
@@ -88,6 +91,10 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     (the data, the model, ``inputs`` such as the recipe file).
     """
     check_device(cfg.device)  # before any data or model is loaded
+    placement_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    if recipe.transforms and cfg.device_map is not None:
+        raise UsageError(f"recipe {recipe.name} folds transforms into the weights, which needs the whole model loaded "
+                         "(no --device-map)", hint="calibrate transforms without --device-map")
     if recipe.transforms and cfg.dtype is not None:
         raise UsageError(
             f"recipe {recipe.name} folds transforms into the model's weights, which must stay in the checkpoint's "
@@ -102,7 +109,8 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     check_artifact_out(out_dir, written, force=force, inputs=reads)
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
     loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
+                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
     check_seqlen(loaded.model.config, cfg.seqlen)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)

@@ -24,11 +24,19 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    """Where the token ids go: the device of the input embedding (the first layer of a device map)."""
+    """Where the token ids go: where the input embedding runs (the first layer of a device map).
+
+    With an accelerate device map an offloaded embedding's weight sits on the meta device and its
+    hook names the device it executes on.
+    """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+    hook = getattr(embeddings, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None \
+            and embeddings.weight.device.type != "meta":
         return embeddings.weight.device
-    return next(model.parameters()).device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def _cache_argument(module: torch.nn.Module) -> str:

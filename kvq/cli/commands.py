@@ -88,7 +88,7 @@ def calibrate_command(
 
     cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
-                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
+                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, **flags.placement())
     result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
     print_summary(result)
     return 0
@@ -152,7 +152,7 @@ def validate_command(
     check_report_target(report)  # before the model runs, not after
     cfg = ValidateConfig(scales=str(scales), model=flags.model, dataset=dataset, data_files=flags.data_files,
                          samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
-                         dtype=flags.dtype, trust_remote_code=flags.trust_remote_code)
+                         dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, **flags.placement())
     with ExitStack() as stack:
 
         def on_start(samples: int, tokens: int):
@@ -210,7 +210,7 @@ def eval_command(
                      scales=paths_arg(scales) or [], recipes=list(recipe or []), samples=samples, seqlen=seqlen,
                      batch_size=batch_size, device=flags.device, dtype=flags.dtype,
                      attention_error=not no_attention_error, fp8_fallback=not no_fp8_fallback,
-                     trust_remote_code=flags.trust_remote_code)
+                     trust_remote_code=flags.trust_remote_code, **flags.placement())
     with ExitStack() as stack:
 
         def on_start(windows: int):

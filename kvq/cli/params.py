@@ -119,6 +119,13 @@ class ModelFlags:
     dtype: str | None
     trust_remote_code: bool
     data_files: list[str] | None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+
+    def placement(self) -> dict:
+        """The model's placement flags, as the run configs take them."""
+        return {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
 
     def check_device(self) -> None:
         """Refuse a device that does not exist or is not available, before any data or model is loaded."""
@@ -135,11 +142,21 @@ def _model_flags(
                                         help="float32, bfloat16, float16 (default: the model's own)")] = None,
     trust_remote_code: Annotated[bool, option("--trust-remote-code", help="allow the model's own code from the hub")
                                  ] = False,
+    device_map: Annotated[str | None, option(
+        "--device-map", metavar="MAP", help="auto, balanced or sequential: spread a model larger than one device "
+        "over the GPUs and CPU (accelerate); --device is then not used")] = None,
+    max_memory: Annotated[str | None, option(
+        "--max-memory", metavar="LIMITS", help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    ] = None,
+    offload_folder: Annotated[str | None, option(
+        "--offload-folder", metavar="DIR", help="with --device-map: offload to this folder what --max-memory "
+        "does not hold")] = None,
     data_files: Annotated[list[Path] | None, option(
         "--data-files", metavar="FILE", exists=True,
         help="local jsonl/json/txt/parquet files holding the dataset (offline)")] = None,
 ) -> ModelFlags:
-    return ModelFlags(model, device, dtype, trust_remote_code, paths_arg(data_files))
+    return ModelFlags(model, device, dtype, trust_remote_code, paths_arg(data_files), device_map, max_memory,
+                      offload_folder)
 
 
 def with_model_flags(command: Callable[..., int]) -> Callable[..., int]:
