@@ -20,6 +20,7 @@ from kvq.artifact import (
     file_sha256,
     write_artifact,
 )
+from kvq.calibrate.distributed import World, agree, reduce_stats, shard, world
 from kvq.calibrate.observer import StatsObserver
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
@@ -90,8 +91,11 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     ``force`` replaces a folder that holds files other than a kvq artifact, never one the run reads
     (the data, the model, ``inputs`` such as the recipe file).
     """
-    check_device(cfg.device)  # before any data or model is loaded
+    w = world(check_device(cfg.device))  # before any data or model is loaded; torchrun: join the group
     placement_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    if recipe.transforms and w.size > 1:
+        raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
+                         "which one process must see", hint="calibrate transforms in one process (no torchrun)")
     if recipe.transforms and cfg.device_map is not None:
         raise UsageError(f"recipe {recipe.name} folds transforms into the weights, which needs the whole model loaded "
                          "(no --device-map)", hint="calibrate transforms without --device-map")
@@ -107,30 +111,14 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
     written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
     check_artifact_out(out_dir, written, force=force, inputs=reads)
-    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
-    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
-                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
-    check_seqlen(loaded.model.config, cfg.seqlen)
-    tok = loaded.tokenizer
-    picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    start = time.perf_counter()
-    record = None
-    if recipe.transforms:  # folded into the weights first: the statistics are those of the transformed K/V
-        from kvq.transforms.record import transform_model
-
-        record = transform_model(loaded.model, recipe.transforms,
-                                 lambda: batches(picked.token_ids, cfg.batch_size, pad_id))
-    if progress:
-        from kvq.calibrate.report import calibration_progress
-
-        with calibration_progress(len(picked.token_ids), picked.total_tokens) as advance:
-            stats = collect_stats(loaded.model, batches(picked.token_ids, cfg.batch_size, pad_id), advance)
-    else:
-        stats = collect_stats(loaded.model, batches(picked.token_ids, cfg.batch_size, pad_id))
-    seconds = time.perf_counter() - start
+    failure: Exception | None = None
+    try:
+        dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress)
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised as it is
+        failure = exc
+    agree(w, failure)
     info = loaded.info
+    stats = reduce_stats(stats, info.num_layers, (info.num_kv_heads, info.head_dim), w)
     stats.check_complete(info.num_layers)
     for i, layer in stats.layers.items():
         if tuple(layer.k.min.shape) != (info.num_kv_heads, info.head_dim):
@@ -164,6 +152,37 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
         artifacts[TRANSFORMS_FILE] = record.to_bytes()
     artifacts[STATS_FILE] = stats.to_bytes()
     scales = solve(stats, recipe)
-    files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,
-                           inputs=[*reads, *map(Path, dataset.files)])
+    files = []  # torchrun: rank 0 writes, the other ranks nothing
+    if w.is_writer:
+        files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,
+                               inputs=[*reads, *map(Path, dataset.files)])
     return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)
+
+
+def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool):
+    """This rank's part: data, model, its share of the samples, their statistics (and transforms)."""
+    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
+    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
+                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+    check_seqlen(loaded.model.config, cfg.seqlen)
+    tok = loaded.tokenizer
+    picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    start = time.perf_counter()
+    record = None
+    if recipe.transforms:  # folded into the weights first: the statistics are those of the transformed K/V
+        from kvq.transforms.record import transform_model
+
+        record = transform_model(loaded.model, recipe.transforms,
+                                 lambda: batches(picked.token_ids, cfg.batch_size, pad_id))
+    mine = shard(picked.token_ids, w)  # every sample when not launched by torchrun
+    if progress and w.is_writer:
+        from kvq.calibrate.report import calibration_progress
+
+        with calibration_progress(len(mine), sum(map(len, mine))) as advance:
+            stats = collect_stats(loaded.model, batches(mine, cfg.batch_size, pad_id), advance)
+    else:
+        stats = collect_stats(loaded.model, batches(mine, cfg.batch_size, pad_id))
+    seconds = time.perf_counter() - start
+    return dataset, loaded, picked, stats, record, seconds

@@ -90,7 +90,8 @@ def calibrate_command(
                             seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
                             dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, **flags.placement())
     result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
-    print_summary(result)
+    if result.files:  # under torchrun only rank 0 writes, and reports
+        print_summary(result)
     return 0
 
 

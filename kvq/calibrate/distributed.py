@@ -1,0 +1,92 @@
+"""Data-parallel calibration on torch.distributed (``torchrun --nproc-per-node N -m kvq calibrate ...``).
+
+Every rank loads the model (with its own device map, if any), takes every N-th of the selected
+samples (rank r: samples r, r + N, ...), folds them into its own statistics, and the ranks reduce
+them: MIN of the minima, MAX of the maxima, SUM of the token counts, in float32 / int64. min and max
+are exact in any order, so the result equals one process over the same samples bit for bit,
+whatever N. Rank 0 writes the artifacts; the others write nothing. A failure on any rank is shared
+(:func:`agree`): every rank then stops with the same one-line message, and nothing is written.
+gloo serves the CPU, NCCL the GPUs; multi-node runs come from torchrun's rendezvous as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from kvq.errors import KvqError
+from kvq.stats import KVStats
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def world(device: torch.device) -> World:
+    """This process's place in a torchrun launch (set up once); one process when not launched by torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def shard(items: list, w: World) -> list:
+    """This rank's share: every ``w.size``-th item from ``w.rank`` on."""
+    return items[w.rank :: w.size]
+
+
+def agree(w: World, failure: BaseException | None) -> None:
+    """Every rank learns whether any failed; all raise (the failed rank its own error) if one did."""
+    if w.size == 1:
+        if failure is not None:
+            raise failure
+        return
+    import torch.distributed as dist
+
+    failed = torch.tensor([w.rank if failure is not None else -1], dtype=torch.int64)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if int(failed) >= 0:
+        raise KvqError(f"rank {int(failed)} of {w.size} failed (its message is above); no artifact is written")
+
+
+def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: World) -> KVStats:
+    """The statistics of every rank's samples, on every rank (layers a rank did not observe count as empty)."""
+    if w.size == 1:
+        return stats
+    import torch.distributed as dist
+
+    heads, dim = shape
+    mins = torch.full((num_layers, 2, heads, dim), float("inf"), dtype=torch.float32)  # (layer, K|V, head, dim)
+    maxs = torch.full((num_layers, 2, heads, dim), float("-inf"), dtype=torch.float32)
+    tokens = torch.zeros(num_layers, dtype=torch.int64)
+    for i, layer in stats.layers.items():
+        for j, ts in enumerate((layer.k, layer.v)):
+            mins[i, j], maxs[i, j] = ts.min.cpu(), ts.max.cpu()
+        tokens[i] = layer.tokens
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+        mins, maxs, tokens = mins.to(device), maxs.to(device), tokens.to(device)
+    dist.all_reduce(mins, op=dist.ReduceOp.MIN)
+    dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+    out = KVStats(metadata=dict(stats.metadata))
+    for i in range(num_layers):
+        if int(tokens[i]) > 0:
+            out.observe(i, mins[i, 0].cpu(), maxs[i, 0].cpu(), mins[i, 1].cpu(), maxs[i, 1].cpu(), int(tokens[i]))
+    return out
