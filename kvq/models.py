@@ -72,6 +72,29 @@ class ModelInfo:
 
 
 @dataclass
+class ModelSpec:
+    """Which model a run loads and where: the model flags every command that runs the model shares."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
+    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
+    offload_folder: str | None = None  # disk offload for what does not fit
+
+    def check(self) -> torch.device:
+        """The device and placement flags, refused before any data or model is loaded; the device."""
+        device = check_device(self.device)
+        placement_kwargs(self.device_map, self.max_memory, self.offload_folder)
+        return device
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
+                          device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
+
+
+@dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object

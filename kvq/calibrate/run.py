@@ -25,7 +25,7 @@ from kvq.calibrate.observer import StatsObserver
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError, UsageError
-from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model, placement_kwargs
+from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen
 from kvq.output_policy import check_reads
 from kvq.recipe import KVRecipe
 from kvq.scales import KVScales
@@ -37,20 +37,13 @@ CAPTURE_POINT = "transformers Cache.update: keys after RoPE, values as given, pe
 
 
 @dataclass
-class CalibrationConfig:
-    model: str | None = None
+class CalibrationConfig(ModelSpec):
     dataset: str = "pydoc"
     data_files: list[str] | None = None
     samples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
     seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
-    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
-    offload_folder: str | None = None  # disk offload for what does not fit
 
 
 @dataclass
@@ -91,8 +84,7 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     ``force`` replaces a folder that holds files other than a kvq artifact, never one the run reads
     (the data, the model, ``inputs`` such as the recipe file).
     """
-    w = world(check_device(cfg.device))  # before any data or model is loaded; torchrun: join the group
-    placement_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    w = world(cfg.check())  # before any data or model is loaded; torchrun: join the group
     if recipe.transforms and w.size > 1:
         raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
                          "which one process must see", hint="calibrate transforms in one process (no torchrun)")
@@ -162,9 +154,7 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
 def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool):
     """This rank's part: data, model, its share of the samples, their statistics (and transforms)."""
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
-    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
-                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+    loaded: LoadedModel = cfg.load()
     check_seqlen(loaded.model.config, cfg.seqlen)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)

@@ -35,7 +35,7 @@ from kvq.evaluate.attention_error import AttentionErrorProbe
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.evaluate.dynamic import UnitScaleQuantizer, eval_only_quantizer
 from kvq.evaluate.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
-from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model, placement_kwargs
+from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen
 from kvq.scales import KVScales, scales_path
 from kvq.transforms.record import fold_recorded
 
@@ -222,8 +222,7 @@ def kv_shape_of(info: ModelInfo) -> KVShape:
 
 
 @dataclass
-class EvalConfig:
-    model: str | None = None
+class EvalConfig(ModelSpec):
     dataset: str = "wikitext2"
     data_files: list[str] | None = None
     scales: list[str] = field(default_factory=list)  # artifact folders or scales.safetensors files
@@ -231,14 +230,8 @@ class EvalConfig:
     samples: int | None = None  # windows; None = every full window of the text
     seqlen: int = 2048
     batch_size: int = 1
-    device: str | None = None
-    dtype: str | None = None
     attention_error: bool = True
     fp8_fallback: bool = True  # add scale = 1.0 next to every fp8 artifact
-    trust_remote_code: bool = False
-    device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
-    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
-    offload_folder: str | None = None  # disk offload for what does not fit
 
 
 @dataclass
@@ -285,16 +278,13 @@ def _one_transform_set(static: Sequence[StaticQuantizer]) -> StaticQuantizer | N
 
 def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
     """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
-    check_device(cfg.device)  # before any data or model is loaded
-    placement_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    cfg.check()  # before any data or model is loaded
     extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
     quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback)
     names = {q.name for q in quantizers}
     quantizers += [q for q in extra if q.name not in names]
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
-    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
-                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+    loaded: LoadedModel = cfg.load()
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings: list[str] = []
     static = [q for q in quantizers if isinstance(q, StaticQuantizer)]

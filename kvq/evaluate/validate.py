@@ -28,7 +28,7 @@ from kvq.data import Batch, LoadedDataset, batches, load_documents, select_sampl
 from kvq.errors import KvqError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
-from kvq.models import LoadedModel, ModelInfo, check_device, check_seqlen, load_model, placement_kwargs
+from kvq.models import LoadedModel, ModelInfo, check_seqlen
 from kvq.scales import KVScales, LayerScales, scales_path
 from kvq.transforms.record import fold_recorded
 
@@ -173,13 +173,10 @@ def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch
 
     ``on_start(samples, tokens)`` returns a per-batch callback (a progress bar).
     """
-    check_device(cfg.device)  # before any data or model is loaded
-    placement_kwargs(cfg.device_map, cfg.max_memory, cfg.offload_folder)
+    cfg.check()  # before any data or model is loaded
     scales = KVScales.load(cfg.scales)  # a missing or bad artifact fails before the model loads
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
-    loaded: LoadedModel = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map,
-                                     max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+    loaded: LoadedModel = cfg.load()
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
     fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, scales_path(cfg.scales))
