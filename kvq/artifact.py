@@ -29,11 +29,12 @@ SCALES_FILE = "scales.safetensors"
 SCALES_JSON = "scales.json"
 VALIDATE_JSON = "validate.json"
 TRANSFORMS_FILE = "transforms.safetensors"  # the transforms folded into the model before calibration (if any)
-ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, TRANSFORMS_FILE)
+PARTIAL_FILE = "stats.partial.safetensors"  # an interrupted calibration's statistics so far (--resume)
+ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, TRANSFORMS_FILE, PARTIAL_FILE)
 # Which file each one is computed from: replacing the source drops the derived file from the set. The
 # transforms belong to the statistics calibrated on them: a new calibration without transforms drops them.
 DERIVED_FROM: dict[str, str] = {SCALES_FILE: STATS_FILE, SCALES_JSON: SCALES_FILE, VALIDATE_JSON: SCALES_FILE,
-                                TRANSFORMS_FILE: STATS_FILE}
+                                TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE}
 
 
 def carried_over(written: Collection[str]) -> set[str]:

@@ -22,6 +22,7 @@ from kvq.artifact import (
 )
 from kvq.calibrate.distributed import World, agree, reduce_stats, shard, world
 from kvq.calibrate.observer import StatsObserver
+from kvq.calibrate.resume import PartialSaver, fingerprint, resume_from
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError, UsageError
@@ -44,6 +45,8 @@ class CalibrationConfig(ModelSpec):
     seqlen: int = 2048
     batch_size: int = 1
     seed: int = 0
+    save_every: int | None = None  # samples between partial saves; None: about every minute of work
+    resume: bool = False  # continue the interrupted run whose partial statistics are in --out
 
 
 @dataclass
@@ -61,9 +64,11 @@ def collect_stats(
     model: torch.nn.Module,
     batch_iter: Iterable[Batch],
     on_batch: Callable[[Batch], None] | None = None,
+    stats: KVStats | None = None,
 ) -> KVStats:
-    """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats`."""
-    stats = KVStats()
+    """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats` (``stats``, to
+    continue earlier statistics)."""
+    stats = KVStats() if stats is None else stats
     capture_batches(model, batch_iter, StatsObserver(stats), on_batch)
     return stats
 
@@ -85,6 +90,8 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     (the data, the model, ``inputs`` such as the recipe file).
     """
     w = world(cfg.check())  # before any data or model is loaded; torchrun: join the group
+    if cfg.resume and w.size > 1:
+        raise UsageError("--resume continues one process's partial statistics", hint="resume without torchrun")
     if recipe.transforms and w.size > 1:
         raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
                          "which one process must see", hint="calibrate transforms in one process (no torchrun)")
@@ -105,7 +112,7 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     check_artifact_out(out_dir, written, force=force, inputs=reads)
     failure: Exception | None = None
     try:
-        dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress)
+        dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress, out_dir)
     except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised as it is
         failure = exc
     agree(w, failure)
@@ -151,8 +158,9 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)
 
 
-def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool):
-    """This rank's part: data, model, its share of the samples, their statistics (and transforms)."""
+def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out_dir: Path):
+    """This rank's part: data, model, its share of the samples, their statistics (and transforms); saves
+    partial statistics into ``out_dir`` as it goes (one process), and continues them with ``cfg.resume``."""
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
     loaded: LoadedModel = cfg.load()
     check_seqlen(loaded.model.config, cfg.seqlen)
@@ -167,12 +175,32 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool):
         record = transform_model(loaded.model, recipe.transforms,
                                  lambda: batches(picked.token_ids, cfg.batch_size, pad_id))
     mine = shard(picked.token_ids, w)  # every sample when not launched by torchrun
-    if progress and w.is_writer:
-        from kvq.calibrate.report import calibration_progress
+    info = loaded.info
+    data = json.dumps({"origin": dataset.origin, "files": [file_sha256(f) for f in dataset.files]})
+    print_ = fingerprint(info.model_id, info.config_hash, data, mine, cfg.seqlen, cfg.batch_size,
+                         json.dumps(recipe.to_json(), sort_keys=True) + (record.weights_hash if record else ""))
+    stats, done = resume_from(out_dir, print_) if cfg.resume else (KVStats(), 0)
+    saver = PartialSaver(out_dir, print_, cfg.save_every) if w.size == 1 else None
+    count = [done]
 
-        with calibration_progress(len(mine), sum(map(len, mine))) as advance:
-            stats = collect_stats(loaded.model, batches(mine, cfg.batch_size, pad_id), advance)
-    else:
-        stats = collect_stats(loaded.model, batches(mine, cfg.batch_size, pad_id))
+    def on_batch(batch: Batch) -> None:
+        count[0] += batch.num_samples
+        if saver is not None and saver.due(count[0]):
+            saver.save(stats, count[0])
+
+    todo = mine[done:]
+    try:
+        if progress and w.is_writer:
+            from kvq.calibrate.report import calibration_progress
+
+            with calibration_progress(len(todo), sum(map(len, todo))) as advance:
+                collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id),
+                              lambda b: (advance(b), on_batch(b)), stats)
+        else:
+            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats)
+    except KeyboardInterrupt:
+        if saver is not None:
+            saver.save(stats, count[0])  # what was done, for --resume
+        raise
     seconds = time.perf_counter() - start
     return dataset, loaded, picked, stats, record, seconds

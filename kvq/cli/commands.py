@@ -75,6 +75,10 @@ def calibrate_command(
     out: Annotated[str, option("--out", help="output folder (default ./kvq-out)")] = "./kvq-out",
     seed: Seed = 0,
     force: Force = False,
+    save_every: Annotated[int | None, positive("--save-every", help="save partial statistics in --out every N "
+                                                "samples (default: about every minute of work)")] = None,
+    resume: Annotated[bool, option("--resume", help="continue the interrupted calibration whose partial "
+                                   "statistics are in --out (the same model, data, samples and recipe)")] = False,
 ) -> int:
     """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
@@ -88,7 +92,8 @@ def calibrate_command(
 
     cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
-                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, **flags.placement())
+                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, save_every=save_every,
+                            resume=resume, **flags.placement())
     result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)

@@ -1,0 +1,75 @@
+"""An interrupted calibration (SIGKILL, Ctrl-C) resumes to the artifacts of an uninterrupted run, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from bad_input import assert_contract, run_in_process
+
+from kvq.artifact import PARTIAL_FILE
+from kvq.cli import main
+
+ARTIFACTS = ("stats.safetensors", "scales.safetensors", "scales.json")
+
+
+def _args(model, out, *extra):
+    return ["calibrate", "--model", str(model), "--dataset", "pydoc", "--samples", "48", "--seqlen", "96",
+            "--device", "cpu", "--recipe", "int8-asym-per-channel", "--out", str(out), *extra]
+
+
+def _start(argv):
+    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
+    return subprocess.Popen([sys.executable, "-m", "kvq", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for_partial(proc, out, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not (out / PARTIAL_FILE).exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no partial statistics appeared before the run ended (rc {proc.poll()})")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    assert main(_args(tiny_llama, out)) == 0
+    return {name: (out / name).read_bytes() for name in ARTIFACTS}
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_run_resumes_to_the_same_bytes(tiny_llama, tmp_path, uninterrupted, how):
+    out = tmp_path / "out"
+    proc = _start(_args(tiny_llama, out, "--save-every", "1"))
+    _wait_for_partial(proc, out)
+    proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if how == "SIGINT":
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "kvq: interrupted"
+    assert (out / PARTIAL_FILE).exists() and not (out / "stats.safetensors").exists()
+    assert main(_args(tiny_llama, out, "--resume")) == 0
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == uninterrupted
+    assert sorted(os.listdir(out)) == sorted(ARTIFACTS)  # the partial file and any temporary are gone
+
+
+def test_resume_refuses_another_run(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = _start(_args(tiny_llama, out, "--save-every", "1"))
+    _wait_for_partial(proc, out)
+    proc.kill()
+    proc.wait()
+    before = (out / PARTIAL_FILE).read_bytes()
+    argv = _args(tiny_llama, out, "--resume")
+    argv[argv.index("--seqlen") + 1] = "80"
+    assert_contract(run_in_process(argv, capsys), 2, "--resume: the interrupted run")
+    argv = _args(tiny_llama, out, "--resume")
+    argv[argv.index("int8-asym-per-channel")] = "int4-asym-per-head"
+    assert_contract(run_in_process(argv, capsys), 2, "had another recipe")
+    assert (out / PARTIAL_FILE).read_bytes() == before
