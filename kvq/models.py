@@ -80,7 +80,7 @@ class ModelSpec:
     dtype: str | None = None
     trust_remote_code: bool = False
     device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
-    max_memory: str | None = None  # per device, e.g. "0=70GiB,cpu=200GiB"
+    max_memory: str | dict | None = None  # per device, e.g. "0=70GiB,cpu=200GiB" (or parsed, per rank)
     offload_folder: str | None = None  # disk offload for what does not fit
 
     def check(self) -> torch.device:
@@ -309,7 +309,7 @@ def check_offload_folder(folder: str) -> None:
                          hint="pass a writable folder with room for the offloaded weights") from exc
 
 
-def placement_kwargs(device_map: str | None, max_memory: str | None, offload_folder: str | None) -> dict:
+def placement_kwargs(device_map: str | None, max_memory: str | dict | None, offload_folder: str | None) -> dict:
     """--device-map / --max-memory / --offload-folder as from_pretrained's keywords ({} without a device map);
     cheap, so the commands check them before loading any data or model."""
     if device_map is None:
@@ -320,8 +320,8 @@ def placement_kwargs(device_map: str | None, max_memory: str | None, offload_fol
     if device_map not in DEVICE_MAPS:
         raise UsageError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
     placement: dict = {"device_map": device_map}
-    if max_memory is not None:
-        placement["max_memory"] = parse_max_memory(max_memory)
+    if max_memory is not None:  # --max-memory text, or already parsed (a rank's share under torchrun)
+        placement["max_memory"] = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
     if offload_folder is not None:
         check_offload_folder(offload_folder)
         placement["offload_folder"] = offload_folder
@@ -334,7 +334,7 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
-    max_memory: str | None = None,
+    max_memory: str | dict | None = None,
     offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode. ``dtype`` None keeps the model's own dtype.

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from kvq.errors import KvqError
+from kvq.errors import KvqError, UsageError
 from kvq.stats import KVStats
 
 
@@ -25,6 +25,8 @@ from kvq.stats import KVStats
 class World:
     rank: int = 0
     size: int = 1
+    local_rank: int = 0  # this rank's index on its node
+    local_size: int = 1  # ranks on this node
 
     @property
     def is_writer(self) -> bool:
@@ -38,10 +40,36 @@ def world(device: torch.device) -> World:
         return World()
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":  # NCCL reduces on the rank's first GPU
+            torch.cuda.set_device(local_rank * max(torch.cuda.device_count() // local_size, 1))
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+
+
+def rank_max_memory(w: World, gpus: int, max_memory: dict[int | str, str | int] | None
+                    ) -> dict[int | str, str | int] | None:
+    """The devices a rank's device map may use: its own equal share of the node's GPUs (and the CPU).
+
+    Without this every rank would place its copy of the model on every GPU. ``max_memory`` (parsed
+    --max-memory) keeps its sizes for the rank's GPUs and the CPU; without it the rank's GPUs get
+    accelerate's defaults. None when there is nothing to split (one process, or no GPU).
+    """
+    if w.size == 1 or gpus == 0:
+        return max_memory
+    if gpus % w.local_size:
+        raise UsageError(f"{gpus} GPUs on this node cannot be split evenly over its {w.local_size} ranks",
+                         hint="use a --nproc-per-node that divides the GPU count")
+    per = gpus // w.local_size
+    own = range(w.local_rank * per, (w.local_rank + 1) * per)
+    if max_memory is None:
+        from accelerate.utils import get_max_memory
+
+        max_memory = dict(get_max_memory())  # bytes per device, as accelerate measures them
+    return {k: v for k, v in max_memory.items() if not isinstance(k, int) or k in own}
 
 
 def shard(items: list, w: World) -> list:

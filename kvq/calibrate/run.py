@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,13 +20,13 @@ from kvq.artifact import (
     file_sha256,
     write_artifact,
 )
-from kvq.calibrate.distributed import World, agree, reduce_stats, shard, world
+from kvq.calibrate.distributed import World, agree, rank_max_memory, reduce_stats, shard, world
 from kvq.calibrate.observer import StatsObserver
 from kvq.calibrate.resume import PartialSaver, fingerprint, resume_from
 from kvq.capture import capture_batches
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError, UsageError
-from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen
+from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen, parse_max_memory
 from kvq.output_policy import check_reads
 from kvq.recipe import KVRecipe
 from kvq.scales import KVScales
@@ -110,6 +110,11 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
     written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
     check_artifact_out(out_dir, written, force=force, inputs=reads)
+    if w.size > 1 and cfg.device_map is not None:  # each rank spreads its copy over its own GPUs only
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        parsed = parse_max_memory(cfg.max_memory) if cfg.max_memory is not None else None
+        offload = None if cfg.offload_folder is None else str(Path(cfg.offload_folder) / f"rank{w.rank}")
+        cfg = replace(cfg, max_memory=rank_max_memory(w, gpus, parsed), offload_folder=offload)
     failure: Exception | None = None
     try:
         dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress, out_dir)

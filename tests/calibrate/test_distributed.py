@@ -55,3 +55,34 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(tiny_llama, tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kvq: error: ")]
     assert len(errors) == 2 and all("layer 1: K holds NaN or inf" in line for line in errors), errors
     assert not out.exists()
+
+
+def test_each_rank_gets_its_own_share_of_the_gpus():
+    """torchrun with a device map: rank r of a node with N GPUs and M ranks places its copy on GPUs r*N/M.."""
+    import pytest
+
+    from kvq.calibrate.distributed import World, rank_max_memory
+    from kvq.errors import UsageError
+
+    limits = {0: "70GiB", 1: "70GiB", 2: "70GiB", 3: "70GiB", "cpu": "200GiB"}
+    assert rank_max_memory(World(0, 2, 0, 2), 4, limits) == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
+    assert rank_max_memory(World(1, 2, 1, 2), 4, limits) == {2: "70GiB", 3: "70GiB", "cpu": "200GiB"}
+    assert rank_max_memory(World(5, 8, 1, 4), 4, limits) == {1: "70GiB", "cpu": "200GiB"}  # 2 nodes x 4
+    assert rank_max_memory(World(1, 2, 1, 2), 0, {"cpu": "1GiB"}) == {"cpu": "1GiB"}  # no GPU: nothing to split
+    assert rank_max_memory(World(), 4, limits) is limits  # one process: all of them
+    with pytest.raises(UsageError, match="3 GPUs on this node cannot be split evenly over its 2 ranks"):
+        rank_max_memory(World(0, 2, 0, 2), 3, limits)
+
+
+def test_ranks_with_offloading_device_maps_write_what_one_process_writes(tiny_llama, tmp_path):
+    """Data parallel composes with a device map: each rank offloads its own copy (into its own folder)."""
+    from kvq.cli import main
+
+    assert main(_calibrate_args(tiny_llama, tmp_path / "one")) == 0
+    offload = tmp_path / "offload"
+    proc = _torchrun(2, *_calibrate_args(tiny_llama, tmp_path / "two"), "--device-map", "auto",
+                     "--max-memory", "cpu=10MB", "--offload-folder", str(offload))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in offload.iterdir()) == ["rank0", "rank1"]
+    for name in ("stats.safetensors", "scales.safetensors", "scales.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
