@@ -105,14 +105,9 @@ def test_bad_recipe_file_exits_2(tiny_llama, c4_file, tmp_path, capsys):
 
 
 def test_failure_exits_1_and_writes_nothing(tiny_llama, tmp_path, c4_file, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_models import with_nan_projection
 
-    broken = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    with torch.no_grad():
-        model.model.layers[2].self_attn.v_proj.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(broken)
+    broken = with_nan_projection(tiny_llama, tmp_path / "nan-model", 2, "v_proj")
     out = tmp_path / "out"
     one_line_error(capsys, 1, calibrate_args(broken, c4_file, out), "layer 2: V holds NaN or inf (batch 0)")
     assert not out.exists()

@@ -64,3 +64,13 @@ def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(folder)
     return folder
+
+
+def with_nan_projection(source: Path, folder: Path, layer: int, projection: str) -> Path:
+    """A copy of the model at ``source`` whose ``layers[layer].self_attn.<projection>`` weight is all NaN."""
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        getattr(model.model.layers[layer].self_attn, projection).weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder

@@ -7,8 +7,6 @@ import socket
 import subprocess
 import sys
 
-import torch
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -41,14 +39,9 @@ def test_two_ranks_write_what_one_process_writes(tiny_llama, tmp_path):
 
 
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_models import with_nan_projection
 
-    broken = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    with torch.no_grad():
-        model.model.layers[1].self_attn.k_proj.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(broken)
+    broken = with_nan_projection(tiny_llama, tmp_path / "nan-model", 1, "k_proj")
     out = tmp_path / "out"
     proc = _torchrun(2, *_calibrate_args(broken, out))
     assert proc.returncode != 0
