@@ -2,6 +2,7 @@
 
 import signal
 import sys
+import time
 
 import pytest
 
@@ -41,3 +42,37 @@ def test_without_the_guard_python_leaves_the_module_half_imported(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         import kvq_test_half_module  # noqa: F401
     assert "kvq_test_half_module" not in sys.modules  # and any module it imported first stays half-built
+
+
+class _InterruptedFinaliser:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)  # the handler runs inside __del__, where Python ignores exceptions
+
+
+def _spin(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def test_sigint_inside_a_finaliser_is_delivered_again():
+    with pytest.raises(KeyboardInterrupt), interrupts_after_imports():
+        finaliser = _InterruptedFinaliser()
+        del finaliser  # the KeyboardInterrupt raised in __del__ is swallowed by the interpreter ...
+        _spin(5.0)  # ... and delivered again here
+        raise AssertionError("the Ctrl-C was lost")
+    assert sys.unraisablehook is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_without_the_guard_python_loses_a_sigint_in_a_finaliser():
+    """The failure the guard prevents (the oracle: Python's own handler and unraisable hook)."""
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        finaliser = _InterruptedFinaliser()
+        del finaliser
+        _spin(0.2)  # nothing interrupts this
+    finally:
+        sys.unraisablehook = previous
+    assert [u.exc_type for u in seen] == [KeyboardInterrupt]
