@@ -2,6 +2,7 @@
 
     python bench/transforms.py [--model M] [--cal-samples 32] [--cal-seqlen 512] [--windows 16]
                                [--seqlen 512] [--alpha 0.5] [--seed 0] [--device cpu|cuda]
+                               [--observer minmax|percentile|mse]
 
 1. Calibrate the model on ``--cal-samples`` samples of the C4 train sample
    (``../shared/data/c4-en-train-sample.jsonl``), once as it is and once with smooth-keys +
@@ -55,14 +56,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5, help="smooth-keys migration strength")
     p.add_argument("--seed", type=int, default=0, help="rotate-values seed")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
+                   help="the observer of every recipe, with and without transforms (default minmax)")
     return p.parse_args(argv)
 
 
-def with_transforms(name: str, alpha: float, seed: int):
+def recipe(name: str, observer: str, alpha: float | None = None, seed: int = 0):
+    """A built-in recipe with ``observer``, and with smooth-keys + rotate-values when ``alpha`` is given."""
     base = load_recipe(name)
-    data = {"name": f"{name}+smooth+rotate", "format": base.key.format, "symmetric": base.key.symmetric,
-            "granularity": base.key.granularity,
-            "transforms": [{"name": "smooth-keys", "alpha": alpha}, {"name": "rotate-values", "seed": seed}]}
+    data = {"name": name, "format": base.key.format, "symmetric": base.key.symmetric,
+            "granularity": base.key.granularity, "observer": observer}
+    if alpha is not None:
+        data |= {"name": f"{name}+smooth+rotate",
+                 "transforms": [{"name": "smooth-keys", "alpha": alpha}, {"name": "rotate-values", "seed": seed}]}
     return parse_recipe(data, "bench", data["name"])
 
 
@@ -81,14 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         return batches(picked.token_ids, 1, pad_id)
 
     models = {"without": loaded.model, "with": copy.deepcopy(loaded.model)}
-    specs = {name: with_transforms(name, args.alpha, args.seed) for name in RECIPES}
+    specs = {name: recipe(name, args.observer, args.alpha, args.seed) for name in RECIPES}
     transform_model(models["with"], specs[RECIPES[0]].transforms, cal_batches)
-    quantizers = {
-        "without": [StaticQuantizer(solve(collect_stats(models["without"], cal_batches()), load_recipe(n)), name=n)
-                    for n in RECIPES],
-        "with": [],
-    }
-    stats_with = collect_stats(models["with"], cal_batches())
+    hist = None if args.observer == "minmax" else "channel"
+    stats_without = collect_stats(models["without"], cal_batches(), histograms=hist)
+    quantizers = {"without": [StaticQuantizer(solve(stats_without, recipe(n, args.observer)), name=n)
+                              for n in RECIPES], "with": []}
+    stats_with = collect_stats(models["with"], cal_batches(), histograms=hist)
     stats_with.metadata["transforms"] = transforms_json(specs[RECIPES[0]].transforms)  # what calibrate records
     quantizers["with"] = [StaticQuantizer(solve(stats_with, specs[n]), name=n) for n in RECIPES]
 
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells += [pct, err]
             rows.append((name, recipe, *cells))
     print()
+    print(f"observer {args.observer}")
     print(f"{'data':32} {'recipe':24} {'without transforms':>22} {'with smooth+rotate':>22}")
     for name, recipe, a, ae, b, be in rows:
         print(f"{name:32} {recipe:24} {a:+9.3f}% ± {ae:6.3f}    {b:+9.3f}% ± {be:6.3f}")

@@ -1,7 +1,7 @@
 """The calibration artifact set: its file names, how it is written as a set, and how its files are read.
 
 A kvq artifact folder (``kvq calibrate --out``, ``kvq solve --out``) holds some of ``stats.safetensors``,
-``scales.safetensors``, ``scales.json`` and ``validate.json``. It is written as a set through
+``scales.safetensors``, ``scales.json``, ``validate.json`` and ``plan.json`` (``kvq plan``). It is written as a set through
 :func:`write_artifact` (atomic, with the --out policy of :mod:`kvq.output`); files of the set that a
 write does not replace are carried over, unless they were computed from a file the write replaces
 (scales from statistics, the validation report from scales): a stale file never sits beside new ones.
@@ -28,13 +28,15 @@ STATS_FILE = "stats.safetensors"
 SCALES_FILE = "scales.safetensors"
 SCALES_JSON = "scales.json"
 VALIDATE_JSON = "validate.json"
+PLAN_JSON = "plan.json"  # the layers kept unquantized (kvq plan), for these scales
 TRANSFORMS_FILE = "transforms.safetensors"  # the transforms folded into the model before calibration (if any)
 PARTIAL_FILE = "stats.partial.safetensors"  # an interrupted calibration's statistics so far (--resume)
-ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, TRANSFORMS_FILE, PARTIAL_FILE)
+ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, PLAN_JSON, TRANSFORMS_FILE,
+                                   PARTIAL_FILE)
 # Which file each one is computed from: replacing the source drops the derived file from the set. The
 # transforms belong to the statistics calibrated on them: a new calibration without transforms drops them.
 DERIVED_FROM: dict[str, str] = {SCALES_FILE: STATS_FILE, SCALES_JSON: SCALES_FILE, VALIDATE_JSON: SCALES_FILE,
-                                TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE}
+                                PLAN_JSON: SCALES_FILE, TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE}
 
 
 def carried_over(written: Collection[str]) -> set[str]:

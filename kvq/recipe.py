@@ -7,7 +7,8 @@ are rejected, never rewritten.
     format: int8            # fp8_e4m3 | fp8_e5m2 | int8 | int4
     symmetric: false        # fp8 must be symmetric
     granularity: head       # tensor | head | channel
-    observer: minmax        # minmax (the only observer today)
+    observer: minmax        # minmax | percentile | mse (read histograms) | attention (reads Q/K/V rows)
+    percentile: 99.99       # only with observer: percentile (clip at this percentile of |x|)
     keys:                   # optional: override any of the four for keys ...
       granularity: channel
     values: {}              # ... or for values
@@ -43,13 +44,14 @@ from kvq.errors import UsageError
 
 Format = Literal["fp8_e4m3", "fp8_e5m2", "int8", "int4"]
 Granularity = Literal["tensor", "head", "channel"]
-Observer = Literal["minmax"]
+Observer = Literal["minmax", "percentile", "mse", "attention"]
 
 NUMBER_FORMATS: tuple[str, ...] = typing.get_args(Format)
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 OBSERVERS: tuple[str, ...] = typing.get_args(Observer)
 
 DEFAULT_RECIPE = "fp8-e4m3-per-tensor"
+DEFAULT_PERCENTILE = 99.99
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a dozen lines; anything bigger is not a recipe
 _SHOWN = 60  # characters of a bad value quoted back in a message
 
@@ -63,6 +65,14 @@ class QuantSpec(BaseModel):
     symmetric: StrictBool
     granularity: Granularity
     observer: Observer = "minmax"
+    percentile: float | None = Field(None, gt=50.0, lt=100.0)  # only for observer percentile (default 99.99)
+
+    @model_validator(mode="after")
+    def _percentile_with_its_observer(self) -> QuantSpec:
+        if self.percentile is not None and self.observer != "percentile":
+            raise ValueError(f"percentile is an option of observer percentile, not of observer {self.observer}: "
+                             "remove it, or set observer: percentile")
+        return self
 
     @model_validator(mode="after")
     def _fp8_is_symmetric(self) -> QuantSpec:
@@ -77,6 +87,15 @@ class QuantSpec(BaseModel):
     def is_fp8(self) -> bool:
         return self.format.startswith("fp8")
 
+    @property
+    def clip_quantile(self) -> float:
+        """The fraction of |x| the percentile observer keeps inside the range."""
+        return (self.percentile if self.percentile is not None else DEFAULT_PERCENTILE) / 100.0
+
+    @property
+    def needs_histograms(self) -> bool:
+        return self.observer in ("percentile", "mse")
+
 
 class TensorOverride(BaseModel):
     """Optional per-tensor settings under ``keys:`` or ``values:``; unset fields inherit the top level."""
@@ -87,6 +106,7 @@ class TensorOverride(BaseModel):
     symmetric: StrictBool | None = None
     granularity: Granularity | None = None
     observer: Observer | None = None
+    percentile: float | None = None
 
 
 class SmoothKeysSpec(BaseModel):
@@ -142,6 +162,7 @@ class RecipeFile(BaseModel):
     symmetric: StrictBool = True
     granularity: Granularity
     observer: Observer = "minmax"
+    percentile: float | None = None
     keys: TensorOverride | None = None
     values: TensorOverride | None = None
     transforms: Annotated[list[TransformSpec], BeforeValidator(_named)] = []
@@ -157,9 +178,13 @@ class RecipeFile(BaseModel):
             "symmetric": self.symmetric,
             "granularity": self.granularity,
             "observer": self.observer,
+            "percentile": self.percentile,
         }
         if override is not None:
-            base.update(override.model_dump(exclude_none=True))
+            chosen = override.model_dump(exclude_none=True)
+            if "observer" in chosen and "percentile" not in chosen and chosen["observer"] != "percentile":
+                base["percentile"] = None  # another observer for this tensor: the top level's percentile is not its
+            base.update(chosen)
         return base
 
 
@@ -177,9 +202,14 @@ class KVRecipe(BaseModel):
     def spec(self, which: Literal["k", "v"]) -> QuantSpec:
         return self.key if which == "k" else self.value
 
+    @property
+    def needs_rows(self) -> bool:
+        """Whether solving it reads the reservoir of Q/K/V rows (the attention observer)."""
+        return "attention" in (self.key.observer, self.value.observer)
+
     def to_json(self) -> dict:
-        """The recipe as JSON; ``transforms`` only when there are any (recipes without stay as they were)."""
-        return self.model_dump(mode="json", exclude=None if self.transforms else {"transforms"})
+        """The recipe as JSON; ``transforms`` and ``percentile`` only when set (recipes without stay as they were)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude=None if self.transforms else {"transforms"})
 
     @classmethod
     def from_json(cls, data: dict) -> KVRecipe:

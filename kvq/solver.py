@@ -3,36 +3,19 @@
 Granularity reduces the (num_kv_heads, head_dim) statistics before the scale is chosen:
 ``tensor`` takes the min / max over all heads and channels of a layer (shape ()), ``head`` over
 the channels of each head (shape (num_kv_heads,)), ``channel`` keeps them (shape
-(num_kv_heads, head_dim)). The observer ``minmax`` uses the observed range as it is.
+(num_kv_heads, head_dim)). The recipe's observer chooses the range inside the observed one
+(kvq/observers.py: ``minmax`` uses it as it is; ``percentile`` and ``mse`` read the histograms).
 """
 
 from __future__ import annotations
 
-import torch
-
+from kvq.attention_search import attention_ranges
 from kvq.errors import KvqError, UsageError
+from kvq.observers import observed_range
 from kvq.qparams import choose_qparams
-from kvq.recipe import KVRecipe, QuantSpec, transforms_json
+from kvq.recipe import KVRecipe, transforms_json
 from kvq.scales import KVScales, LayerScales
-from kvq.stats import KVStats, TensorStats
-
-
-def reduce_to_granularity(
-    min_val: torch.Tensor, max_val: torch.Tensor, granularity: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_kv_heads, head_dim) ranges -> the recipe's granularity."""
-    if granularity == "tensor":
-        return min_val.amin(), max_val.amax()  # () each
-    if granularity == "head":
-        return min_val.amin(dim=-1), max_val.amax(dim=-1)  # (num_kv_heads,) each
-    if granularity == "channel":
-        return min_val, max_val  # (num_kv_heads, head_dim) each
-    raise ValueError(f"unknown granularity {granularity!r}")
-
-
-def solve_tensor(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    lo, hi = reduce_to_granularity(ts.min, ts.max, spec.granularity)
-    return choose_qparams(lo, hi, spec)
+from kvq.stats import KVStats
 
 
 def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
@@ -52,9 +35,20 @@ def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
         if layer.tokens == 0:
             raise KvqError(f"layer {i} was never observed (0 tokens): no scale can be chosen")
         try:
-            k_scale, k_zp = solve_tensor(layer.k, recipe.key)
-            v_scale, v_zp = solve_tensor(layer.v, recipe.value)
+            k_range, v_range = observed_range(layer.k, recipe.key), observed_range(layer.v, recipe.value)
+            if recipe.needs_rows:
+                k_range, v_range = attention_ranges(layer, _rows(stats, i), stats.reservoir.scaling.get(i),
+                                                    recipe.key, recipe.value, k_range, v_range)
+            k_scale, k_zp = choose_qparams(*k_range, recipe.key)
+            v_scale, v_zp = choose_qparams(*v_range, recipe.value)
         except ValueError as exc:
             raise KvqError(f"layer {i}: {exc}") from exc
         layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp)
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))
+
+
+def _rows(stats: KVStats, i: int):
+    if stats.reservoir is None:
+        raise UsageError("the statistics hold no Q/K/V rows, which the attention observer searches on",
+                         hint="calibrate again with a recipe that uses observer: attention")
+    return stats.reservoir.layer(i)

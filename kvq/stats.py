@@ -6,8 +6,14 @@
     layers.{i}.v.min   layers.{i}.v.max   layers.{i}.v.absmax
 
 and string metadata (model, config hash, dataset, samples, seqlen, seed, tokens, dtype, capture
-point, kvq version, ...). Statistics are a streaming accumulator: merging the statistics of two
-halves of a data set gives exactly those of the whole (min / max are associative).
+point, kvq version, ...). When a clipping observer needs them (opt-in), it also holds int64 histograms
+on kvq.histogram's fixed grid, per head or per channel:
+
+    layers.{i}.k.hist  layers.{i}.v.hist    (num_kv_heads, NUM_BINS) or (num_kv_heads, head_dim, NUM_BINS)
+
+with the metadata ``histograms`` = "<grid schema> head|channel". Statistics are a streaming accumulator:
+merging the statistics of two halves of a data set gives exactly those of the whole (min / max are
+associative, histogram counts add).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from pathlib import Path
 
 import torch
 
+from kvq import histogram as grid
 from kvq.artifact import STATS_FILE, read_layers, safetensors_bytes, write_artifact
 from kvq.errors import KvqError, UsageError
+from kvq.reservoir import Reservoir
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax))$")
+_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax|hist)|[qkv]\.rows)$")
 _PARTS = ("k.min", "k.max", "k.absmax", "v.min", "v.max", "v.absmax")
 _HINT = "pass the stats.safetensors written by `kvq calibrate`"
 
@@ -34,14 +42,20 @@ class TensorStats:
 
     min: torch.Tensor
     max: torch.Tensor
+    hist: torch.Tensor | None = None  # int64 counts on kvq.histogram's grid, per head or per channel
 
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(-self.min, self.max)
 
-    def merge_(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+    def merge_(self, min_val: torch.Tensor, max_val: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         torch.minimum(self.min, min_val.to(self.min), out=self.min)
         torch.maximum(self.max, max_val.to(self.max), out=self.max)
+        if (counts is None) != (self.hist is None) or (counts is not None and counts.shape != self.hist.shape):
+            raise KvqError("histograms cannot be merged with statistics that lack them or hold another kind",
+                           hint="merge statistics calibrated with the same observer")
+        if counts is not None:
+            self.hist += counts.to(device=self.hist.device, dtype=torch.int64)
 
 
 @dataclass
@@ -57,6 +71,7 @@ class KVStats:
 
     layers: dict[int, LayerStats] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    reservoir: Reservoir | None = None  # sampled Q/K/V rows, for the attention observer
 
     def observe(
         self,
@@ -66,14 +81,20 @@ class KVStats:
         v_min: torch.Tensor,
         v_max: torch.Tensor,
         tokens: int,
+        k_hist: torch.Tensor | None = None,
+        v_hist: torch.Tensor | None = None,
     ) -> None:
-        """Fold one batch's reduced (num_kv_heads, head_dim) ranges of one layer into the totals."""
+        """Fold one batch's reduced (num_kv_heads, head_dim) ranges (and histograms) of one layer into the totals."""
         layer = self.layers.get(layer_idx)
         if layer is None:
             f32 = torch.float32
+
+            def counts(h: torch.Tensor | None) -> torch.Tensor | None:
+                return None if h is None else h.to(device="cpu", dtype=torch.int64).clone()
+
             self.layers[layer_idx] = LayerStats(
-                k=TensorStats(k_min.to(f32).clone(), k_max.to(f32).clone()),
-                v=TensorStats(v_min.to(f32).clone(), v_max.to(f32).clone()),
+                k=TensorStats(k_min.to(f32).clone(), k_max.to(f32).clone(), counts(k_hist)),
+                v=TensorStats(v_min.to(f32).clone(), v_max.to(f32).clone(), counts(v_hist)),
                 tokens=tokens,
             )
             return
@@ -82,17 +103,31 @@ class KVStats:
                 f"layer {layer_idx}: K/V shape changed between batches "
                 f"({tuple(layer.k.min.shape)} then {tuple(k_min.shape)})"
             )
-        layer.k.merge_(k_min, k_max)
-        layer.v.merge_(v_min, v_max)
+        layer.k.merge_(k_min, k_max, k_hist)
+        layer.v.merge_(v_min, v_max, v_hist)
         layer.tokens += tokens
 
     def merge(self, other: KVStats) -> KVStats:
         """A new KVStats holding both: what one accumulator would hold after seeing both data sets."""
+        if self.reservoir is not None or other.reservoir is not None:
+            raise KvqError("statistics holding sampled Q/K/V rows cannot be merged",
+                           hint="calibrate all the data in one run")
         out = KVStats(metadata=dict(self.metadata))
         for src in (self, other):
             for i, layer in src.layers.items():
-                out.observe(i, layer.k.min, layer.k.max, layer.v.min, layer.v.max, layer.tokens)
+                out.observe(i, layer.k.min, layer.k.max, layer.v.min, layer.v.max, layer.tokens,
+                            layer.k.hist, layer.v.hist)
         return out
+
+    @property
+    def histograms(self) -> str | None:
+        """"head" or "channel" when every layer holds histograms of that kind; None when none does."""
+        kinds = {_hist_kind(ts.hist) for layer in self.layers.values() for ts in (layer.k, layer.v)}
+        if not kinds:
+            return None
+        if len(kinds) != 1:
+            raise KvqError("some layers hold histograms and some do not, or of another kind")
+        return kinds.pop()
 
     @property
     def num_layers(self) -> int:
@@ -129,12 +164,22 @@ class KVStats:
                 out[f"layers.{i}.{name}.min"] = ts.min
                 out[f"layers.{i}.{name}.max"] = ts.max
                 out[f"layers.{i}.{name}.absmax"] = ts.absmax
+                if ts.hist is not None:
+                    out[f"layers.{i}.{name}.hist"] = ts.hist
+        if self.reservoir is not None:
+            out.update(self.reservoir.tensors())
         return out
 
     def to_bytes(self) -> bytes:
         """The stats.safetensors file content (per-layer token counts go in the metadata)."""
         meta = dict(self.metadata)
         meta["layer_tokens"] = json.dumps([self.layers[i].tokens for i in sorted(self.layers)])
+        meta.pop("histograms", None)
+        meta.pop("reservoir", None)
+        if self.reservoir is not None:
+            meta["reservoir"] = self.reservoir.metadata()
+        if self.histograms is not None:
+            meta["histograms"] = f"{grid.SCHEMA} {self.histograms}"
         return safetensors_bytes(self.tensors(), meta)
 
     def save(self, out_dir: str | Path, *, force: bool = False, inputs: Sequence[Path] = ()) -> Path:
@@ -151,6 +196,15 @@ class KVStats:
         tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)
         stats = cls(metadata=meta)
         shape = tuple(parts[0]["k.min"].shape)
+        if "reservoir" in meta:
+            stats.reservoir = Reservoir.from_file(meta.pop("reservoir"), parts, where)
+            for which in ("k", "v"):
+                bad = [i for i, t in stats.reservoir.rows[which].items() if (t.shape[1], t.shape[3]) != shape]
+                if bad:
+                    raise UsageError(f"{where}: layers.{bad[0]}.{which}.rows are not rows of {shape} (kv_heads, "
+                                     "head_dim)", hint=_HINT)
+        elif any(part.endswith(".rows") for p in parts.values() for part in p):
+            raise UsageError(f"{where} holds Q/K/V rows but no reservoir metadata", hint=_HINT)
         for i in sorted(parts):
             p = parts[i]
             for part in _PARTS:
@@ -159,10 +213,14 @@ class KVStats:
                     raise UsageError(f"{where}: layers.{i}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
                                      f"{tuple(tensor.shape)}; every statistic must be a float tensor of shape "
                                      f"{shape} (kv_heads, head_dim)", hint=_HINT)
+            layer_tokens = tokens[i] if tokens is not None else int(meta.get("tokens", 0) or 0)
+            kind = _check_hist_meta(meta, p, f"{where}: layer {i}")
             layer = LayerStats(
-                k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32)),
-                v=TensorStats(p["v.min"].to(torch.float32), p["v.max"].to(torch.float32)),
-                tokens=tokens[i] if tokens is not None else int(meta.get("tokens", 0) or 0),
+                k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32),
+                              _checked_hist(p.get("k.hist"), kind, shape, layer_tokens, f"{where}: layers.{i}.k.hist")),
+                v=TensorStats(p["v.min"].to(torch.float32), p["v.max"].to(torch.float32),
+                              _checked_hist(p.get("v.hist"), kind, shape, layer_tokens, f"{where}: layers.{i}.v.hist")),
+                tokens=layer_tokens,
             )
             for name, ts in (("K", layer.k), ("V", layer.v)):
                 _check_range(ts, f"{where}: layer {i} {name}")
@@ -201,3 +259,43 @@ def _check_range(ts: TensorStats, where: str) -> None:
         head, channel = (int(x) for x in crossed.nonzero()[0])
         raise UsageError(f"{where} head {head} channel {channel}: min {ts.min[head, channel].item():g} > "
                          f"max {ts.max[head, channel].item():g}", hint=_HINT)
+
+
+def _hist_kind(counts: torch.Tensor | None) -> str | None:
+    return None if counts is None else ("channel" if counts.dim() == 3 else "head")
+
+
+def _check_hist_meta(meta: dict[str, str], parts: dict[str, torch.Tensor], where: str) -> str | None:
+    """The histogram kind the metadata announces ("head" / "channel", None when absent), checked against the
+    grid kvq reads and against the layer's tensors."""
+    raw = meta.get("histograms")
+    present = [part for part in ("k.hist", "v.hist") if part in parts]
+    if raw is None:
+        if present:
+            raise UsageError(f"{where} holds {present[0]} but the metadata names no histogram grid", hint=_HINT)
+        return None
+    schema, _, kind = raw.rpartition(" ")
+    if schema != grid.SCHEMA or kind not in ("head", "channel"):
+        raise UsageError(f"{where}: histograms {raw!r} are not on the grid this kvq reads ({grid.SCHEMA} head|channel)",
+                         hint="calibrate again with this version of kvq")
+    if len(present) != 2:
+        raise UsageError(f"{where} lacks k.hist or v.hist although the metadata announces histograms", hint=_HINT)
+    return kind
+
+
+def _checked_hist(counts: torch.Tensor | None, kind: str | None, shape: tuple[int, ...], tokens: int,
+                  where: str) -> torch.Tensor | None:
+    """A loaded histogram: int64 counts of the announced shape, each head's (or channel's) total the values seen."""
+    if counts is None:
+        return None
+    heads, dim = shape
+    want = (heads, grid.NUM_BINS) if kind == "head" else (heads, dim, grid.NUM_BINS)
+    if counts.dtype != torch.int64 or tuple(counts.shape) != want:
+        raise UsageError(f"{where} is {str(counts.dtype).removeprefix('torch.')} {tuple(counts.shape)}; "
+                         f"expected int64 {want}", hint=_HINT)
+    per_group = tokens * (dim if kind == "head" else 1)
+    totals = counts.sum(-1)
+    if bool((counts < 0).any()) or bool((totals != per_group).any()):
+        raise UsageError(f"{where}: counts do not add up to the {per_group} values seen per "
+                         f"{'head' if kind == 'head' else 'channel'}", hint=_HINT)
+    return counts

@@ -159,6 +159,17 @@ CASES: list[tuple[str, Callable[[World], list[str]], int, str]] = [
     ("recipe-broken-symlink", lambda w: w.calibrate("--recipe", str(_symlink_to_nowhere(w.tmp / "r.yaml"))),
      2, "r.yaml does not exist"),
     ("recipe-unknown-name", lambda w: w.calibrate("--recipe", "int3-per-head"), 2, "unknown recipe 'int3-per-head'"),
+    ("recipe-unknown-observer", lambda w: w.calibrate("--recipe", str(w.write("r.yaml", GOOD_RECIPE + "observer: kl\n"))),
+     2, "observer: Input should be 'minmax', 'percentile', 'mse' or 'attention'"),
+    ("recipe-percentile-without-its-observer", lambda w: w.calibrate("--recipe", str(w.write(
+        "r.yaml", GOOD_RECIPE + "percentile: 99.9\n"))), 2, "percentile is an option of observer percentile"),
+    ("recipe-percentile-100", lambda w: w.calibrate("--recipe", str(w.write(
+        "r.yaml", GOOD_RECIPE + "observer: percentile\npercentile: 100\n"))), 2, "percentile: Input should be less than 100"),
+    ("solve-mse-without-histograms", lambda w: ["solve", str(w.out), "--out", str(w.out), "--recipe", str(w.write(
+        "r.yaml", GOOD_RECIPE + "observer: mse\n"))], 2, "hold no histograms"),
+    ("solve-attention-without-rows", lambda w: ["solve", str(w.out), "--out", str(w.out), "--recipe", str(w.write(
+        "r.yaml", GOOD_RECIPE + "observer: attention\n"))], 2, "hold no Q/K/V rows"),
+    ("calibrate-unknown-histograms", lambda w: w.calibrate("--histograms", "tensor"), 2, "'tensor'"),
     ("recipe-missing-file", lambda w: w.calibrate("--recipe", "nowhere/r.yaml"), 2, "nowhere/r.yaml does not exist"),
     # --- flags ---
     ("samples-zero", lambda w: w.calibrate("--samples", "0"), 2, "'--samples'"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvq.errors import KvqError, UsageError
+from kvq.histogram import SCHEMA
 from kvq.stats import KVStats
 
 
@@ -154,3 +155,62 @@ def test_malformed_layer_tokens_are_refused(tmp_path):
     path = _write(tmp_path / "s.safetensors", _good_stats().tensors(), {"layer_tokens": "[1, 2]"})
     with pytest.raises(UsageError, match="layer_tokens is not a list of 3 token counts"):
         KVStats.load(path)
+
+
+def _stats_with_histograms(level: str) -> KVStats:
+    from kvq.calibrate.observer import StatsObserver
+    from kvq.capture import CapturedKV
+
+    stats = KVStats(metadata={"num_layers": "2"})
+    observer = StatsObserver(stats, level)
+    g = torch.Generator().manual_seed(3)
+    for i in range(2):
+        observer.kv(CapturedKV(layer_idx=i, key=torch.randn(1, 2, 7, 4, generator=g),
+                               value=torch.randn(1, 2, 7, 4, generator=g), token_mask=None))
+    return stats
+
+
+@pytest.mark.parametrize("level", ["head", "channel"])
+def test_histograms_round_trip(tmp_path, level):
+    stats = _stats_with_histograms(level)
+    path = tmp_path / "stats.safetensors"
+    path.write_bytes(stats.to_bytes())
+    loaded = KVStats.load(path)
+    assert loaded.histograms == level
+    for i in range(2):
+        for a, b in ((loaded.layers[i].k, stats.layers[i].k), (loaded.layers[i].v, stats.layers[i].v)):
+            assert torch.equal(a.hist, b.hist)
+            # 7 tokens, 4 channels: each head counts 28 values, each channel 7
+            assert set(a.hist.sum(-1).flatten().tolist()) == {28 if level == "head" else 7}
+
+
+def test_bad_histograms_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    stats = _stats_with_histograms("head")
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(stats.to_bytes())
+    tensors = load_file(str(good))
+    meta = KVStats.load(good).metadata | {"layer_tokens": "[7, 7]", "histograms": f"{SCHEMA} head"}
+    off = dict(tensors)
+    off["layers.1.v.hist"] = off["layers.1.v.hist"].clone()
+    off["layers.1.v.hist"][0, 0] += 1
+    with pytest.raises(UsageError, match=r"layers\.1\.v\.hist: counts do not add up to the 28 values seen per head"):
+        KVStats.load(_write(tmp_path / "off.safetensors", off, meta))
+    with pytest.raises(UsageError, match="not on the grid this kvq reads"):
+        KVStats.load(_write(tmp_path / "grid.safetensors", tensors, meta | {"histograms": "signed-log2/8/-20/20 head"}))
+    lacking = {k: t for k, t in tensors.items() if k != "layers.0.k.hist"}
+    with pytest.raises(UsageError, match="layer 0 lacks k.hist or v.hist"):
+        KVStats.load(_write(tmp_path / "lacking.safetensors", lacking, meta))
+    unannounced = {k: v for k, v in meta.items() if k != "histograms"}
+    with pytest.raises(UsageError, match="holds k.hist but the metadata names no histogram grid"):
+        KVStats.load(_write(tmp_path / "unannounced.safetensors", tensors, unannounced))
+    floats = dict(tensors)
+    floats["layers.0.k.hist"] = floats["layers.0.k.hist"].float()
+    with pytest.raises(UsageError, match=r"layers\.0\.k\.hist is float32 \(2, 1281\); expected int64"):
+        KVStats.load(_write(tmp_path / "floats.safetensors", floats, meta))
+
+
+def test_merging_statistics_with_and_without_histograms_is_refused():
+    with pytest.raises(KvqError, match="histograms cannot be merged"):
+        _stats_with_histograms("head").merge(_good_stats())

@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 
 from kvq.errors import KvqError, UsageError
+from kvq.histogram import NUM_BINS
 from kvq.stats import KVStats
 
 
@@ -93,8 +94,10 @@ def agree(w: World, failure: BaseException | None) -> None:
         raise KvqError(f"rank {int(failed)} of {w.size} failed (its message is above); no artifact is written")
 
 
-def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: World) -> KVStats:
-    """The statistics of every rank's samples, on every rank (layers a rank did not observe count as empty)."""
+def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: World,
+                 histograms: str | None = None) -> KVStats:
+    """The statistics of every rank's samples, on every rank (layers a rank did not observe count as empty);
+    histograms ("head" / "channel", as every rank recorded them) are summed."""
     if w.size == 1:
         return stats
     import torch.distributed as dist
@@ -103,18 +106,28 @@ def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: Wor
     mins = torch.full((num_layers, 2, heads, dim), float("inf"), dtype=torch.float32)  # (layer, K|V, head, dim)
     maxs = torch.full((num_layers, 2, heads, dim), float("-inf"), dtype=torch.float32)
     tokens = torch.zeros(num_layers, dtype=torch.int64)
+    hist_shape = {None: None, "head": (heads, NUM_BINS), "channel": (heads, dim, NUM_BINS)}[histograms]
+    counts = None if hist_shape is None else torch.zeros((num_layers, 2, *hist_shape), dtype=torch.int64)
     for i, layer in stats.layers.items():
         for j, ts in enumerate((layer.k, layer.v)):
             mins[i, j], maxs[i, j] = ts.min.cpu(), ts.max.cpu()
+            if counts is not None:
+                counts[i, j] = ts.hist
         tokens[i] = layer.tokens
     if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
         device = torch.device("cuda", torch.cuda.current_device())
         mins, maxs, tokens = mins.to(device), maxs.to(device), tokens.to(device)
+        counts = None if counts is None else counts.to(device)
     dist.all_reduce(mins, op=dist.ReduceOp.MIN)
     dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
     dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+    if counts is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        counts = counts.cpu()
     out = KVStats(metadata=dict(stats.metadata))
     for i in range(num_layers):
         if int(tokens[i]) > 0:
-            out.observe(i, mins[i, 0].cpu(), maxs[i, 0].cpu(), mins[i, 1].cpu(), maxs[i, 1].cpu(), int(tokens[i]))
+            k_hist, v_hist = (None, None) if counts is None else (counts[i, 0], counts[i, 1])
+            out.observe(i, mins[i, 0].cpu(), maxs[i, 0].cpu(), mins[i, 1].cpu(), maxs[i, 1].cpu(), int(tokens[i]),
+                        k_hist, v_hist)
     return out

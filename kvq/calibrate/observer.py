@@ -1,4 +1,5 @@
-"""Calibration's consumer of the capture: per (layer, KV head, channel) min / max of K and V."""
+"""Calibration's consumer of the capture: per (layer, KV head, channel) min / max of K and V, and, when a
+clipping observer needs them, their histograms (kvq.histogram) per head or per channel."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import KvqError
+from kvq.histogram import head_histogram
 from kvq.stats import KVStats
 
 
@@ -18,12 +20,16 @@ def channel_minmax(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class StatsObserver:
-    """Folds every layer's real-token K/V into ``stats`` and hands attention its K/V unchanged."""
+    """Folds every layer's real-token K/V into ``stats`` and hands attention its K/V unchanged; with
+    ``histograms`` "head" or "channel", their histograms too; with a reservoir in ``stats``, it samples Q/K/V
+    rows into it (and then asks for the queries)."""
 
-    wants_queries = False
-
-    def __init__(self, stats: KVStats):
+    def __init__(self, stats: KVStats, histograms: str | None = None):
+        if histograms not in (None, "head", "channel"):
+            raise ValueError(f"histograms must be None, 'head' or 'channel', not {histograms!r}")
         self.stats = stats
+        self.histograms = histograms
+        self.wants_queries = stats.reservoir is not None
 
     def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
         k_min, k_max = channel_minmax(captured.real_key)
@@ -34,8 +40,22 @@ class StatsObserver:
                     f"layer {captured.layer_idx}: {name} holds NaN or inf (batch {captured.batch_index})",
                     hint="check the model's weights; if it overflows in float16, try --dtype bfloat16 or float32",
                 )
-        self.stats.observe(captured.layer_idx, k_min, k_max, v_min, v_max, captured.tokens)
+        k_hist = v_hist = None
+        if self.histograms is not None:
+            per_channel = self.histograms == "channel"
+            k_hist = head_histogram(captured.real_key, per_channel)
+            v_hist = head_histogram(captured.real_value, per_channel)
+        self.stats.observe(captured.layer_idx, k_min, k_max, v_min, v_max, captured.tokens, k_hist, v_hist)
+        reservoir = self.stats.reservoir
+        if reservoir is not None:
+            batch, _, seq, _ = captured.key.shape
+            reservoir.decide(captured.batch_index, captured.token_mask, batch, seq)
+            reservoir.keep("k", captured.layer_idx, captured.key)
+            reservoir.keep("v", captured.layer_idx, captured.value)
         return captured.key, captured.value
 
-    def query(self, captured: CapturedQuery) -> None:  # wants_queries is False: never called
-        return None
+    def query(self, captured: CapturedQuery) -> None:  # called only with a reservoir (wants_queries)
+        reservoir = self.stats.reservoir
+        reservoir.keep("q", captured.layer_idx, captured.query)
+        if captured.scaling is not None:
+            reservoir.scaling[captured.layer_idx] = captured.scaling

@@ -52,7 +52,7 @@ class PartialSaver:
         if done == 0 or done == self.saved_at[0]:
             return
         meta = {**stats.metadata, **{_PREFIX + k: v for k, v in self.print.items()}, _PREFIX + "done": str(done)}
-        partial = KVStats(layers=stats.layers, metadata=meta)
+        partial = KVStats(layers=stats.layers, metadata=meta, reservoir=stats.reservoir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_file(self.path, partial.to_bytes(), force=True)
         self.saved_at = (done, time.monotonic())

@@ -29,6 +29,7 @@ from kvq.errors import KvqError, UsageError
 from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen, parse_max_memory
 from kvq.output_policy import check_reads
 from kvq.recipe import KVRecipe
+from kvq.reservoir import TOKENS, Reservoir
 from kvq.scales import KVScales
 from kvq.solver import solve
 from kvq.stats import KVStats
@@ -47,6 +48,16 @@ class CalibrationConfig(ModelSpec):
     seed: int = 0
     save_every: int | None = None  # samples between partial saves; None: about every minute of work
     resume: bool = False  # continue the interrupted run whose partial statistics are in --out
+    histograms: str | None = None  # "head" / "channel": record histograms even if the recipe's observer needs none
+
+
+def histogram_level(recipe: KVRecipe, asked: str | None) -> str | None:
+    """The histograms a run records: what the recipe's observers need ("channel" for a per-channel clipping
+    observer, else "head"), or more if asked; None for min/max only."""
+    needs = [spec for spec in (recipe.key, recipe.value) if spec.needs_histograms]
+    if any(spec.granularity == "channel" for spec in needs) or asked == "channel":
+        return "channel"
+    return "head" if needs or asked == "head" else None
 
 
 @dataclass
@@ -65,11 +76,12 @@ def collect_stats(
     batch_iter: Iterable[Batch],
     on_batch: Callable[[Batch], None] | None = None,
     stats: KVStats | None = None,
+    histograms: str | None = None,
 ) -> KVStats:
     """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats` (``stats``, to
-    continue earlier statistics)."""
+    continue earlier statistics); ``histograms`` "head" / "channel" records histograms too."""
     stats = KVStats() if stats is None else stats
-    capture_batches(model, batch_iter, StatsObserver(stats), on_batch)
+    capture_batches(model, batch_iter, StatsObserver(stats, histograms), on_batch)
     return stats
 
 
@@ -92,6 +104,9 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     w = world(cfg.check())  # before any data or model is loaded; torchrun: join the group
     if cfg.resume and w.size > 1:
         raise UsageError("--resume continues one process's partial statistics", hint="resume without torchrun")
+    if recipe.needs_rows and w.size > 1:
+        raise UsageError(f"recipe {recipe.name} uses the attention observer, whose sample of Q/K/V rows one process "
+                         "must draw", hint="calibrate it in one process (no torchrun), or use observer mse")
     if recipe.transforms and w.size > 1:
         raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
                          "which one process must see", hint="calibrate transforms in one process (no torchrun)")
@@ -122,7 +137,8 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
         failure = exc
     agree(w, failure)
     info = loaded.info
-    stats = reduce_stats(stats, info.num_layers, (info.num_kv_heads, info.head_dim), w)
+    stats = reduce_stats(stats, info.num_layers, (info.num_kv_heads, info.head_dim), w,
+                         histogram_level(recipe, cfg.histograms))
     stats.check_complete(info.num_layers)
     for i, layer in stats.layers.items():
         if tuple(layer.k.min.shape) != (info.num_kv_heads, info.head_dim):
@@ -182,9 +198,12 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out
     mine = shard(picked.token_ids, w)  # every sample when not launched by torchrun
     info = loaded.info
     data = json.dumps({"origin": dataset.origin, "files": [file_sha256(f) for f in dataset.files]})
+    level = histogram_level(recipe, cfg.histograms)
     print_ = fingerprint(info.model_id, info.config_hash, data, mine, cfg.seqlen, cfg.batch_size,
-                         json.dumps(recipe.to_json(), sort_keys=True) + (record.weights_hash if record else ""))
-    stats, done = resume_from(out_dir, print_) if cfg.resume else (KVStats(), 0)
+                         json.dumps(recipe.to_json(), sort_keys=True) + (record.weights_hash if record else "")
+                         + (f" histograms {level}" if level else ""))
+    fresh = KVStats(reservoir=Reservoir(tokens=min(TOKENS, cfg.seqlen), seed=cfg.seed) if recipe.needs_rows else None)
+    stats, done = resume_from(out_dir, print_) if cfg.resume else (fresh, 0)
     saver = PartialSaver(out_dir, print_, cfg.save_every) if w.size == 1 else None
     count = [done]
 
@@ -200,9 +219,9 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out
 
             with calibration_progress(len(todo), sum(map(len, todo))) as advance:
                 collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id),
-                              lambda b: (advance(b), on_batch(b)), stats)
+                              lambda b: (advance(b), on_batch(b)), stats, level)
         else:
-            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats)
+            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats, level)
     except KeyboardInterrupt:
         if saver is not None:
             saver.save(stats, count[0])  # what was done, for --resume

@@ -54,7 +54,9 @@ def _capturing(name: str) -> Callable:
             if not isinstance(layer_idx, int):
                 raise KvqError(f"cannot capture queries of {type(module).__name__}: it has no integer layer_idx")
             check_states(query, cache.token_mask, layer_idx, "queries")
-            cache.consumer.query(CapturedQuery(layer_idx, query, cache.token_mask, cache.batch_index))
+            scaling = kwargs.get("scaling")
+            cache.consumer.query(CapturedQuery(layer_idx, query, cache.token_mask, cache.batch_index,
+                                               float(scaling) if isinstance(scaling, (int, float)) else None))
         return _implementation(name, module)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

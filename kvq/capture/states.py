@@ -87,6 +87,7 @@ class CapturedQuery:
     query: torch.Tensor  # (batch, heads, seq, head_dim)
     token_mask: torch.Tensor | None  # (batch, seq) bool, None when there is no padding
     batch_index: int = 0
+    scaling: float | None = None  # the softmax scale attention applies to q.k (None: not given, 1/sqrt(head_dim))
 
     @cached_property
     def real_query(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -27,6 +27,8 @@ from kvq.cli.params import (
     positive,
     with_model_flags,
 )
+from kvq.cli.plan_command import SHORT_HELP as PLAN_SHORT_HELP
+from kvq.cli.plan_command import plan_command
 from kvq.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
@@ -79,6 +81,10 @@ def calibrate_command(
                                                 "samples (default: about every minute of work)")] = None,
     resume: Annotated[bool, option("--resume", help="continue the interrupted calibration whose partial "
                                    "statistics are in --out (the same model, data, samples and recipe)")] = False,
+    histograms: Annotated[Literal["head", "channel"] | None, option("--histograms",
+                                             help="also record histograms per head or per channel, so that "
+                                             "`kvq solve` can run clipping observers (percentile, mse) later; "
+                                             "default: what the recipe's observer needs")] = None,
 ) -> int:
     """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
@@ -93,7 +99,7 @@ def calibrate_command(
     cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
                             dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, save_every=save_every,
-                            resume=resume, **flags.placement())
+                            resume=resume, histograms=histograms, **flags.placement())
     result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
@@ -188,6 +194,10 @@ def eval_command(
         help="a calibration output folder (or scales.safetensors); repeat to compare several")] = None,
     recipe: Annotated[list[str] | None, option(
         "--recipe", metavar="NAME", help="an eval-only recipe, repeatable: {eval_recipes}")] = None,
+    plan: Annotated[list[Path] | None, option(
+        "--plan", metavar="PLAN", exists=True,
+        help="a plan.json from `kvq plan` (or the artifact folder holding it): its layers stay unquantized; "
+        "shown next to its artifact with every layer quantized; repeatable")] = None,
     samples: Annotated[int | None, positive("--samples", help="number of windows (default: every full window "
                                             "of the text)")] = None,
     seqlen: Annotated[int, positive("--seqlen", help="tokens per window (default 2048)")] = 2048,
@@ -213,7 +223,8 @@ def eval_command(
     if json:
         check_report_target(json)  # before the model runs, not after
     cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
-                     scales=paths_arg(scales) or [], recipes=list(recipe or []), samples=samples, seqlen=seqlen,
+                     scales=paths_arg(scales) or [], recipes=list(recipe or []), plans=paths_arg(plan) or [],
+                     samples=samples, seqlen=seqlen,
                      batch_size=batch_size, device=flags.device, dtype=flags.dtype,
                      attention_error=not no_attention_error, fp8_fallback=not no_fp8_fallback,
                      trust_remote_code=flags.trust_remote_code, **flags.placement())
@@ -228,6 +239,9 @@ def eval_command(
     if json:
         console.print(f"table: {write_json(json, eval_json(result))}")
     return 0
+
+
+app.command("plan", cls=KvqCommand, short_help=PLAN_SHORT_HELP)(with_model_flags(plan_command))
 
 
 # --- export-scales ------------------------------------------------------------------------------

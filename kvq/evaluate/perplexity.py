@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,15 @@ from kvq.errors import KvqError, UsageError
 from kvq.evaluate.attention_error import AttentionErrorProbe
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.evaluate.dynamic import UnitScaleQuantizer, eval_only_quantizer
-from kvq.evaluate.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
+from kvq.evaluate.quant_cache import (
+    FakeQuantize,
+    IdentityQuantizer,
+    KVQuantizer,
+    KVShape,
+    PartialQuantizer,
+    StaticQuantizer,
+)
+from kvq.layer_plan import check_plan_model, read_plan
 from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen
 from kvq.scales import KVScales, scales_path
 from kvq.transforms.record import fold_recorded
@@ -232,6 +241,7 @@ class EvalConfig(ModelSpec):
     batch_size: int = 1
     attention_error: bool = True
     fp8_fallback: bool = True  # add scale = 1.0 next to every fp8 artifact
+    plans: list[str] = field(default_factory=list)  # plan.json files (or folders holding one): kvq plan
 
 
 @dataclass
@@ -248,19 +258,37 @@ class EvalResult:
         return kv_shape_of(self.info)
 
 
-def static_quantizers(paths: Sequence[str], fp8_fallback: bool) -> list[KVQuantizer]:
-    """A :class:`StaticQuantizer` per artifact, each fp8 one followed by its scale-1.0 fallback."""
+def static_quantizers(paths: Sequence[str], fp8_fallback: bool, plans: Sequence[str] = ()) -> list[KVQuantizer]:
+    """A :class:`StaticQuantizer` per artifact, each fp8 one followed by its scale-1.0 fallback, then a
+    :class:`PartialQuantizer` per plan (its artifact's row is added first when ``paths`` lack it)."""
     out: list[KVQuantizer] = []
+    by_file: dict[Path, StaticQuantizer] = {}
+
+    def artifact(path: str | Path) -> StaticQuantizer:
+        key = scales_path(path).resolve()
+        if key not in by_file:
+            by_file[key] = StaticQuantizer(KVScales.load(path), source=str(path))
+            out.append(by_file[key])
+        return by_file[key]
+
     for path in paths:
-        scales = KVScales.load(path)
-        out.append(StaticQuantizer(scales, source=str(path)))
+        artifact(path)
+    read = [read_plan(path) for path in plans]  # each plan after its artifact, so a bad plan fails early
+    partial = []
+    for plan in read:
+        scales = artifact(plan.scales_file)
+        check_plan_model(plan, scales.scales.num_layers)  # the scales are checked against the model later
+        partial.append(PartialQuantizer(scales, plan.skip_layers))
     if fp8_fallback:
         seen: set[tuple[str, str]] = set()
-        for q in list(out):
+        for q in list(by_file.values()):
             fmts = (q.recipe.key.format, q.recipe.value.format)
             if q.recipe.key.is_fp8 and q.recipe.value.is_fp8 and fmts not in seen:
                 seen.add(fmts)
                 out.append(UnitScaleQuantizer(*fmts))
+    for plan, q in zip(read, partial, strict=True):
+        q.source = str(plan.path)
+        out.append(q)
     return out
 
 
@@ -276,18 +304,23 @@ def _one_transform_set(static: Sequence[StaticQuantizer]) -> StaticQuantizer | N
     return next((q for q in static if q.recipe.transforms), None)
 
 
-def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
-    """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
-    cfg.check()  # before any data or model is loaded
-    extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
-    quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback)
-    names = {q.name for q in quantizers}
-    quantizers += [q for q in extra if q.name not in names]
-    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
-    loaded: LoadedModel = cfg.load()
-    check_seqlen(loaded.model.config, cfg.seqlen)
+@dataclass
+class Prepared:
+    """What a run over evaluation windows starts from: the model (transforms folded), data, windows."""
+
+    loaded: LoadedModel
+    dataset: LoadedDataset
+    windows: EvalWindows
+    warnings: list[str]
+
+
+def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, seqlen: int, samples: int | None,
+            static: Sequence[StaticQuantizer]) -> Prepared:
+    """Load the data and the model, check the artifacts fit it, fold their transforms, cut the windows."""
+    dataset = load_documents(dataset_name, data_files, purpose="evaluation")
+    loaded: LoadedModel = spec.load()
+    check_seqlen(loaded.model.config, seqlen)
     warnings: list[str] = []
-    static = [q for q in quantizers if isinstance(q, StaticQuantizer)]
     for q in static:
         warnings += check_scales_match(q.scales, loaded.info, q.source)
         same = same_data_warning(q.scales.metadata, dataset, q.source)
@@ -299,11 +332,25 @@ def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] |
                       scales_path(transformed.source))
         warnings.append(f"the model is evaluated with the transforms of {transformed.source} folded into its "
                         "weights (exact: the baseline is the model's own perplexity within float rounding)")
-    windows = eval_windows(dataset.documents, loaded.tokenizer, cfg.seqlen, cfg.samples)
-    callback = on_start(windows.num_windows) if on_start is not None else None
-    measurement = measure(loaded.model, windows, quantizers, cfg.batch_size, cfg.attention_error, callback)
+    windows = eval_windows(dataset.documents, loaded.tokenizer, seqlen, samples)
+    return Prepared(loaded, dataset, windows, warnings)
+
+
+def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
+    """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
+    cfg.check()  # before any data or model is loaded
+    extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
+    quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback, cfg.plans)
+    names = {q.name for q in quantizers}
+    quantizers += [q for q in extra if q.name not in names]
+    static = [q for q in quantizers if isinstance(q, StaticQuantizer)]
+    ready = prepare(cfg, cfg.dataset, cfg.data_files, cfg.seqlen, cfg.samples, static)
+    warnings = ready.warnings
+    callback = on_start(ready.windows.num_windows) if on_start is not None else None
+    measurement = measure(ready.loaded.model, ready.windows, quantizers, cfg.batch_size, cfg.attention_error, callback)
     if measurement.unmatched_layers:
         shown = ", ".join(map(str, measurement.unmatched_layers[:8]))
         warnings.append(f"attention-output error not measured for layers {shown}: no module with that "
                         "layer_idx was running when the layer wrote its K/V")
-    return EvalResult(loaded.info, next(loaded.model.parameters()).dtype, dataset, windows, measurement, warnings)
+    return EvalResult(ready.loaded.info, next(ready.loaded.model.parameters()).dtype, ready.dataset, ready.windows,
+                      measurement, warnings)

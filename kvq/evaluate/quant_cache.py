@@ -10,13 +10,15 @@ reproduces that at the cache write: the capture (:mod:`kvq.capture`) hands it ev
 A quantizer (:class:`KVQuantizer`) is any object with ``quantize(x, layer_idx, which) -> Tensor``
 (same shape and dtype), ``kv_bytes_per_token(shape, model_dtype)`` and what a report shows of it
 (``name``, ``kind``, ``source``, ``describe(which)``). This module has the static one (scales from
-``kvq calibrate`` / ``kvq solve``) and the identity; :mod:`kvq.evaluate.dynamic` has the eval-only
-ones (run-time per-token modes, fp8 with scale 1.0).
+``kvq calibrate`` / ``kvq solve``), the identity, and :class:`PartialQuantizer`, which leaves some
+layers unquantized (a per-layer plan, vLLM's ``--kv-cache-dtype-skip-layers``);
+:mod:`kvq.evaluate.dynamic` has the eval-only ones (run-time per-token modes, fp8 with scale 1.0).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -134,6 +136,42 @@ class StaticQuantizer:
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
         return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
+
+
+def layers_text(layers: Collection[int]) -> str:
+    """``0,17``: layer indices as one comma-separated word, for names and messages."""
+    return ",".join(str(i) for i in sorted(layers))
+
+
+class PartialQuantizer:
+    """``inner`` on every layer but those in ``skip``, which stay unquantized (in the model dtype).
+
+    What an engine does with a per-layer plan: vLLM's ``--kv-cache-dtype-skip-layers`` gives those
+    layers a cache in the model dtype (``kv_cache_dtype = "auto"``), the others the quantized one.
+    Also "only layer i quantized" (``skip`` = every other layer), for per-layer sensitivity.
+    """
+
+    def __init__(self, inner: KVQuantizer, skip: Collection[int], name: str | None = None):
+        self.inner = inner
+        self.skip_layers: tuple[int, ...] = tuple(sorted(set(skip)))
+        self._skip = frozenset(self.skip_layers)
+        self.name = name or f"{inner.name} skip {layers_text(self.skip_layers) or 'none'}"
+        self.kind = inner.kind
+        self.source = inner.source
+
+    def describe(self, which: Which) -> str:
+        return self.inner.describe(which)
+
+    def quantize(self, x: torch.Tensor, layer_idx: int, which: Which) -> torch.Tensor:
+        return x if layer_idx in self._skip else self.inner.quantize(x, layer_idx, which)
+
+    def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
+        """The quantized layers at ``inner``'s cost, the skipped ones at the model dtype's."""
+        skipped = sum(1 for i in self._skip if 0 <= i < shape.num_layers)
+        quantized = replace(shape, num_layers=shape.num_layers - skipped)
+        plain = replace(shape, num_layers=skipped)
+        return (self.inner.kv_bytes_per_token(quantized, model_dtype)
+                + IdentityQuantizer().kv_bytes_per_token(plain, model_dtype))
 
 
 class FakeQuantize:

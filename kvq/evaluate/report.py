@@ -16,7 +16,8 @@ from kvq import __version__
 from kvq.artifact import json_bytes
 from kvq.console import summary_table
 from kvq.evaluate.perplexity import EvalResult, Measured
-from kvq.evaluate.quant_cache import describe_spec
+from kvq.evaluate.plan_run import PlanResult
+from kvq.evaluate.quant_cache import PartialQuantizer, describe_spec
 from kvq.evaluate.validate import HeadError, ValidationResult
 from kvq.output import write_file
 
@@ -164,6 +165,7 @@ def eval_rows(result: EvalResult) -> list[dict]:
             "delta_pct": 100.0 * (entry.ppl / m.baseline.ppl - 1.0),
             "delta_pct_stderr": None if entry is m.baseline else finite_or_none(100.0 * m.delta_stderr(entry)),
             "attention_error": _attention_json(entry),
+            "skip_layers": list(q.skip_layers) if isinstance(q, PartialQuantizer) else None,
         }
         rows.append(row)
     return rows
@@ -240,3 +242,39 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def print_plan(result: PlanResult, console: Console | None = None) -> None:
+    """The sensitivity of every layer (most sensitive first), the layers kept unquantized, the engine flags."""
+    console = console or report_console()
+    sens, info, w = result.sensitivity, result.info, result.windows
+    skipped = set(result.skip_layers)
+    unit = "rel. L2 error" if sens.by == "attention" else "Δ NLL/token (nats)"
+    table = Table(title=f"kvq plan: sensitivity by {sens.by}, most sensitive first", title_justify="left")
+    for col, justify in (("rank", "right"), ("layer", "right"), (unit, "right"), ("plan", "left")):
+        table.add_column(col, justify=justify)
+    for rank, layer in enumerate(sens.order(), 1):
+        value = f"{sens.per_layer[layer]:.4g}" + (f" ± {sens.stderr[layer]:.2g}" if layer in sens.stderr else "")
+        table.add_row(str(rank), str(layer), value, "unquantized" if layer in skipped else result.recipe)
+    console.print(table)
+    b = result.kv_bytes_per_token
+    dtype = str(result.model_dtype).removeprefix("torch.")
+    summary = summary_table("plan")
+    summary.add_row("scales", f"{result.scales_file} ({result.recipe})")
+    summary.add_row("model", f"{info.model_id} ({info.num_layers} layers)")
+    summary.add_row("data", f"{result.dataset.name} ({result.dataset.origin}), {w.num_windows} windows x {w.seqlen} tokens")
+    summary.add_row("sensitivity", f"by {sens.by}: {sens.description}")
+    summary.add_row("budget", ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in result.budget.items()))
+    summary.add_row("skip layers", ", ".join(map(str, result.skip_layers)) or "none")
+    summary.add_row("KV bytes/token", f"{_fmt_bytes(b['plan'])} (every layer quantized: {_fmt_bytes(b['all_quantized'])}, "
+                    f"unquantized {dtype}: {_fmt_bytes(b['unquantized'])})")
+    summary.add_row("every layer quantized", f"Δ NLL/token {sens.all_layers_delta_nll:+.4g} nats on these windows")
+    for name, engine in result.engines.items():
+        summary.add_row(name, engine["flags"] + (" " if engine["flags"] else "") + f"({engine['note']})")
+    console.print(summary)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"plan: {result.path}  (evaluate it: kvq eval --plan {result.path} ...)")

@@ -105,8 +105,10 @@ def export_scales(
             "folded into its weights: the engine would serve the original weights with them",
             hint="export a checkpoint format (--format vllm), which writes the transformed weights too",
         )
+    from kvq.layer_plan import plan_skip_layers
+
     request = ExportRequest(scales=scales, shape=shape, files=files, tp=tp, reduce=reduce, trtllm_checkpoint=ckpt,
-                            legacy=legacy)
+                            legacy=legacy, skip_layers=plan_skip_layers(artifact_path))
     if scales.recipe.transforms:
         # Folding the transforms loads the whole model: the plan without them (cheap) is checked against
         # the --out policy first, so a refused --out fails before that work.

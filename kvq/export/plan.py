@@ -28,6 +28,7 @@ class ExportRequest:
     reduce: str | None
     trtllm_checkpoint: Path | None = None
     legacy: bool = False  # write a format that only older engine releases apply (the refusal names them)
+    skip_layers: tuple[int, ...] = ()  # layers the artifact's plan.json keeps unquantized (kvq plan), if any
     # The weights the scales' transforms rewrote (state-dict name -> tensor; None without transforms): called
     # by the checkpoint formats once their cheap checks pass, since it loads and transforms the model.
     transformed_weights: Callable[[], dict[str, torch.Tensor] | None] = lambda: None

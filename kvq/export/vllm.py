@@ -27,6 +27,7 @@ from kvq.errors import UsageError
 from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
 from kvq.export.model_check import refuse_format
 from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.layer_plan import VLLM_SKIP_SINCE, vllm_skip_flags
 
 EXPORT_FORMAT = "vllm"
 # What engines do with this checkpoint, read in their source (docs/engines.md, kvq/engines.py).
@@ -125,7 +126,28 @@ def build(req: ExportRequest) -> ExportPlan:
     plan.notes = notes + plan.notes
     plan.warnings = [WARN_PER_HEAD, WARN_ROCM] if per_head else [WARN_FLASHINFER, WARN_ROCM, WARN_SGLANG_PER_TENSOR]
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
+    if req.skip_layers:
+        plan.serve, more = with_skip_layers(plan.serve, req.skip_layers)
+        plan.warnings += more
     return plan
+
+
+def with_skip_layers(serve: list[str], skip_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:
+    """The serve lines with the artifact's plan applied where the engine can (vLLM's skip flag), and a
+    warning for each engine that cannot (it would serve every layer quantized)."""
+    layers = ", ".join(map(str, skip_layers))
+    lines, warnings = [], []
+    for line in serve:
+        command, _, comment = line.partition("   (")
+        if command.startswith("vllm "):
+            lines.append(f"{command} {vllm_skip_flags(skip_layers)}   ({comment.rstrip(')')}; the skip flag: "
+                         f"vLLM >= {VLLM_SKIP_SINCE}; plan.json: layers {layers} unquantized)")
+        else:
+            lines.append(line)
+            engine = "SGLang" if "sglang" in command else command.split()[0]
+            warnings.append(f"{engine}: no option keeps layers {layers} unquantized: it serves every "
+                            "layer quantized, not the plan")
+    return lines, warnings
 
 
 EXPORTER = Exporter(name=EXPORT_FORMAT, build=build, needs_model_files=True)

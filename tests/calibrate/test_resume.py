@@ -17,9 +17,21 @@ from kvq.cli import main
 ARTIFACTS = ("stats.safetensors", "scales.safetensors", "scales.json")
 
 
-def _args(model, out, *extra):
+RECIPES = {"minmax": "int8-asym-per-channel"}
+
+
+def _args(model, out, *extra, recipe="minmax"):
     return ["calibrate", "--model", str(model), "--dataset", "pydoc", "--samples", "48", "--seqlen", "96",
-            "--device", "cpu", "--recipe", "int8-asym-per-channel", "--out", str(out), *extra]
+            "--device", "cpu", "--recipe", RECIPES[recipe], "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _observer_recipe(tmp_path_factory):
+    """A recipe whose observers read histograms (keys, per channel) and the reservoir of Q/K/V rows (values)."""
+    path = tmp_path_factory.mktemp("recipes") / "observers.yaml"
+    path.write_text("format: int4\nsymmetric: false\ngranularity: channel\nkeys: {observer: mse}\n"
+                    "values: {observer: attention, granularity: head}\n")
+    RECIPES["observers"] = str(path)
 
 
 def _start(argv):
@@ -39,15 +51,18 @@ def _wait_for_partial(proc, out, timeout=120.0):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "whole"
-    assert main(_args(tiny_llama, out)) == 0
-    return {name: (out / name).read_bytes() for name in ARTIFACTS}
+    found = {}
+    for recipe in RECIPES:
+        out = tmp_path_factory.mktemp("resume") / "whole"
+        assert main(_args(tiny_llama, out, recipe=recipe)) == 0
+        found[recipe] = {name: (out / name).read_bytes() for name in ARTIFACTS}
+    return found
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_an_interrupted_run_resumes_to_the_same_bytes(tiny_llama, tmp_path, uninterrupted, how):
+@pytest.mark.parametrize(("how", "recipe"), [("SIGKILL", "minmax"), ("SIGINT", "minmax"), ("SIGKILL", "observers")])
+def test_an_interrupted_run_resumes_to_the_same_bytes(tiny_llama, tmp_path, uninterrupted, how, recipe):
     out = tmp_path / "out"
-    proc = _start(_args(tiny_llama, out, "--save-every", "1"))
+    proc = _start(_args(tiny_llama, out, "--save-every", "1", recipe=recipe))
     _wait_for_partial(proc, out)
     for _ in range(5):  # a Ctrl-C CPython loses before a blocking call is pressed again, as a user would
         proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
@@ -59,8 +74,8 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(tiny_llama, tmp_path, unin
     if how == "SIGINT":
         assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "kvq: interrupted"
     assert (out / PARTIAL_FILE).exists() and not (out / "stats.safetensors").exists()
-    assert main(_args(tiny_llama, out, "--resume")) == 0
-    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == uninterrupted
+    assert main(_args(tiny_llama, out, "--resume", recipe=recipe)) == 0
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == uninterrupted[recipe]
     assert sorted(os.listdir(out)) == sorted(ARTIFACTS)  # the partial file and any temporary are gone
 
 

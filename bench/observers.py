@@ -1,0 +1,151 @@
+"""What the clipping observers buy: perplexity change per recipe and observer on SmolLM2, held out from calibration.
+
+    python bench/observers.py [--model M] [--cal-samples 32] [--cal-seqlen 512] [--windows 16] [--seqlen 512]
+                              [--device cpu|cuda] [--json FILE]
+
+1. Calibrate ONCE on ``--cal-samples`` samples of the C4 train sample (``../shared/data/c4-en-train-sample.jsonl``)
+   with per-channel histograms and a reservoir of Q/K/V rows (what every observer below reads):
+   ``kvq.calibrate.collect_stats``.
+2. Solve from those statistics: fp8 e4m3 per tensor with minmax / percentile / mse / attention, next to the scale
+   of 1.0 an engine uses without calibration; int8 asymmetric per head with minmax / percentile / mse / attention;
+   int4 asymmetric per head and per channel with minmax / mse.
+3. Evaluate each on the first ``--windows`` windows of ``--seqlen`` tokens of WikiText-2 (test) and of the held-out
+   C4 file (``c4-en-validation-heldout.jsonl``, evaluation only): perplexity change against the unquantized model,
+   with the paired standard error over windows; each observer also against minmax of the same recipe.
+4. Print the issue's targets: every observer no worse than minmax beyond noise (two paired standard errors); the
+   best fp8 observer better than scale 1.0; int8 asymmetric per head within 0.1% of the baseline with the best
+   observer. Exit 0 when every target passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.data import batches, load_documents, select_samples  # noqa: E402
+from kvq.evaluate import StaticQuantizer, UnitScaleQuantizer, eval_windows, measure  # noqa: E402
+from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
+from kvq.models import load_model  # noqa: E402
+from kvq.recipe import parse_recipe  # noqa: E402
+from kvq.reservoir import Reservoir  # noqa: E402
+from kvq.solver import solve  # noqa: E402
+from kvq.stats import KVStats  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+# (recipe, format, symmetric, granularity, observers)
+RECIPES = [
+    ("fp8-e4m3-per-tensor", "fp8_e4m3", True, "tensor", ("minmax", "percentile", "mse", "attention")),
+    ("int8-asym-per-head", "int8", False, "head", ("minmax", "percentile", "mse", "attention")),
+    ("int4-asym-per-head", "int4", False, "head", ("minmax", "mse")),
+    ("int4-asym-per-channel", "int4", False, "channel", ("minmax", "mse")),
+]
+UNIT = "fp8-e4m3-scale-1.0"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--cal-data", default=str(SHARED / "c4-en-train-sample.jsonl"))
+    p.add_argument("--eval-data", nargs="+", default=[str(SHARED / "wikitext-2-raw-test.txt"),
+                                                      str(SHARED / "c4-en-validation-heldout.jsonl")])
+    p.add_argument("--cal-samples", type=int, default=32)
+    p.add_argument("--cal-seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    return p.parse_args(argv)
+
+
+def recipes():
+    for base, fmt, symmetric, granularity, observers in RECIPES:
+        for observer in observers:
+            name = f"{base}+{observer}"
+            data = {"name": name, "format": fmt, "symmetric": symmetric, "granularity": granularity,
+                    "observer": observer}
+            yield base, observer, parse_recipe(data, "bench/observers.py", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for path in (args.cal_data, *args.eval_data):
+        if not Path(path).is_file():
+            sys.exit(f"bench/observers.py: {path} not found (the shared data folder sits beside the repository)")
+    loaded = load_model(args.model, device=args.device)
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    cal = load_documents("c4", [args.cal_data], purpose="calibration")
+    picked = select_samples(cal.documents, tok, args.cal_samples, args.cal_seqlen, 0)
+    t0 = time.perf_counter()
+    stats = collect_stats(loaded.model, batches(picked.token_ids, 1, pad_id), histograms="channel",
+                          stats=KVStats(reservoir=Reservoir()))
+    stats.check_complete(loaded.info.num_layers)
+    print(f"calibrated once: {len(picked.token_ids)} C4 train samples x <= {args.cal_seqlen} tokens, per-channel "
+          f"histograms, {stats.reservoir.kept} x {stats.reservoir.tokens} Q/K/V rows, {time.perf_counter() - t0:.0f} s")
+    quantizers, solve_seconds = [], {}
+    for _, _, recipe in recipes():
+        t0 = time.perf_counter()
+        quantizers.append(StaticQuantizer(solve(stats, recipe), name=recipe.name))
+        solve_seconds[recipe.name] = time.perf_counter() - t0
+    quantizers.append(UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"))
+    print("solve seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in solve_seconds.items()))
+
+    rows, ok = [], True
+    for path in args.eval_data:
+        data_name = Path(path).name
+        docs = load_documents("wikitext2" if path.endswith(".txt") else "c4", [path], purpose="evaluation").documents
+        windows = eval_windows(docs, tok, args.seqlen, args.windows)
+        m = measure(loaded.model, windows, quantizers, attention_error=False)
+        entry = {e.quantizer.name: e for e in m.entries}
+        base_nll = m.baseline.window_nll
+        print(f"\n{data_name}: {windows.num_windows} windows x {windows.seqlen} tokens, baseline ppl {m.baseline.ppl:.4f}")
+        print(f"{'recipe':34} {'vs baseline':>20} {'vs minmax':>20}")
+
+        def pct(name: str, ref: str | None = None, entry=entry, m=m, base_nll=base_nll) -> tuple[float, float]:
+            e = entry[name]
+            if ref is None:
+                return 100 * (e.ppl / m.baseline.ppl - 1), 100 * paired_stderr(e.window_nll, base_nll,
+                                                                                 e.tokens_per_window)
+            r = entry[ref]
+            return 100 * (e.ppl / r.ppl - 1), 100 * paired_stderr(e.window_nll, r.window_nll, e.tokens_per_window)
+
+        for base, observer, recipe in recipes():
+            d, de = pct(recipe.name)
+            v, ve = pct(recipe.name, f"{base}+minmax")
+            rows.append({"data": data_name, "recipe": base, "observer": observer, "pct": d, "stderr": de,
+                         "vs_minmax_pct": v, "vs_minmax_stderr": ve})
+            shown = "" if observer == "minmax" else f"{v:+9.3f}% ± {ve:6.3f}"
+            print(f"{recipe.name:34} {d:+9.3f}% ± {de:6.3f}  {shown:>20}")
+        d, de = pct(UNIT)
+        rows.append({"data": data_name, "recipe": UNIT, "observer": "none", "pct": d, "stderr": de})
+        print(f"{UNIT:34} {d:+9.3f}% ± {de:6.3f}")
+
+        checks = []
+        for base, observer, recipe in recipes():
+            if observer != "minmax":
+                v, ve = pct(recipe.name, f"{base}+minmax")
+                checks.append((v <= 2 * ve, f"{recipe.name} no worse than minmax beyond noise ({v:+.3f}% ± {ve:.3f})"))
+        fp8 = min((n for n in entry if n.startswith("fp8-e4m3-per-tensor+")), key=lambda n: entry[n].ppl)
+        v, ve = pct(fp8, UNIT)
+        checks.append((v < 0, f"best fp8 observer ({fp8}) better than scale 1.0 ({v:+.3f}% ± {ve:.3f})"))
+        int8 = min((n for n in entry if n.startswith("int8-asym-per-head+")), key=lambda n: entry[n].ppl)
+        d, de = pct(int8)
+        checks.append((abs(d) <= 0.1, f"int8 asym per head with the best observer ({int8}) within 0.1% of the "
+                       f"baseline ({d:+.3f}% ± {de:.3f})"))
+        for passed, text in checks:
+            ok &= passed
+            print(f"{'PASS' if passed else 'FAIL'}  {data_name}: {text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
