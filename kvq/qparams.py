@@ -3,8 +3,8 @@
 No model, file or CLI code here. The conventions (docs/artifacts.md repeats them):
 
 * A value ``x`` is stored as ``q`` and read back as ``x_hat = (q - zero_point) * scale``.
-* fp8 (symmetric only): ``q = cast_fp8(clamp(x / scale, -fmax, fmax))`` with ``fmax`` 448 (e4m3) or
-  57344 (e5m2) and ``scale = absmax / fmax``: the calibrated absmax lands exactly on the largest
+* fp8 (symmetric only): ``q = cast_fp8(clamp(x / scale, -fmax, fmax))`` with ``fmax`` 448 (e4m3),
+  57344 (e5m2) or 240 (e4m3fnuz, AMD MI300's fp8: exponent bias 8, one NaN, no negative zero) and ``scale = absmax / fmax``: the calibrated absmax lands exactly on the largest
   finite fp8 value. The cast rounds to nearest-even; the clamp saturates as the engines do.
 * int symmetric: ``scale = absmax / qmax`` (127 for int8, 7 for int4),
   ``q = clamp(round(x / scale), qmin, qmax)`` with qmin -128 / -8 (qmin itself is never reached
@@ -24,10 +24,11 @@ import torch
 
 from kvq.recipe import QuantSpec
 
-FP8_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FP8_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+                                      "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
+FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
 INT_RANGE: dict[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
-BITS: dict[str, int] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8, "int4": 4}
+BITS: dict[str, int] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8_e4m3fnuz": 8, "int8": 8, "int4": 4}
 SCALE_FLOOR: float = torch.finfo(torch.float32).eps
 
 

@@ -4,7 +4,7 @@ A recipe is a YAML file validated by a typed schema. Unknown keys and bad values
 the file, the field path and the allowed values; combinations that make no sense (fp8 asymmetric)
 are rejected, never rewritten.
 
-    format: int8            # fp8_e4m3 | fp8_e5m2 | int8 | int4
+    format: int8            # fp8_e4m3 | fp8_e5m2 | fp8_e4m3fnuz | int8 | int4
     symmetric: false        # fp8 must be symmetric
     granularity: head       # tensor | head | channel
     observer: minmax        # minmax | percentile | mse (read histograms) | attention (reads Q/K/V rows)
@@ -42,7 +42,7 @@ from pydantic import (
 
 from kvq.errors import UsageError
 
-Format = Literal["fp8_e4m3", "fp8_e5m2", "int8", "int4"]
+Format = Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4"]
 Granularity = Literal["tensor", "head", "channel"]
 Observer = Literal["minmax", "percentile", "mse", "attention"]
 

@@ -45,7 +45,10 @@ from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize,
 from kvq.recipe import NUMBER_FORMATS
 
 # fp8 overflow of |x / scale| without the clamp: (threshold, whether the threshold itself overflows)
-FP8_OVERFLOW: dict[str, tuple[float, bool]] = {"fp8_e4m3": (464.0, False), "fp8_e5m2": (61440.0, True)}
+# (e4m3fn: 464 lies between 448 = 1.75 * 2**8, an even code, and 480: a tie rounds down; e4m3fnuz: 248 between
+# 240 = 1.875 * 2**7, an odd code, and 256: a tie rounds up and overflows)
+FP8_OVERFLOW: dict[str, tuple[float, bool]] = {"fp8_e4m3": (464.0, False), "fp8_e5m2": (61440.0, True),
+                                               "fp8_e4m3fnuz": (248.0, True)}
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -29,7 +29,8 @@ rounding (same code, same clipped flag). ``LIBDEVICE_RINT`` uses ``libdevice.rin
 
 fp8 rounding uses Triton's fp8 types (``tl.float8e4nv`` = torch.float8_e4m3fn, ``tl.float8e5`` =
 torch.float8_e5m2, round-to-nearest-even) after the engines' clamp to +-fmax when ``NATIVE_FP8``
-(NVIDIA GPUs of compute capability >= 8.9); otherwise (older GPUs, ROCm, the interpreter) an exact
+(NVIDIA GPUs of compute capability >= 8.9); otherwise (older GPUs, ROCm, the interpreter, and always
+for e4m3fnuz, ``FP8_KIND`` 2, AMD's format with exponent bias 8 and largest value 240) an exact
 emulation: the step of the fp8 grid around ``y`` is a power of two read from ``y``'s exponent bits
 (floored at the smallest normal exponent, so subnormals share the smallest step) and ``y`` is
 rounded half-to-even to a multiple of it. Hand-written because no Triton or torch op rounds to fp8
@@ -92,7 +93,7 @@ def _round_to_bf16_emulated(v):
 def _qdq(
     x, s, r, zp,
     QMIN: tl.constexpr, QMAX: tl.constexpr, CLIP_AT: tl.constexpr, CLIP_INCLUSIVE: tl.constexpr,
-    IS_FP8: tl.constexpr, FP8_E4M3: tl.constexpr, HAS_ZP: tl.constexpr,
+    IS_FP8: tl.constexpr, FP8_KIND: tl.constexpr, HAS_ZP: tl.constexpr,
     LIBDEVICE_RINT: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):  # fmt: skip
     """(x_hat, clipped) of float32 ``x`` for scale ``s`` (``r = RN(1 / s)``) and float zero point ``zp``."""
@@ -103,16 +104,16 @@ def _qdq(
         else:
             clipped = tl.abs(y) > CLIP_AT
         yc = tl.minimum(tl.maximum(y, QMIN), QMAX)
-        if NATIVE_FP8:
-            if FP8_E4M3:
-                q = yc.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
-            else:
-                q = yc.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.float32)
-        else:
-            if FP8_E4M3:
-                q = _fp8_round_emulated(yc, 3, -6, LIBDEVICE_RINT)
-            else:
-                q = _fp8_round_emulated(yc, 2, -14, LIBDEVICE_RINT)
+        if NATIVE_FP8 and FP8_KIND == 0:
+            q = yc.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+        elif NATIVE_FP8 and FP8_KIND == 1:
+            q = yc.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.float32)
+        elif FP8_KIND == 0:  # e4m3fn: smallest normal 2**-6
+            q = _fp8_round_emulated(yc, 3, -6, LIBDEVICE_RINT)
+        elif FP8_KIND == 1:  # e5m2: 2**-14
+            q = _fp8_round_emulated(yc, 2, -14, LIBDEVICE_RINT)
+        else:  # e4m3fnuz (exponent bias 8): 2**-7, always emulated
+            q = _fp8_round_emulated(yc, 3, -7, LIBDEVICE_RINT)
         x_hat = q * s
     else:
         k = _round_half_even(y, LIBDEVICE_RINT)
@@ -133,7 +134,7 @@ def roundtrip_tile_kernel(
     NT, H, T, D, P, PER_HEAD,
     sx_b, sx_h, sx_t, sx_d, ss_h, ss_d, so_b, so_h, so_t,
     QMIN: tl.constexpr, QMAX: tl.constexpr, CLIP_AT: tl.constexpr, CLIP_INCLUSIVE: tl.constexpr,
-    IS_FP8: tl.constexpr, FP8_E4M3: tl.constexpr, HAS_ZP: tl.constexpr,
+    IS_FP8: tl.constexpr, FP8_KIND: tl.constexpr, HAS_ZP: tl.constexpr,
     LIBDEVICE_RINT: tl.constexpr, NATIVE_FP8: tl.constexpr, CONTIG_D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FAKE_QUANT: tl.constexpr, EMULATE_BF16_STORE: tl.constexpr,
 ):  # fmt: skip
@@ -167,7 +168,7 @@ def roundtrip_tile_kernel(
     else:
         zp = tl.zeros([BLOCK_D], dtype=tl.float32)
     x_hat, clipped = _qdq(
-        x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_E4M3,
+        x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_KIND,
         HAS_ZP, LIBDEVICE_RINT, NATIVE_FP8,
     )  # fmt: skip
     if FAKE_QUANT:

@@ -57,6 +57,9 @@ def _lowering(x: torch.Tensor, native_fp8: bool | None, libdevice_rint: bool) ->
     return libdevice_rint, native_fp8
 
 
+FP8_KINDS: dict[str, int] = {"fp8_e4m3": 0, "fp8_e5m2": 1, "fp8_e4m3fnuz": 2}  # the kernels' FP8_KIND
+
+
 def _format_constants(number_format: str) -> dict[str, float | bool]:
     """The number format's constexpr arguments of the kernels."""
     if number_format in FP8_MAX:
@@ -64,12 +67,12 @@ def _format_constants(number_format: str) -> dict[str, float | bool]:
         fmax = FP8_MAX[number_format]
         return {
             "QMIN": -fmax, "QMAX": fmax, "CLIP_AT": clip_at, "CLIP_INCLUSIVE": inclusive,
-            "IS_FP8": True, "FP8_E4M3": number_format == "fp8_e4m3",
+            "IS_FP8": True, "FP8_KIND": FP8_KINDS[number_format],
         }  # fmt: skip
     qmin, qmax = INT_RANGE[number_format]
     return {
         "QMIN": float(qmin), "QMAX": float(qmax), "CLIP_AT": 0.0, "CLIP_INCLUSIVE": False,
-        "IS_FP8": False, "FP8_E4M3": False,
+        "IS_FP8": False, "FP8_KIND": -1,
     }  # fmt: skip
 
 

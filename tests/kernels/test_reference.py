@@ -18,8 +18,9 @@ from kvq.kernels.reference import (
 )
 
 INT_FORMATS = {"int8": (-128, 127), "int4": (-8, 7)}
-FP8_FORMATS = {"fp8_e4m3": (4, 3), "fp8_e5m2": (5, 2)}  # (exponent bits, mantissa bits)
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FP8_FORMATS = {"fp8_e4m3": (4, 3), "fp8_e5m2": (5, 2), "fp8_e4m3fnuz": (4, 3)}  # (exponent bits, mantissa bits)
+FP8_BIAS = {"fp8_e4m3": 7, "fp8_e5m2": 15, "fp8_e4m3fnuz": 8}  # fnuz: AMD's e4m3, exponent bias 8
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 def fp8_positive_grid(fmt: str) -> np.ndarray:
     """Every finite non-negative value of the fp8 format, in code order (= value order), as float64."""
     ebits, mbits = FP8_FORMATS[fmt]
-    bias = 2 ** (ebits - 1) - 1
+    bias = FP8_BIAS[fmt]
     values = []
     for e in range(2**ebits):
         for m in range(2**mbits):
@@ -38,6 +39,7 @@ def fp8_positive_grid(fmt: str) -> np.ndarray:
                 continue
             if fmt == "fp8_e5m2" and e == 31:  # e5m2: inf and NaNs
                 continue
+            # e4m3fnuz: every positive code is finite (its only NaN is 0x80, the negative zero of the others)
             if e == 0:
                 values.append(m / 2**mbits * 2.0 ** (1 - bias))
             else:
@@ -53,7 +55,7 @@ def fp8_round(y: np.ndarray, fmt: str, extended: bool = False) -> np.ndarray:
     """
     grid = fp8_positive_grid(fmt)
     if extended:
-        grid = np.append(grid, {"fp8_e4m3": 480.0, "fp8_e5m2": 65536.0}[fmt])
+        grid = np.append(grid, {"fp8_e4m3": 480.0, "fp8_e5m2": 65536.0, "fp8_e4m3fnuz": 256.0}[fmt])
     a = np.abs(y.astype(np.float64))
     hi = np.clip(np.searchsorted(grid, a, side="left"), 1, len(grid) - 1)
     lo = hi - 1
@@ -139,7 +141,7 @@ def make_qparams(
 
 CASES = [
     (fmt, gran, sym)
-    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4")
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")
     for gran in ("tensor", "head", "channel")
     for sym in ((True,) if fmt in FP8_MAX else (True, False))
 ]
@@ -159,6 +161,10 @@ def test_oracle_fp8_grid_by_hand() -> None:
     # 14.5 ties between 14 (mantissa 110) and 15 (111): even -> 14; 15.5 -> 16; 432 -> 448 (even);
     # 0.00146484375 = 0.75 * 2**-9 rounds to 2**-9; -1.0625 ties between 1 and 1.125 -> -1.
     assert fp8_round(y, "fp8_e4m3").tolist() == [14.0, 16.0, 13.0, 448.0, 2.0**-9, -1.0]
+    fnuz = fp8_positive_grid("fp8_e4m3fnuz")
+    # 128 codes 0x00..0x7F, all finite; largest 1.875 * 2**7; smallest subnormal 2**-10; the values are e4m3fn's / 2
+    assert len(fnuz) == 128 and fnuz[-1] == 240.0 and fnuz[1] == 2.0**-10
+    assert np.array_equal(fnuz[:127], e4m3 / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ def test_int_asymmetric_grid_values_roundtrip_exactly(fmt: str) -> None:
     assert err.clipped.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz"])
 def test_fp8_grid_values_roundtrip_exactly(fmt: str) -> None:
     grid = torch.from_numpy(fp8_positive_grid(fmt)).to(torch.float32)
     values = torch.cat([grid, -grid])
@@ -245,10 +251,10 @@ def test_int_error_at_most_half_a_step_inside_range(fmt: str, symmetric: bool) -
     assert roundtrip_error_reference(x, scale, zp, fmt).clipped.tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz"])
 def test_fp8_relative_error_bound_inside_range(fmt: str) -> None:
     ebits, mbits = FP8_FORMATS[fmt]
-    min_normal = 2.0 ** (2 - 2 ** (ebits - 1))
+    min_normal = 2.0 ** (1 - FP8_BIAS[fmt])
     gen = torch.Generator().manual_seed(2)
     scale = torch.tensor([0.01, 3.0])
     # log-uniform magnitudes over the whole range, both signs
@@ -261,7 +267,7 @@ def test_fp8_relative_error_bound_inside_range(fmt: str) -> None:
     normal = y.abs() >= min_normal
     rel_bound = 2.0 ** -(mbits + 1)  # half a step relative to the value
     assert bool((err[normal] <= rel_bound * x.abs()[normal] * (1 + 1e-6)).all())
-    sub_bound = 2.0 ** (2 - 2 ** (ebits - 1) - mbits - 1)  # half the subnormal step, times the scale
+    sub_bound = 2.0 ** (1 - FP8_BIAS[fmt] - mbits - 1)  # half the subnormal step, times the scale
     assert bool((err[~normal] <= (sub_bound * s.expand_as(x))[~normal] * (1 + 1e-6)).all())
 
 
@@ -297,6 +303,8 @@ def test_int_asymmetric_clip_counting_by_hand() -> None:
         ("fp8_e4m3", [448.0, 456.0, 464.0, 464.03125, -480.0, 1e30, -448.0, 0.0], 3),
         # 61440 is the tie between 57344 (odd code) and 65536 (even): overflows, clipped
         ("fp8_e5m2", [57344.0, 60000.0, 61436.0, 61440.0, -70000.0, 1e30, -57344.0, 0.0], 3),
+        # 248 is the tie between 240 (odd code) and 256 (even): overflows, clipped
+        ("fp8_e4m3fnuz", [240.0, 244.0, 247.99, 248.0, -256.0, 1e30, -240.0, 0.0], 3),
     ],
 )
 def test_fp8_clip_counting_by_hand(fmt: str, values: list[float], n_clipped: int) -> None:

@@ -22,12 +22,12 @@ from kvq.kernels.reference import RoundTripError, qdq_static, roundtrip_error_re
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch ship it
 
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
-FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
+FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 CASES = [
     (fmt, gran, sym)
-    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4")
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")
     for gran in ("tensor", "head", "channel")
     for sym in ((True,) if fmt in FP8_MAX else (True, False))
 ]
@@ -74,7 +74,7 @@ def special_values(fmt: str) -> torch.Tensor:
         grid = codes[torch.isfinite(codes)].unique()
         mids = (grid[1:] + grid[:-1]) / 2
         top = FP8_MAX[fmt]
-        extra = torch.tensor([464.0, 480.0, 61440.0, 65536.0, 1e9, top * 1.5])
+        extra = torch.tensor([248.0, 256.0, 464.0, 480.0, 61440.0, 65536.0, 1e9, top * 1.5])
         base = torch.cat([grid, mids, extra, -extra])
     else:
         half = torch.arange(-300, 300, dtype=torch.float32) + 0.5
@@ -200,7 +200,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     x, scale, _ = make_case("fp8_e4m3", "head", True, (1, 3, 11, 96), torch.float32, seed=98)
     check("fp8 non-contiguous head_dim", x.transpose(2, 3).contiguous().transpose(2, 3), scale, None, "fp8_e4m3")
     # rounding edge cases: every fp8 value, every tie, one ulp on either side; integer ties
-    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4"):
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4"):
         v = special_values(fmt)
         n = v.numel() - v.numel() % 16
         x = v[:n].reshape(1, 1, -1, 16)
@@ -208,7 +208,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         if fmt.startswith("int"):
             check(f"{fmt} edge values, zp", x, torch.tensor(1.0), torch.tensor(-3, dtype=torch.int32), fmt)
     # exactness of the division near rounding ties, with awkward scales
-    for i, fmt in enumerate(("fp8_e4m3", "fp8_e5m2", "int8", "int4")):
+    for i, fmt in enumerate(("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")):
         x, scale = ties_with_scales(fmt, seed=i)
         check(f"{fmt} ties with scales", x, scale, None, fmt)
     # the division itself, bit for bit
@@ -238,7 +238,7 @@ def test_kernels_under_triton_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == []
-    assert result["cases"] == len(CASES) * 3 + 2 + 6 + 4 + 1
+    assert result["cases"] == len(CASES) * 3 + 2 + 7 + 5 + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_gpu_kernel_matches_reference(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4"])
 @pytest.mark.parametrize(("native_fp8", "libdevice_rint"), [(None, False), (False, False), (None, True)])
 def test_gpu_rounding_edge_values(fmt: str, native_fp8: bool | None, libdevice_rint: bool) -> None:
     from kvq.kernels.triton_roundtrip import fake_quantize_triton, roundtrip_error_triton
@@ -292,7 +292,7 @@ def test_gpu_rounding_edge_values(fmt: str, native_fp8: bool | None, libdevice_r
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4"])
 @pytest.mark.parametrize(("native_fp8", "libdevice_rint"), [(None, False), (False, False), (None, True)])
 def test_gpu_ties_with_awkward_scales(fmt: str, native_fp8: bool | None, libdevice_rint: bool) -> None:
     from kvq.kernels.triton_roundtrip import fake_quantize_triton, roundtrip_error_triton
