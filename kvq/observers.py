@@ -67,6 +67,9 @@ def observed_range(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torc
     counts = counts_at_granularity(ts, spec.granularity)
     if spec.observer == "percentile":
         return percentile_range(counts, lo, hi, spec.clip_quantile, spec.symmetric)
+    if spec.format == "nvfp4":
+        raise UsageError("observer mse cannot model nvfp4 from a histogram: its block scales depend on which values "
+                         "share a block", hint="use observer attention (it quantizes real rows), or minmax / percentile")
     return mse_range(counts, lo, hi, spec)
 
 

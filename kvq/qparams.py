@@ -14,6 +14,9 @@ No model, file or CLI code here. The conventions (docs/artifacts.md repeats them
   ``zero_point = clamp(round(qmin - lo / scale), qmin, qmax)`` (an integer), and
   ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``.
 * ``round`` is round-half-to-even (``torch.round``); division is a true division by the scale.
+* nvfp4 (symmetric, one global scale per tensor): ``scale = absmax / (6 * 448)``; ``quantize`` returns the
+  e2m1 value times its block's e4m3 scale, computed per block of 16 along head_dim (:mod:`kvq.nvfp4`), and
+  ``dequantize`` multiplies by the global scale.
 * A scale is never 0, NaN or inf: a range of zero width (a head that is always 0) gets
   ``SCALE_FLOOR`` (float32 machine epsilon, 2**-23), and non-finite statistics are refused.
 """
@@ -22,18 +25,22 @@ from __future__ import annotations
 
 import torch
 
+from kvq import nvfp4
 from kvq.recipe import QuantSpec
 
 FP8_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
                                       "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
 FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
 INT_RANGE: dict[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
-BITS: dict[str, int] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8_e4m3fnuz": 8, "int8": 8, "int4": 4}
+# bits per stored element (nvfp4: a 4-bit value plus an 8-bit scale per block of 16)
+BITS: dict[str, float] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8_e4m3fnuz": 8, "int8": 8, "int4": 4, "nvfp4": 4.5}
 SCALE_FLOOR: float = torch.finfo(torch.float32).eps
 
 
 def qrange(fmt: str) -> tuple[float, float]:
-    """The smallest and largest value ``q`` can take in format ``fmt``."""
+    """The smallest and largest value ``q`` can take in format ``fmt`` (nvfp4: the e2m1 value times its block scale)."""
+    if fmt == "nvfp4":
+        return -nvfp4.SCALE_TOP, nvfp4.SCALE_TOP
     if fmt in FP8_MAX:
         return -FP8_MAX[fmt], FP8_MAX[fmt]
     qmin, qmax = INT_RANGE[fmt]
@@ -56,7 +63,7 @@ def choose_qparams(
         raise ValueError("statistics hold NaN or inf; no finite scale can be chosen")
     if spec.symmetric:
         absmax = torch.maximum(-min_val, max_val).clamp_min(0.0)
-        top = FP8_MAX[spec.format] if spec.is_fp8 else float(INT_RANGE[spec.format][1])
+        top = qrange(spec.format)[1]
         scale = torch.clamp_min(absmax / top, SCALE_FLOOR)
         return scale, None
     qmin, qmax = INT_RANGE[spec.format]
@@ -74,6 +81,8 @@ def quantize(
 
     ``scale`` and ``zero_point`` must broadcast against ``x``. Computed in float32.
     """
+    if fmt == "nvfp4":
+        return nvfp4.quantize(x, scale)
     y = x.to(torch.float32) / scale
     if fmt in FP8_DTYPES:
         fmax = FP8_MAX[fmt]

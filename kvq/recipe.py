@@ -4,7 +4,7 @@ A recipe is a YAML file validated by a typed schema. Unknown keys and bad values
 the file, the field path and the allowed values; combinations that make no sense (fp8 asymmetric)
 are rejected, never rewritten.
 
-    format: int8            # fp8_e4m3 | fp8_e5m2 | fp8_e4m3fnuz | int8 | int4
+    format: int8            # fp8_e4m3 | fp8_e5m2 | fp8_e4m3fnuz | int8 | int4 | nvfp4
     symmetric: false        # fp8 must be symmetric
     granularity: head       # tensor | head | channel
     observer: minmax        # minmax | percentile | mse (read histograms) | attention (reads Q/K/V rows)
@@ -42,7 +42,7 @@ from pydantic import (
 
 from kvq.errors import UsageError
 
-Format = Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4"]
+Format = Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4", "nvfp4"]
 Granularity = Literal["tensor", "head", "channel"]
 Observer = Literal["minmax", "percentile", "mse", "attention"]
 
@@ -72,6 +72,13 @@ class QuantSpec(BaseModel):
         if self.percentile is not None and self.observer != "percentile":
             raise ValueError(f"percentile is an option of observer percentile, not of observer {self.observer}: "
                              "remove it, or set observer: percentile")
+        return self
+
+    @model_validator(mode="after")
+    def _nvfp4_is_one_global_scale(self) -> QuantSpec:
+        if self.format == "nvfp4" and (not self.symmetric or self.granularity != "tensor"):
+            raise ValueError("format nvfp4 takes one static global scale per layer for K and for V (its block scales "
+                             "are computed at run time): set symmetric: true and granularity: tensor")
         return self
 
     @model_validator(mode="after")

@@ -44,7 +44,9 @@ INT8_DYNAMIC = DynamicRecipe("int8-dynamic-per-token", "int8", False, "LMDeploy 
 INT4_DYNAMIC = DynamicRecipe("int4-dynamic-per-token", "int4", False, "LMDeploy quant_policy=4")
 DYNAMIC_RECIPES: dict[str, DynamicRecipe] = {r.name: r for r in (INT8_DYNAMIC, INT4_DYNAMIC)}
 
-UNIT_SCALE_RECIPES: dict[str, str] = {"fp8-e4m3-scale-1.0": "fp8_e4m3", "fp8-e5m2-scale-1.0": "fp8_e5m2"}
+UNIT_SCALE_RECIPES: dict[str, str] = {"fp8-e4m3-scale-1.0": "fp8_e4m3", "fp8-e5m2-scale-1.0": "fp8_e5m2",
+                                      "nvfp4-scale-1.0": "nvfp4"}
+_UNIT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "nvfp4")  # formats an engine runs with a scale of 1.0 when none is given
 
 EVAL_ONLY_RECIPE_NAMES: tuple[str, ...] = (*DYNAMIC_RECIPES, *UNIT_SCALE_RECIPES)
 
@@ -73,13 +75,13 @@ class DynamicQuantizer:
 
 
 class UnitScaleQuantizer:
-    """fp8 with scale 1.0 for K and V of every layer: the engines' uncalibrated fallback."""
+    """fp8 with scale 1.0 (nvfp4: global scale 1.0) for K and V of every layer: the engines' uncalibrated fallback."""
 
     kind = "uncalibrated"
 
     def __init__(self, key_format: str, value_format: str, name: str | None = None):
-        if key_format not in ("fp8_e4m3", "fp8_e5m2") or value_format not in ("fp8_e4m3", "fp8_e5m2"):
-            raise ValueError(f"scale 1.0 is an fp8 fallback, not for {key_format} / {value_format}")
+        if key_format not in _UNIT_FORMATS or value_format not in _UNIT_FORMATS:
+            raise ValueError(f"scale 1.0 is an fp8 / nvfp4 fallback, not for {key_format} / {value_format}")
         self.recipe = KVRecipe(
             name=name or unit_scale_name(key_format, value_format),
             description="uncalibrated: k_scale = v_scale = 1.0",

@@ -18,6 +18,7 @@ the float32 dequantized value (the final cast back to the model dtype is not cou
   past the largest value) beyond ``fmax``: ``|y| > 464`` for e4m3 (464 is the tie between 448 and
   480 and goes to 448), ``|y| >= 61440`` for e5m2 (the tie between 57344 and 65536 goes to 65536).
   A value such as ``fmax * scale``, whose quotient is one ulp above ``fmax``, is therefore not counted;
+  for nvfp4, ``|x / (s_b * scale)| >= 7`` (only where the block scale saturated; :mod:`kvq.nvfp4`);
 * ``count``: elements per head (int64).
 
 Dynamic per-token-head quantization (a scale per ``(batch, head, token)`` from that token-head's
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvq import nvfp4
 from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, qrange, quantize
 from kvq.recipe import NUMBER_FORMATS
 
@@ -150,7 +152,7 @@ def check_qparams(
     """Refuse static qparams that do not fit ``x`` (see :func:`check_kv`) in ``number_format``."""
     check_kv(x, number_format)
     _, heads, _, head_dim = x.shape
-    if number_format in FP8_DTYPES and zero_point is not None:
+    if (number_format in FP8_DTYPES or number_format == "nvfp4") and zero_point is not None:
         raise ValueError(f"format {number_format} is symmetric: pass zero_point=None")
     if not scale.is_floating_point():
         raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
@@ -185,6 +187,13 @@ def qdq_static(
     return dequantize(quantize(x, s, z, number_format), s, z, number_format).to(x.dtype)
 
 
+def _clipped(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, number_format: str) -> torch.Tensor:
+    """Where the saturating clamp adds an error beyond rounding (see the module docstring)."""
+    if number_format == "nvfp4":
+        return nvfp4.clipped(x, s)
+    return _clip_mask(x / s, z, number_format)
+
+
 def _clip_mask(y: torch.Tensor, z: torch.Tensor | None, number_format: str) -> torch.Tensor:
     """Where the rounded value of ``y = x / scale`` (float32) is outside the format's range."""
     if number_format in FP8_OVERFLOW:
@@ -214,7 +223,7 @@ def roundtrip_error_reference(
         sse=err.to(torch.float64).square().sum(dim=dims),
         signal=xf.to(torch.float64).square().sum(dim=dims),
         max_abs_err=err.abs().amax(dim=dims),
-        clipped=_clip_mask(xf / s, z, number_format).sum(dim=dims, dtype=torch.int64),
+        clipped=_clipped(xf, s, z, number_format).sum(dim=dims, dtype=torch.int64),
         count=torch.full((heads,), count, dtype=torch.int64, device=x.device),
     )
 
