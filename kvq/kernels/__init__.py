@@ -2,8 +2,7 @@
 
 :func:`roundtrip_error` and :func:`fake_quantize` run the fused Triton kernels
 (:mod:`kvq.kernels.triton_roundtrip`) on CUDA tensors when triton imports, and the torch reference
-(:mod:`kvq.kernels.reference`) otherwise; both give the same numbers (docs/kernels.md). nvfp4 runs the
-torch reference on every device (no Triton kernel for its per-block scales yet).
+(:mod:`kvq.kernels.reference`) otherwise; both give the same numbers (docs/kernels.md).
 Triton is imported lazily, so this package imports without it.
 """
 
@@ -48,7 +47,7 @@ def roundtrip_error(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> RoundTripError:
     """Per-KV-head error of the static round trip of ``x`` (batch, kv_heads, tokens, head_dim)."""
-    kernels = triton_kernels() if x.is_cuda and number_format != "nvfp4" else None
+    kernels = triton_kernels() if x.is_cuda else None
     if kernels is not None:
         return kernels.roundtrip_error_triton(x, scale, zero_point, number_format)
     return roundtrip_error_reference(x, scale, zero_point, number_format)
@@ -58,7 +57,7 @@ def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` with static qparams, in x's shape and dtype (the eval's quantized cache)."""
-    kernels = triton_kernels() if x.is_cuda and number_format != "nvfp4" else None
+    kernels = triton_kernels() if x.is_cuda else None
     if kernels is not None:
         return kernels.fake_quantize_triton(x, scale, zero_point, number_format)
     return qdq_static(x, scale, zero_point, number_format)

@@ -129,6 +129,30 @@ def _qdq(
 
 
 @triton.jit
+def _qdq_nvfp4(x, g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, LIBDEVICE_RINT: tl.constexpr):
+    """(x_hat, clipped) of a float32 (BLOCK_T, BLOCK_D) tile in NVFP4 with global scale ``g`` (1, BLOCK_D rows of
+    the same value): per 16 channels an e4m3 block scale ``RN(amax / (6 g))`` saturated at 448, values rounded to
+    e2m1 (ties to even) and saturated at 6, as kvq.nvfp4 does. Lanes past head_dim hold 0 and form whole blocks."""
+    NB: tl.constexpr = BLOCK_D // 16
+    amax = tl.max(tl.reshape(tl.abs(x), (BLOCK_T, NB, 16)), axis=2)  # (BLOCK_T, NB)
+    amax = tl.reshape(tl.broadcast_to(amax[:, :, None], (BLOCK_T, NB, 16)), (BLOCK_T, BLOCK_D))
+    six_g = 6.0 * g
+    sb = tl.minimum(tl.math.div_rn(amax, six_g), 448.0)
+    sb = _fp8_round_emulated(sb, 3, -6, LIBDEVICE_RINT)  # e4m3 (|sb| <= 448: no clamp needed)
+    denom = sb * g
+    has = denom > 0
+    y = tl.where(has, tl.math.div_rn(x, tl.where(has, denom, 1.0)), 0.0)
+    a = tl.abs(y)
+    q = tl.where(a < 2.0, _round_half_even(a * 2.0, LIBDEVICE_RINT) / 2.0,
+                 tl.where(a < 4.0, _round_half_even(a, LIBDEVICE_RINT), _round_half_even(a / 2.0, LIBDEVICE_RINT) * 2.0))
+    q = tl.minimum(q, 6.0)
+    q = tl.where(y < 0, -q, q)
+    x_hat = (q * sb) * g
+    clipped = (tl.abs(x) >= 7.0 * denom) & has
+    return x_hat, clipped
+
+
+@triton.jit
 def roundtrip_tile_kernel(
     x_ptr, s_ptr, z_ptr, out_ptr, part_f_ptr, part_clip_ptr,
     NT, H, T, D, P, PER_HEAD,
@@ -137,6 +161,7 @@ def roundtrip_tile_kernel(
     IS_FP8: tl.constexpr, FP8_KIND: tl.constexpr, HAS_ZP: tl.constexpr,
     LIBDEVICE_RINT: tl.constexpr, NATIVE_FP8: tl.constexpr, CONTIG_D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FAKE_QUANT: tl.constexpr, EMULATE_BF16_STORE: tl.constexpr,
+    IS_NVFP4: tl.constexpr,
 ):  # fmt: skip
     """The round trip of one (BLOCK_T, BLOCK_D) tile of one (batch, head).
 
@@ -167,10 +192,13 @@ def roundtrip_tile_kernel(
         zp = tl.load(z_ptr + qp, mask=mask_d, other=0).to(tl.float32)
     else:
         zp = tl.zeros([BLOCK_D], dtype=tl.float32)
-    x_hat, clipped = _qdq(
-        x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_KIND,
-        HAS_ZP, LIBDEVICE_RINT, NATIVE_FP8,
-    )  # fmt: skip
+    if IS_NVFP4:
+        x_hat, clipped = _qdq_nvfp4(x, s[None, :], BLOCK_T, BLOCK_D, LIBDEVICE_RINT)
+    else:
+        x_hat, clipped = _qdq(
+            x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_KIND,
+            HAS_ZP, LIBDEVICE_RINT, NATIVE_FP8,
+        )  # fmt: skip
     if FAKE_QUANT:
         out_row = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_t.to(tl.int64) * so_t
         if EMULATE_BF16_STORE:

@@ -62,17 +62,20 @@ FP8_KINDS: dict[str, int] = {"fp8_e4m3": 0, "fp8_e5m2": 1, "fp8_e4m3fnuz": 2}  #
 
 def _format_constants(number_format: str) -> dict[str, float | bool]:
     """The number format's constexpr arguments of the kernels."""
+    if number_format == "nvfp4":
+        return {"QMIN": -6.0, "QMAX": 6.0, "CLIP_AT": 7.0, "CLIP_INCLUSIVE": True, "IS_FP8": False, "FP8_KIND": -1,
+                "IS_NVFP4": True}
     if number_format in FP8_MAX:
         clip_at, inclusive = FP8_OVERFLOW[number_format]
         fmax = FP8_MAX[number_format]
         return {
             "QMIN": -fmax, "QMAX": fmax, "CLIP_AT": clip_at, "CLIP_INCLUSIVE": inclusive,
-            "IS_FP8": True, "FP8_KIND": FP8_KINDS[number_format],
+            "IS_FP8": True, "FP8_KIND": FP8_KINDS[number_format], "IS_NVFP4": False,
         }  # fmt: skip
     qmin, qmax = INT_RANGE[number_format]
     return {
         "QMIN": float(qmin), "QMAX": float(qmax), "CLIP_AT": 0.0, "CLIP_INCLUSIVE": False,
-        "IS_FP8": False, "FP8_KIND": -1,
+        "IS_FP8": False, "FP8_KIND": -1, "IS_NVFP4": False,
     }  # fmt: skip
 
 
@@ -119,6 +122,9 @@ def _prepare(
         )
     check_qparams(x, scale, zero_point, number_format)
     batch, heads, tokens, head_dim = x.shape
+    if number_format == "nvfp4" and (head_dim % 16 or scale.dim()):
+        raise ValueError(f"nvfp4 needs one global scale and a head_dim that is a multiple of 16 (blocks of 16), "
+                         f"got scale shape {tuple(scale.shape)} and head_dim {head_dim}")
     s = scale.to(device=x.device, dtype=torch.float32).contiguous()
     z = s if zero_point is None else zero_point.to(device=x.device, dtype=torch.int32).contiguous()
     # per tensor: one value for every (head, channel); per head; per channel, (heads, head_dim) row-major

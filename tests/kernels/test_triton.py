@@ -30,7 +30,7 @@ CASES = [
     for fmt in ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")
     for gran in ("tensor", "head", "channel")
     for sym in ((True,) if fmt in FP8_MAX else (True, False))
-]
+] + [("nvfp4", "tensor", True)]
 
 
 def make_case(
@@ -48,7 +48,7 @@ def make_case(
     x += torch.randn(1, h, 1, d, generator=gen) * 0.3  # channel offsets: asymmetric ranges
     x[..., :: max(1, d // 7)] *= 4.0  # outlier channels
     qshape = {"tensor": (), "head": (h,), "channel": (h, d)}[granularity]
-    top = FP8_MAX[fmt] if fmt in FP8_MAX else INT_RANGE[fmt][1]
+    top = FP8_MAX[fmt] if fmt in FP8_MAX else 6.0 * 448 if fmt == "nvfp4" else INT_RANGE[fmt][1]
     scale = (torch.rand(qshape, generator=gen) * 2.0 + 2.0) / top
     zp = None
     if not symmetric:
@@ -82,6 +82,17 @@ def special_values(fmt: str) -> torch.Tensor:
     up = torch.nextafter(base, torch.full_like(base, float("inf")))
     down = torch.nextafter(base, torch.full_like(base, -float("inf")))
     return torch.cat([base, up, down])
+
+
+def nvfp4_edge_values() -> torch.Tensor:
+    """(1, 1, n, 16) blocks whose first value 6 makes the block scale exactly 1 (global scale 1): the others are
+    e2m1 values, the ties between them and one float32 ulp either side, so y = x exercises every rounding."""
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    base = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, torch.tensor([5.9, 6.0])])
+    base = torch.cat([base, torch.nextafter(base, torch.tensor(9.0)), torch.nextafter(base, torch.tensor(-1.0))])
+    base = torch.cat([base, -base])
+    rows = base[: base.numel() - base.numel() % 15].reshape(-1, 15)
+    return torch.cat([torch.full((rows.shape[0], 1), 6.0), rows], dim=1).reshape(1, 1, -1, 16)
 
 
 def ties_with_scales(fmt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +180,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     from kvq.kernels.reference import qdq_static, roundtrip_error_reference
     from kvq.kernels.triton_roundtrip import fake_quantize_triton, interpreting, roundtrip_error_triton
     from tests.kernels.test_triton import (
-        CASES, assert_division_exact, assert_same_error, division_operands, make_case, probe_division,
-        special_values, ties_with_scales,
+        CASES, assert_division_exact, assert_same_error, division_operands, make_case, nvfp4_edge_values,
+        probe_division, special_values, ties_with_scales,
     )
 
     assert interpreting()
@@ -207,6 +218,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         check(f"{fmt} edge values", x, torch.tensor(1.0), None, fmt)
         if fmt.startswith("int"):
             check(f"{fmt} edge values, zp", x, torch.tensor(1.0), torch.tensor(-3, dtype=torch.int32), fmt)
+    check("nvfp4 edge values", nvfp4_edge_values(), torch.tensor(1.0), None, "nvfp4")
     # exactness of the division near rounding ties, with awkward scales
     for i, fmt in enumerate(("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")):
         x, scale = ties_with_scales(fmt, seed=i)
@@ -238,7 +250,7 @@ def test_kernels_under_triton_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == []
-    assert result["cases"] == len(CASES) * 3 + 2 + 7 + 5 + 1
+    assert result["cases"] == len(CASES) * 3 + 2 + 7 + 1 + 5 + 1
 
 
 # ---------------------------------------------------------------------------------------------
