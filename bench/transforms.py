@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def recipe(name: str, observer: str, alpha: float | None = None, seed: int = 0):
+def make_recipe(name: str, observer: str, alpha: float | None = None, seed: int = 0):
     """A built-in recipe with ``observer``, and with smooth-keys + rotate-values when ``alpha`` is given."""
     base = load_recipe(name)
     data = {"name": name, "format": base.key.format, "symmetric": base.key.symmetric,
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         return batches(picked.token_ids, 1, pad_id)
 
     models = {"without": loaded.model, "with": copy.deepcopy(loaded.model)}
-    specs = {name: recipe(name, args.observer, args.alpha, args.seed) for name in RECIPES}
+    specs = {name: make_recipe(name, args.observer, args.alpha, args.seed) for name in RECIPES}
     transform_model(models["with"], specs[RECIPES[0]].transforms, cal_batches)
     hist = None if args.observer == "minmax" else "channel"
     stats_without = collect_stats(models["without"], cal_batches(), histograms=hist)
-    quantizers = {"without": [StaticQuantizer(solve(stats_without, recipe(n, args.observer)), name=n)
+    quantizers = {"without": [StaticQuantizer(solve(stats_without, make_recipe(n, args.observer)), name=n)
                               for n in RECIPES], "with": []}
     stats_with = collect_stats(models["with"], cal_batches(), histograms=hist)
     stats_with.metadata["transforms"] = transforms_json(specs[RECIPES[0]].transforms)  # what calibrate records

@@ -12,6 +12,9 @@ are rejected, never rewritten.
     keys:                   # optional: override any of the four for keys ...
       granularity: channel
     values: {}              # ... or for values
+    query:                  # optional: the query scale of FP8 attention (vLLM FlashAttention 3 / FlashInfer)
+      format: fp8_e4m3      #   fp8 formats only
+      granularity: tensor   #   tensor | head (per attention head)
     transforms:             # optional: outlier transforms folded into the weights before calibration
       - smooth-keys         # a name, or a mapping with options: {name: smooth-keys, alpha: 0.5}
       - {name: rotate-values, seed: 0}
@@ -134,6 +137,20 @@ class RotateValuesSpec(BaseModel):
     seed: int = 0
 
 
+class QuerySpecFile(BaseModel):
+    """``query:``: the scale of the query that FP8 attention quantizes (vLLM's FlashAttention 3 / FlashInfer
+    with an fp8 KV cache); absent, the query is not quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz"] = "fp8_e4m3"
+    granularity: Literal["tensor", "head"] = "tensor"
+    observer: Literal["minmax"] = "minmax"
+
+    def resolved(self) -> QuantSpec:
+        return QuantSpec(format=self.format, symmetric=True, granularity=self.granularity, observer=self.observer)
+
+
 def _named(entries: object) -> object:
     """``- smooth-keys`` (a bare name in YAML) means ``- {name: smooth-keys}``."""
     if not isinstance(entries, list):
@@ -172,6 +189,7 @@ class RecipeFile(BaseModel):
     percentile: float | None = None
     keys: TensorOverride | None = None
     values: TensorOverride | None = None
+    query: QuerySpecFile | None = None
     transforms: Annotated[list[TransformSpec], BeforeValidator(_named)] = []
 
     @model_validator(mode="after")
@@ -204,6 +222,7 @@ class KVRecipe(BaseModel):
     description: str = ""
     key: QuantSpec
     value: QuantSpec
+    query: QuantSpec | None = None  # FP8 attention's query scale (per tensor, or per attention head); None: not quantized
     transforms: tuple[TransformSpec, ...] = ()  # folded into the weights before calibration, in this order
 
     def spec(self, which: Literal["k", "v"]) -> QuantSpec:
@@ -279,6 +298,7 @@ def parse_recipe(data: object, source: str, default_name: str) -> KVRecipe:
         description=raw.description or "",
         key=specs["keys"],
         value=specs["values"],
+        query=raw.query.resolved() if raw.query is not None else None,
         transforms=tuple(raw.transforms),
     )
 

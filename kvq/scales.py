@@ -2,7 +2,8 @@
 
 Tensors, for every layer i: ``layers.{i}.k_scale``, ``layers.{i}.v_scale`` (float32) and, for
 asymmetric specs, ``layers.{i}.k_zero_point``, ``layers.{i}.v_zero_point`` (int32). Shape ()
-per tensor, (num_kv_heads,) per head, (num_kv_heads, head_dim) per channel. Convention:
+per tensor, (num_kv_heads,) per head, (num_kv_heads, head_dim) per channel. With a recipe's ``query:``
+section, ``layers.{i}.q_scale`` (float32, () or (num_heads,): per attention head). Convention:
 ``x ~= (q - zero_point) * scale`` (see :mod:`kvq.qparams`).
 
 The safetensors metadata holds ``recipe`` (the resolved recipe as JSON) and the statistics'
@@ -26,7 +27,7 @@ from kvq.errors import UsageError
 from kvq.qparams import INT_RANGE
 from kvq.recipe import KVRecipe, QuantSpec
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]_(?:scale|zero_point))$")
+_KEY = re.compile(r"^layers\.(\d+)\.([kv]_(?:scale|zero_point)|q_scale)$")
 _HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"
 _RANK = {"tensor": 0, "head": 1, "channel": 2}  # the number of dimensions of a scale per granularity
 
@@ -37,6 +38,7 @@ class LayerScales:
     v_scale: torch.Tensor
     k_zero_point: torch.Tensor | None = None
     v_zero_point: torch.Tensor | None = None
+    q_scale: torch.Tensor | None = None  # FP8 attention's query scale: () or (num_heads,), when the recipe has one
 
     def scale(self, which: str) -> torch.Tensor:
         return self.k_scale if which == "k" else self.v_scale
@@ -50,7 +52,8 @@ class LayerScales:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return LayerScales(move(self.k_scale), move(self.v_scale), move(self.k_zero_point), move(self.v_zero_point))
+        return LayerScales(move(self.k_scale), move(self.v_scale), move(self.k_zero_point), move(self.v_zero_point),
+                           move(self.q_scale))
 
 
 @dataclass
@@ -74,6 +77,8 @@ class KVScales:
                 zp = layer.zero_point(which)
                 if zp is not None:
                     out[f"layers.{i}.{which}_zero_point"] = zp
+            if layer.q_scale is not None:
+                out[f"layers.{i}.q_scale"] = layer.q_scale
         return out
 
     def to_json(self) -> dict:
@@ -86,6 +91,8 @@ class KVScales:
                 zp = layer.zero_point(which)
                 if zp is not None:
                     entry[f"{which}_zero_point"] = zp.tolist()
+            if layer.q_scale is not None:
+                entry["q_scale"] = layer.q_scale.tolist()
             layers[str(i)] = entry
         return {
             "kvq_version": __version__,
@@ -125,11 +132,18 @@ class KVScales:
         for i, p in sorted(parts.items()):
             for which in ("k", "v"):
                 _check_layer(p, which, recipe.spec(which), f"{where}: layer {i} {which.upper()}")
+            if (recipe.query is None) != ("q_scale" not in p):
+                raise UsageError(f"{where}: layer {i} " + ("has a q_scale but the recipe has no query: section"
+                                 if recipe.query is None else "lacks the q_scale its recipe's query: section needs"),
+                                 hint=_HINT)
+            if recipe.query is not None:
+                _check_layer(p, "q", recipe.query, f"{where}: layer {i} Q")
             layers[i] = LayerScales(
                 k_scale=p["k_scale"].to(torch.float32),
                 v_scale=p["v_scale"].to(torch.float32),
                 k_zero_point=p.get("k_zero_point"),
                 v_zero_point=p.get("v_zero_point"),
+                q_scale=p["q_scale"].to(torch.float32) if "q_scale" in p else None,
             )
         heads = {tuple(t.shape[:1]) for layer in layers.values() for t in (layer.k_scale, layer.v_scale) if t.dim()}
         if len(heads) > 1:

@@ -41,9 +41,12 @@ def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
                                                     recipe.key, recipe.value, k_range, v_range)
             k_scale, k_zp = choose_qparams(*k_range, recipe.key)
             v_scale, v_zp = choose_qparams(*v_range, recipe.value)
+            q_scale = None
+            if recipe.query is not None:
+                q_scale, _ = choose_qparams(*observed_range(_query_ranges(layer, i), recipe.query), recipe.query)
         except ValueError as exc:
             raise KvqError(f"layer {i}: {exc}") from exc
-        layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp)
+        layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp, q_scale)
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))
 
 
@@ -52,3 +55,10 @@ def _rows(stats: KVStats, i: int):
         raise UsageError("the statistics hold no Q/K/V rows, which the attention observer searches on",
                          hint="calibrate again with a recipe that uses observer: attention")
     return stats.reservoir.layer(i)
+
+
+def _query_ranges(layer, i: int):
+    if layer.q is None:
+        raise UsageError(f"the statistics hold no query ranges (layer {i}), which a recipe with a query: section needs",
+                         hint="calibrate again with this recipe (it records the queries' ranges)")
+    return layer.q

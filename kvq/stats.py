@@ -31,7 +31,7 @@ from kvq.artifact import STATS_FILE, read_layers, safetensors_bytes, write_artif
 from kvq.errors import KvqError, UsageError
 from kvq.reservoir import Reservoir
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax|hist)|[qkv]\.rows)$")
+_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax|hist)|q\.(?:min|max|absmax)|[qkv]\.rows)$")
 _PARTS = ("k.min", "k.max", "k.absmax", "v.min", "v.max", "v.absmax")
 _HINT = "pass the stats.safetensors written by `kvq calibrate`"
 
@@ -63,6 +63,7 @@ class LayerStats:
     k: TensorStats
     v: TensorStats
     tokens: int = 0
+    q: TensorStats | None = None  # the queries' ranges, (num_heads, head_dim), when a recipe quantizes them
 
 
 @dataclass
@@ -117,7 +118,19 @@ class KVStats:
             for i, layer in src.layers.items():
                 out.observe(i, layer.k.min, layer.k.max, layer.v.min, layer.v.max, layer.tokens,
                             layer.k.hist, layer.v.hist)
+                if layer.q is not None:
+                    out.observe_query(i, layer.q.min, layer.q.max)
         return out
+
+    def observe_query(self, layer_idx: int, q_min: torch.Tensor, q_max: torch.Tensor) -> None:
+        """Fold one batch's (num_heads, head_dim) query ranges of a layer (after its K/V) into the totals."""
+        layer = self.layers.get(layer_idx)
+        if layer is None:
+            raise KvqError(f"layer {layer_idx}: queries seen before the layer's K/V")
+        if layer.q is None:
+            layer.q = TensorStats(q_min.to(torch.float32).clone(), q_max.to(torch.float32).clone())
+        else:
+            layer.q.merge_(q_min, q_max)
 
     @property
     def histograms(self) -> str | None:
@@ -166,6 +179,9 @@ class KVStats:
                 out[f"layers.{i}.{name}.absmax"] = ts.absmax
                 if ts.hist is not None:
                     out[f"layers.{i}.{name}.hist"] = ts.hist
+            if layer.q is not None:
+                out[f"layers.{i}.q.min"], out[f"layers.{i}.q.max"] = layer.q.min, layer.q.max
+                out[f"layers.{i}.q.absmax"] = layer.q.absmax
         if self.reservoir is not None:
             out.update(self.reservoir.tensors())
         return out
@@ -222,9 +238,14 @@ class KVStats:
                               _checked_hist(p.get("v.hist"), kind, shape, layer_tokens, f"{where}: layers.{i}.v.hist")),
                 tokens=layer_tokens,
             )
-            for name, ts in (("K", layer.k), ("V", layer.v)):
-                _check_range(ts, f"{where}: layer {i} {name}")
+            layer.q = _query_ranges(p, f"{where}: layer {i}")
+            for name, ts in (("K", layer.k), ("V", layer.v), ("Q", layer.q)):
+                if ts is not None:
+                    _check_range(ts, f"{where}: layer {i} {name}")
             stats.layers[i] = layer
+        with_q = {i for i, layer in stats.layers.items() if layer.q is not None}
+        if with_q and len(with_q) != len(stats.layers):
+            raise UsageError(f"{where}: some layers hold query ranges and some do not", hint=_HINT)
         return stats
 
 
@@ -299,3 +320,16 @@ def _checked_hist(counts: torch.Tensor | None, kind: str | None, shape: tuple[in
         raise UsageError(f"{where}: counts do not add up to the {per_group} values seen per "
                          f"{'head' if kind == 'head' else 'channel'}", hint=_HINT)
     return counts
+
+
+def _query_ranges(parts: dict[str, torch.Tensor], where: str) -> TensorStats | None:
+    """A layer's query ranges (q.min / q.max, (num_heads, head_dim) floats), or None when it has none."""
+    present = [p for p in ("q.min", "q.max", "q.absmax") if p in parts]
+    if not present:
+        return None
+    if len(present) != 3:
+        raise UsageError(f"{where} holds {', '.join(present)} but not all of q.min, q.max, q.absmax", hint=_HINT)
+    lo, hi = parts["q.min"], parts["q.max"]
+    if not lo.dtype.is_floating_point or lo.dim() != 2 or lo.shape != hi.shape:
+        raise UsageError(f"{where}: q.min / q.max must be float tensors of one (num_heads, head_dim) shape", hint=_HINT)
+    return TensorStats(lo.to(torch.float32), hi.to(torch.float32))

@@ -85,7 +85,8 @@ def test_zero_point_out_of_range_is_refused(tmp_path):
     (lambda t: t.update({"layers.0.k_scale": torch.tensor(0.5)}), r"layer 0 K scale is float32 \(\)"),
     (lambda t: t.update({"layers.0.k_scale": torch.tensor([1, 2], dtype=torch.int32)}), "K scale is int32"),
     (lambda t: t.pop("layers.0.k_scale"), "layer 0 lacks k_scale"),
-    (lambda t: t.update({"layers.0.q_scale": torch.tensor(1.0)}), "unexpected tensor 'layers.0.q_scale'"),
+    (lambda t: t.update({"layers.0.q_scale": torch.tensor(1.0)}), "layer 0 has a q_scale but the recipe has no query: section"),
+    (lambda t: t.update({"layers.0.w_scale": torch.tensor(1.0)}), "unexpected tensor 'layers.0.w_scale'"),
 ])
 def test_wrong_tensors_are_refused(tmp_path, edit, message):
     with pytest.raises(UsageError, match=message):

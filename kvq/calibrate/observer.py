@@ -21,15 +21,16 @@ def channel_minmax(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class StatsObserver:
     """Folds every layer's real-token K/V into ``stats`` and hands attention its K/V unchanged; with
-    ``histograms`` "head" or "channel", their histograms too; with a reservoir in ``stats``, it samples Q/K/V
-    rows into it (and then asks for the queries)."""
+    ``histograms`` "head" or "channel", their histograms too; with ``queries``, the queries' ranges; with a
+    reservoir in ``stats``, it samples Q/K/V rows into it (and then asks for the queries)."""
 
-    def __init__(self, stats: KVStats, histograms: str | None = None):
+    def __init__(self, stats: KVStats, histograms: str | None = None, queries: bool = False):
         if histograms not in (None, "head", "channel"):
             raise ValueError(f"histograms must be None, 'head' or 'channel', not {histograms!r}")
         self.stats = stats
         self.histograms = histograms
-        self.wants_queries = stats.reservoir is not None
+        self.queries = queries  # record the queries' ranges too (a recipe with a query: section)
+        self.wants_queries = queries or stats.reservoir is not None
 
     def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
         k_min, k_max = channel_minmax(captured.real_key)
@@ -54,8 +55,16 @@ class StatsObserver:
             reservoir.keep("v", captured.layer_idx, captured.value)
         return captured.key, captured.value
 
-    def query(self, captured: CapturedQuery) -> None:  # called only with a reservoir (wants_queries)
+    def query(self, captured: CapturedQuery) -> None:  # called only when wants_queries
+        if self.queries:
+            q_min, q_max = channel_minmax(captured.real_query)
+            if not (torch.isfinite(q_min).all() and torch.isfinite(q_max).all()):
+                raise KvqError(f"layer {captured.layer_idx}: Q holds NaN or inf (batch {captured.batch_index})",
+                               hint="check the model's weights; if it overflows in float16, try --dtype bfloat16 "
+                               "or float32")
+            self.stats.observe_query(captured.layer_idx, q_min, q_max)
         reservoir = self.stats.reservoir
-        reservoir.keep("q", captured.layer_idx, captured.query)
-        if captured.scaling is not None:
-            reservoir.scaling[captured.layer_idx] = captured.scaling
+        if reservoir is not None:
+            reservoir.keep("q", captured.layer_idx, captured.query)
+            if captured.scaling is not None:
+                reservoir.scaling[captured.layer_idx] = captured.scaling

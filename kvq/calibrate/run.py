@@ -77,11 +77,13 @@ def collect_stats(
     on_batch: Callable[[Batch], None] | None = None,
     stats: KVStats | None = None,
     histograms: str | None = None,
+    queries: bool = False,
 ) -> KVStats:
     """Run the decoder over every batch and fold all of their K/V into one :class:`KVStats` (``stats``, to
-    continue earlier statistics); ``histograms`` "head" / "channel" records histograms too."""
+    continue earlier statistics); ``histograms`` "head" / "channel" records histograms too, ``queries`` the
+    queries' ranges."""
     stats = KVStats() if stats is None else stats
-    capture_batches(model, batch_iter, StatsObserver(stats, histograms), on_batch)
+    capture_batches(model, batch_iter, StatsObserver(stats, histograms, queries), on_batch)
     return stats
 
 
@@ -104,6 +106,9 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     w = world(cfg.check())  # before any data or model is loaded; torchrun: join the group
     if cfg.resume and w.size > 1:
         raise UsageError("--resume continues one process's partial statistics", hint="resume without torchrun")
+    if recipe.query is not None and w.size > 1:
+        raise UsageError(f"recipe {recipe.name} calibrates the query scale, which torchrun runs do not reduce yet",
+                         hint="calibrate it in one process (no torchrun)")
     if recipe.needs_rows and w.size > 1:
         raise UsageError(f"recipe {recipe.name} uses the attention observer, whose sample of Q/K/V rows one process "
                          "must draw", hint="calibrate it in one process (no torchrun), or use observer mse")
@@ -219,9 +224,10 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out
 
             with calibration_progress(len(todo), sum(map(len, todo))) as advance:
                 collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id),
-                              lambda b: (advance(b), on_batch(b)), stats, level)
+                              lambda b: (advance(b), on_batch(b)), stats, level, recipe.query is not None)
         else:
-            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats, level)
+            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats, level,
+                          recipe.query is not None)
     except KeyboardInterrupt:
         if saver is not None:
             saver.save(stats, count[0])  # what was done, for --resume

@@ -55,8 +55,10 @@ def _capturing(name: str) -> Callable:
                 raise KvqError(f"cannot capture queries of {type(module).__name__}: it has no integer layer_idx")
             check_states(query, cache.token_mask, layer_idx, "queries")
             scaling = kwargs.get("scaling")
-            cache.consumer.query(CapturedQuery(layer_idx, query, cache.token_mask, cache.batch_index,
-                                               float(scaling) if isinstance(scaling, (int, float)) else None))
+            replaced = cache.consumer.query(CapturedQuery(layer_idx, query, cache.token_mask, cache.batch_index,
+                                                          float(scaling) if isinstance(scaling, (int, float)) else None))
+            if replaced is not None:  # what attention reads instead (FP8 attention's quantized query)
+                query = replaced
         return _implementation(name, module)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

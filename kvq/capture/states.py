@@ -100,11 +100,12 @@ class Consumer(Protocol):
 
     ``kv`` returns the K and V attention goes on to read: an observer returns ``kv.key, kv.value``
     unchanged; a fake-quantizer returns quantized copies, as an engine's quantized cache does.
-    ``query`` is called only when ``wants_queries`` is true, after that layer's ``kv``.
+    ``query`` is called only when ``wants_queries`` is true, after that layer's ``kv``; it returns None, or the
+    query attention goes on to read (an FP8 attention's quantized query).
     """
 
     wants_queries: bool
 
     def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def query(self, captured: CapturedQuery) -> None: ...
+    def query(self, captured: CapturedQuery) -> torch.Tensor | None: ...

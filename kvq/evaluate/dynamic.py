@@ -45,8 +45,9 @@ INT4_DYNAMIC = DynamicRecipe("int4-dynamic-per-token", "int4", False, "LMDeploy 
 DYNAMIC_RECIPES: dict[str, DynamicRecipe] = {r.name: r for r in (INT8_DYNAMIC, INT4_DYNAMIC)}
 
 UNIT_SCALE_RECIPES: dict[str, str] = {"fp8-e4m3-scale-1.0": "fp8_e4m3", "fp8-e5m2-scale-1.0": "fp8_e5m2",
-                                      "nvfp4-scale-1.0": "nvfp4"}
-_UNIT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "nvfp4")  # formats an engine runs with a scale of 1.0 when none is given
+                                      "nvfp4-scale-1.0": "nvfp4", "fp8-e4m3-attention-scale-1.0": "fp8_e4m3"}
+FP8_ATTENTION_UNIT = "fp8-e4m3-attention-scale-1.0"  # K, V and the query at scale 1.0: FP8 attention uncalibrated
+_UNIT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "nvfp4")  # formats an engine runs with a scale of 1.0 when none is given
 
 EVAL_ONLY_RECIPE_NAMES: tuple[str, ...] = (*DYNAMIC_RECIPES, *UNIT_SCALE_RECIPES)
 
@@ -55,6 +56,7 @@ class DynamicQuantizer:
     """Fake-quantizes every (token, KV head) with its own range, as the engine does at run time."""
 
     kind = "dynamic"
+    quantizes_queries = False
 
     def __init__(self, recipe: DynamicRecipe):
         self.recipe = recipe
@@ -79,17 +81,19 @@ class UnitScaleQuantizer:
 
     kind = "uncalibrated"
 
-    def __init__(self, key_format: str, value_format: str, name: str | None = None):
+    def __init__(self, key_format: str, value_format: str, name: str | None = None, query: bool = False):
         if key_format not in _UNIT_FORMATS or value_format not in _UNIT_FORMATS:
             raise ValueError(f"scale 1.0 is an fp8 / nvfp4 fallback, not for {key_format} / {value_format}")
         self.recipe = KVRecipe(
-            name=name or unit_scale_name(key_format, value_format),
-            description="uncalibrated: k_scale = v_scale = 1.0",
+            name=name or unit_scale_name(key_format, value_format, query),
+            description="uncalibrated: k_scale = v_scale = 1.0" + (", q_scale = 1.0" if query else ""),
             key=QuantSpec(format=key_format, symmetric=True, granularity="tensor"),
             value=QuantSpec(format=value_format, symmetric=True, granularity="tensor"),
+            query=QuantSpec(format=key_format, symmetric=True, granularity="tensor") if query else None,
         )
         self.name = self.recipe.name
         self.source = "scale = 1.0 (engine default without calibration)"
+        self.quantizes_queries = query  # FP8 attention with q_scale 1.0 (vLLM's default without one)
         self._one = torch.ones((), dtype=torch.float32)  # shape (): one scale per tensor
 
     def describe(self, which: Which) -> str:
@@ -100,14 +104,19 @@ class UnitScaleQuantizer:
             self._one = self._one.to(x.device)
         return fake_quantize(x, self._one, None, self.recipe.spec(which).format)
 
+    def quantize_query(self, q: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        if self._one.device != q.device:
+            self._one = self._one.to(q.device)
+        return fake_quantize(q, self._one, None, self.recipe.key.format)
+
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
         return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
 
 
-def unit_scale_name(key_format: str, value_format: str) -> str:
+def unit_scale_name(key_format: str, value_format: str, query: bool = False) -> str:
     if key_format == value_format:
-        return f"{key_format.replace('_', '-')}-scale-1.0"
+        return f"{key_format.replace('_', '-')}{'-attention' if query else ''}-scale-1.0"
     return f"k-{key_format.replace('_', '-')}-v-{value_format.replace('_', '-')}-scale-1.0"
 
 
@@ -117,7 +126,7 @@ def eval_only_quantizer(name: str) -> DynamicQuantizer | UnitScaleQuantizer:
         return DynamicQuantizer(DYNAMIC_RECIPES[name])
     if name in UNIT_SCALE_RECIPES:
         number_format = UNIT_SCALE_RECIPES[name]
-        return UnitScaleQuantizer(number_format, number_format, name=name)
+        return UnitScaleQuantizer(number_format, number_format, name=name, query=name == FP8_ATTENTION_UNIT)
     if name in builtin_recipe_names():
         raise UsageError(
             f"recipe {name!r} uses calibrated scales; --recipe takes eval-only recipes: "

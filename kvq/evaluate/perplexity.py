@@ -280,12 +280,12 @@ def static_quantizers(paths: Sequence[str], fp8_fallback: bool, plans: Sequence[
         check_plan_model(plan, scales.scales.num_layers)  # the scales are checked against the model later
         partial.append(PartialQuantizer(scales, plan.skip_layers))
     if fp8_fallback:
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str, bool]] = set()
         for q in list(by_file.values()):
-            fmts = (q.recipe.key.format, q.recipe.value.format)
+            fmts = (q.recipe.key.format, q.recipe.value.format, q.quantizes_queries)
             if q.recipe.key.is_fp8 and q.recipe.value.is_fp8 and fmts not in seen:
-                seen.add(fmts)
-                out.append(UnitScaleQuantizer(*fmts))
+                seen.add(fmts)  # with a query scale: FP8 attention with every scale 1.0, the uncalibrated default
+                out.append(UnitScaleQuantizer(*fmts[:2], query=fmts[2]))
     for plan, q in zip(read, partial, strict=True):
         q.source = str(plan.path)
         out.append(q)

@@ -70,6 +70,13 @@ class KVQuantizer(Protocol):
         """Bytes one token takes in the KV cache, per-token quantization parameters included."""
         ...
 
+    # optional: FP8 attention, the query is quantized too (then quantize_query is called); absent means False
+    quantizes_queries: bool
+
+    def quantize_query(self, q: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """``q`` (batch, heads, tokens, head_dim) as FP8 attention reads it."""
+        ...
+
 
 def describe_spec(spec: QuantSpec) -> str:
     """``int8 asym per head`` style text for a table."""
@@ -83,6 +90,7 @@ class IdentityQuantizer:
     name = "identity"
     kind = "baseline"
     source = "model dtype, unquantized"
+    quantizes_queries = False
 
     def describe(self, which: Which) -> str:
         return "unquantized"
@@ -108,6 +116,7 @@ class StaticQuantizer:
         self.name = name or scales.recipe.name
         self.kind = "static"
         self.source = source
+        self.quantizes_queries = scales.recipe.query is not None
         self._on_device: dict[tuple[torch.device, int], LayerScales] = {}
 
     def _layer(self, layer_idx: int, device: torch.device) -> LayerScales:
@@ -132,6 +141,11 @@ class StaticQuantizer:
         layer = self._layer(layer_idx, x.device)
         spec = self.recipe.spec(which)
         return fake_quantize(x, layer.scale(which), layer.zero_point(which), spec.format)
+
+    def quantize_query(self, q: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """The query through fp8 with the calibrated q_scale (per tensor, or per attention head)."""
+        layer = self._layer(layer_idx, q.device)
+        return fake_quantize(q, layer.q_scale, None, self.recipe.query.format)
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
@@ -158,12 +172,17 @@ class PartialQuantizer:
         self.name = name or f"{inner.name} skip {layers_text(self.skip_layers) or 'none'}"
         self.kind = inner.kind
         self.source = inner.source
+        self.quantizes_queries = getattr(inner, "quantizes_queries", False)
 
     def describe(self, which: Which) -> str:
         return self.inner.describe(which)
 
     def quantize(self, x: torch.Tensor, layer_idx: int, which: Which) -> torch.Tensor:
         return x if layer_idx in self._skip else self.inner.quantize(x, layer_idx, which)
+
+    def quantize_query(self, q: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        # a skipped layer's cache is in the model dtype: its attention is not FP8, the query stays as it is
+        return q if layer_idx in self._skip else self.inner.quantize_query(q, layer_idx)
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         """The quantized layers at ``inner``'s cost, the skipped ones at the model dtype's."""
@@ -181,10 +200,14 @@ class FakeQuantize:
     changed between calls (the attention-error probe switches it for its re-runs).
     """
 
-    wants_queries = False
-
     def __init__(self, quantizer: KVQuantizer | None = None):
         self.quantizer = quantizer
+
+    @property
+    def wants_queries(self) -> bool:
+        """Whether the quantizer also quantizes the query (FP8 attention with a calibrated q_scale)."""
+        # optional in a quantizer: one without the attribute leaves the query alone
+        return self.quantizer is not None and getattr(self.quantizer, "quantizes_queries", False)
 
     def kv(self, captured: CapturedKV) -> tuple[torch.Tensor, torch.Tensor]:
         if self.quantizer is None:
@@ -192,5 +215,7 @@ class FakeQuantize:
         return (self.quantizer.quantize(captured.key, captured.layer_idx, "k"),
                 self.quantizer.quantize(captured.value, captured.layer_idx, "v"))
 
-    def query(self, captured: CapturedQuery) -> None:  # wants_queries is False: never called
-        return None
+    def query(self, captured: CapturedQuery) -> torch.Tensor | None:
+        if not self.wants_queries:
+            return None
+        return self.quantizer.quantize_query(captured.query, captured.layer_idx)

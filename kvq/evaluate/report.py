@@ -157,6 +157,7 @@ def eval_rows(result: EvalResult) -> list[dict]:
             "source": q.source,
             "key": q.describe("k"),
             "value": q.describe("v"),
+            "query": _query_text(q),
             "kv_bytes_per_token": kv_bytes,
             "memory_saved": 1.0 - kv_bytes / base_bytes,
             "ppl": entry.ppl,
@@ -201,6 +202,14 @@ def _pm(stderr: float | None) -> str:
     return "" if stderr is None else f" ± {stderr:.3f}"
 
 
+def _query_text(q) -> str | None:
+    """How FP8 attention's query is quantized (``fp8_e4m3 per head``), None when it is not."""
+    recipe = getattr(q, "recipe", None)  # the baseline and dynamic quantizers have no query spec
+    if not q.quantizes_queries or recipe is None or recipe.query is None:
+        return None
+    return f"{recipe.query.format} per {recipe.query.granularity}"
+
+
 def _kv_text(key: str, value: str) -> str:
     return key if key == value else f"K {key} / V {value}"
 
@@ -233,7 +242,8 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
         attn_text = "" if attn is None else f"{attn['mean']:.2e} / {attn['max']:.2e} ({attn['max_layer']})"
         is_base = row["kind"] == "baseline"
         table.add_row(
-            row["name"], _kv_text(row["key"], row["value"]), _fmt_bytes(row["kv_bytes_per_token"]),
+            row["name"], _kv_text(row["key"], row["value"]) + (f" / Q {row['query']}" if row.get("query") else ""),
+            _fmt_bytes(row["kv_bytes_per_token"]),
             "" if is_base else f"{100 * row['memory_saved']:.1f}%",
             f"{row['ppl']:.4f}",
             "" if is_base else f"{row['delta_ppl']:+.4f} ({row['delta_pct']:+.3f}%{_pm(row['delta_pct_stderr'])})",
