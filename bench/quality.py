@@ -10,7 +10,9 @@
 2. ``solve`` every built-in recipe (``recipes/*.yaml``) from those same statistics.
 3. Evaluate, on the first ``--windows`` non-overlapping ``--seqlen``-token windows of the WikiText-2
    test split (``../shared/data/wikitext-2-raw-test.txt``), the perplexity of the unquantized model,
-   of every solved recipe, of fp8 e4m3 / e5m2 with scale = 1.0 (vLLM's uncalibrated default) and of
+   of every solved recipe (nvfp4-kv and fp8-e4m3fnuz-per-tensor among them), of fp8 e4m3 per tensor with a
+   calibrated per-head query scale (FP8 attention quantizes the query), of fp8 e4m3 / e5m2 with scale = 1.0
+   (vLLM's uncalibrated default), of FP8 attention with every scale 1.0, of nvfp4 with global scale 1.0, and of
    the dynamic per-token modes (LMDeploy int8 / int4), all on the same windows
    (``kvq.evaluate.measure``), with the per-layer attention-output error.
 4. Check the targets and print PASS / FAIL: int8 asymmetric per head within 0.1% of the baseline
@@ -47,7 +49,7 @@ from kvq.evaluate import (  # noqa: E402
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
 from kvq.evaluate.report import eval_json, print_eval, report_console, write_json  # noqa: E402
 from kvq.models import load_model  # noqa: E402
-from kvq.recipe import builtin_recipe_names, load_recipe  # noqa: E402
+from kvq.recipe import builtin_recipe_names, load_recipe, parse_recipe  # noqa: E402
 from kvq.solver import solve  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -89,14 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with progress_bar("calibrating", len(picked.token_ids), "samples") as advance:
         stats = collect_stats(loaded.model, batches(picked.token_ids, args.batch_size, pad_id),
-                              lambda b: advance(b.num_samples))
+                              lambda b: advance(b.num_samples), queries=True)  # query ranges: FP8 attention rows
     stats.check_complete(loaded.info.num_layers)
     cal_seconds = time.perf_counter() - t0
 
     # 2. solve every built-in recipe from the same statistics
     quantizers = [StaticQuantizer(solve(stats, load_recipe(name)), source="solved from the one calibration")
                   for name in builtin_recipe_names()]
-    quantizers += [UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"), UnitScaleQuantizer("fp8_e5m2", "fp8_e5m2")]
+    fp8_attention = parse_recipe({"name": "fp8-e4m3-per-tensor+q-per-head", "format": "fp8_e4m3",
+                                  "granularity": "tensor", "query": {"granularity": "head"}}, "bench", "q")
+    quantizers.append(StaticQuantizer(solve(stats, fp8_attention), source="K/V and the query calibrated"))
+    quantizers += [UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"), UnitScaleQuantizer("fp8_e5m2", "fp8_e5m2"),
+                   UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3", query=True), UnitScaleQuantizer("nvfp4", "nvfp4")]
     quantizers += [DynamicQuantizer(r) for r in DYNAMIC_RECIPES.values()]
 
     # 3. evaluate everything on the same windows
@@ -125,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         cal = entry[name]
         checks.append((cal.ppl <= unit.ppl, f"{name} no worse than fp8-e4m3 scale 1.0: {cal.ppl:.4f} vs "
                        f"{unit.ppl:.4f} ({100 * (cal.ppl / unit.ppl - 1):+.3f}%, stderr "
+                       f"{100 * paired_stderr(cal.window_nll, unit.window_nll, cal.tokens_per_window):.3f}%)"))
+    for name, unit_name in (("nvfp4-kv", "nvfp4-scale-1.0"),
+                            ("fp8-e4m3-per-tensor+q-per-head", "fp8-e4m3-attention-scale-1.0")):
+        cal, unit = entry[name], entry[unit_name]
+        checks.append((cal.ppl <= unit.ppl, f"{name} no worse than {unit_name}: {cal.ppl:.4f} vs {unit.ppl:.4f} "
+                       f"({100 * (cal.ppl / unit.ppl - 1):+.3f}%, stderr "
                        f"{100 * paired_stderr(cal.window_nll, unit.window_nll, cal.tokens_per_window):.3f}%)"))
     for ok, text in checks:
         console.print(f"[{'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] {text}")

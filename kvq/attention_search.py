@@ -4,7 +4,8 @@ attention output on the reservoir's rows (kvq.reservoir). Pure math: no model, n
 Objective: sum over kept chunks, query heads and tokens of |o_q - o|^2, where o is causal softmax attention of
 the chunk's queries over its keys and values (the layer's own softmax scale, GQA groups as the model forms them)
 and o_q the same with K and V through the recipe's quantizers (kvq.qparams: the engine's casts, rounding,
-zero-points, saturation). The candidates shrink the min/max range of each scale (SHRINK, 1.0 first):
+zero-points, saturation). The candidates shrink the min/max range of each scale (COARSE, 1.0 first, then FINE
+steps of 0.01 around the best):
 
 1. K: the fraction per KV head (one per layer for per-tensor scales; per-channel scales shrink together per head)
    with V unquantized;
@@ -27,7 +28,8 @@ from kvq.qparams import choose_qparams, dequantize, quantize
 from kvq.recipe import QuantSpec
 from kvq.stats import LayerStats, TensorStats
 
-SHRINK = torch.arange(100, 1, -2, dtype=torch.float32) / 100  # 1.00, 0.98, ..., 0.04
+COARSE = torch.arange(100, 1, -4, dtype=torch.float32) / 100  # 1.00, 0.96, ..., 0.04
+FINE = torch.tensor([-0.03, -0.02, -0.01, 0.01, 0.02, 0.03])  # then around the best
 
 
 def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -73,21 +75,31 @@ def _shrunk(lo: torch.Tensor, hi: torch.Tensor, t: torch.Tensor, granularity: st
 
 
 def _search(ts: TensorStats, spec: QuantSpec, error_of) -> torch.Tensor:
-    """The fraction per KV head (or one, per-tensor) whose range ``error_of(lo, hi)`` -> (kv_heads,) rates best."""
+    """The fraction per KV head (or one, per-tensor) whose range ``error_of(lo, hi)`` -> (kv_heads,) rates best:
+    COARSE fractions first (1.0 first), then FINE steps around each head's best."""
     lo, hi = reduce_to_granularity(ts.min, ts.max, spec.granularity)
+    heads = ts.min.shape[0]
     best_err, best_t = None, None
-    for t in SHRINK:
-        heads = ts.min.shape[0]
-        frac = t.reshape(()) if spec.granularity == "tensor" else t.expand(heads)
+
+    def consider(frac: torch.Tensor) -> None:  # frac: (kv_heads,), or () per tensor
+        nonlocal best_err, best_t
         err = error_of(*_shrunk(lo, hi, frac, spec.granularity))  # (kv_heads,)
         if spec.granularity == "tensor":
             err = err.sum().expand(heads)
+        frac = frac.expand(heads)
         if best_err is None:
-            best_err, best_t = err.clone(), frac.expand(heads).clone()
-            continue
+            best_err, best_t = err.clone(), frac.clone()
+            return
         better = err < best_err  # strict: ties keep the wider range found first
         best_err = torch.where(better, err, best_err)
-        best_t = torch.where(better, frac.expand(heads), best_t)
+        best_t = torch.where(better, frac, best_t)
+
+    for t in COARSE:
+        consider(t.reshape(()) if spec.granularity == "tensor" else t.expand(heads))
+    centre = best_t.clone()
+    for step in FINE:
+        frac = (centre + step).clamp(float(COARSE[-1]), 1.0)
+        consider(frac[:1].reshape(()) if spec.granularity == "tensor" else frac)
     return best_t[:1].reshape(()) if spec.granularity == "tensor" else best_t
 
 
