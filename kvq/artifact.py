@@ -31,12 +31,18 @@ VALIDATE_JSON = "validate.json"
 PLAN_JSON = "plan.json"  # the layers kept unquantized (kvq plan), for these scales
 TRANSFORMS_FILE = "transforms.safetensors"  # the transforms folded into the model before calibration (if any)
 PARTIAL_FILE = "stats.partial.safetensors"  # an interrupted calibration's statistics so far (--resume)
+# ``kvq report`` writes OUT/report/ (kvq/report/): part of the artifact folder, drawn from its scales
+REPORT_DIR = "report"
+REPORT_NAMES: tuple[str, ...] = ("absmax.png", "channels.png", "subnormal.png", "scales.png", "sqnr.png",
+                                 "eval_ppl.png", "attention_error.png", "figures.json", "report.md", "report.html")
+REPORT_FILES: tuple[str, ...] = tuple(f"{REPORT_DIR}/{name}" for name in REPORT_NAMES)
 ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, PLAN_JSON, TRANSFORMS_FILE,
-                                   PARTIAL_FILE)
+                                   PARTIAL_FILE, *REPORT_FILES)
 # Which file each one is computed from: replacing the source drops the derived file from the set. The
 # transforms belong to the statistics calibrated on them: a new calibration without transforms drops them.
 DERIVED_FROM: dict[str, str] = {SCALES_FILE: STATS_FILE, SCALES_JSON: SCALES_FILE, VALIDATE_JSON: SCALES_FILE,
-                                PLAN_JSON: SCALES_FILE, TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE}
+                                PLAN_JSON: SCALES_FILE, TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE,
+                                **{name: SCALES_FILE for name in REPORT_FILES}}  # a new calibration drops the report
 
 
 def carried_over(written: Collection[str]) -> set[str]:

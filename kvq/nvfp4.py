@@ -1,11 +1,12 @@
 """NVFP4 (FP4 e2m1 values, blocks of 16 with an fp8 e4m3 scale, one static fp32 global scale): pure math.
 
-For a tensor with global scale ``S`` (calibrated: ``S = absmax / (6 * 448)``, so that the calibrated absmax
-maps to the largest block scale times the largest e2m1 value), every block of ``BLOCK`` consecutive values
-along head_dim is stored as:
+For a tensor with global scale ``S`` (calibrated: ``S = absmax / 448``, the convention of ModelOpt >= 0.42,
+vLLM >= 0.21 and TensorRT-LLM, which read it as the layer's ``k_scale`` / ``v_scale``; ModelOpt 0.27-0.41
+wrote ``absmax / (6 * 448)``), every block of ``BLOCK`` consecutive values along head_dim is stored as:
 
 * its block scale ``s_b = e4m3(min(amax_b / (6 * S), 448))``: computed when the value is written (the
-  engines' kernels do this per block, at run time), rounded to nearest even on the e4m3 grid, saturated at 448;
+  engines' kernels do this per block, at run time), rounded to nearest even on the e4m3 grid, saturated at 448
+  (with the calibrated S a block scale stays below 448 / 6 unless the block exceeds 6x the calibrated absmax);
 * its values ``q = e2m1(x / (s_b * S))``: rounded to nearest even on {0, 0.5, 1, 1.5, 2, 3, 4, 6},
   saturated at 6 (only a block larger than the calibrated absmax, whose block scale saturated, reaches it);
   a block whose scale rounds to 0 stores zeros;
@@ -23,7 +24,7 @@ import torch
 BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
-SCALE_TOP = E2M1_MAX * E4M3_MAX  # the global scale maps absmax to this: 2688
+SCALE_TOP = E4M3_MAX  # the calibrated global scale is absmax / 448 (the engines' convention)
 E2M1_OVERFLOW = 7.0  # the tie between 6 (code 111, odd) and 8 (beyond): rounds up, so |y| >= 7 saturates
 
 

@@ -4,7 +4,8 @@ No model, file or CLI code here. The conventions (docs/artifacts.md repeats them
 
 * A value ``x`` is stored as ``q`` and read back as ``x_hat = (q - zero_point) * scale``.
 * fp8 (symmetric only): ``q = cast_fp8(clamp(x / scale, -fmax, fmax))`` with ``fmax`` 448 (e4m3),
-  57344 (e5m2) or 240 (e4m3fnuz, AMD MI300's fp8: exponent bias 8, one NaN, no negative zero) and ``scale = absmax / fmax``: the calibrated absmax lands exactly on the largest
+  57344 (e5m2) or 224 (e4m3fnuz, AMD MI300's fp8: exponent bias 8, one NaN, no negative zero; its largest
+  value is 240, but vLLM clamps at 224 on ROCm, and kvq simulates the engine) and ``scale = absmax / fmax``: the calibrated absmax lands exactly on the largest
   finite fp8 value. The cast rounds to nearest-even; the clamp saturates as the engines do.
 * int symmetric: ``scale = absmax / qmax`` (127 for int8, 7 for int4),
   ``q = clamp(round(x / scale), qmin, qmax)`` with qmin -128 / -8 (qmin itself is never reached
@@ -14,7 +15,7 @@ No model, file or CLI code here. The conventions (docs/artifacts.md repeats them
   ``zero_point = clamp(round(qmin - lo / scale), qmin, qmax)`` (an integer), and
   ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``.
 * ``round`` is round-half-to-even (``torch.round``); division is a true division by the scale.
-* nvfp4 (symmetric, one global scale per tensor): ``scale = absmax / (6 * 448)``; ``quantize`` returns the
+* nvfp4 (symmetric, one global scale per tensor): ``scale = absmax / 448`` (the engines' convention); ``quantize`` returns the
   e2m1 value times its block's e4m3 scale, computed per block of 16 along head_dim (:mod:`kvq.nvfp4`), and
   ``dequantize`` multiplies by the global scale.
 * A scale is never 0, NaN or inf: a range of zero width (a head that is always 0) gets
@@ -30,7 +31,8 @@ from kvq.recipe import QuantSpec
 
 FP8_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
                                       "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
-FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
+# e4m3fnuz's largest value is 240, but the engines saturate at 224 (vLLM's get_fp8_min_max on ROCm): kvq does too
+FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 224.0}
 INT_RANGE: dict[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
 # bits per stored element (nvfp4: a 4-bit value plus an 8-bit scale per block of 16)
 BITS: dict[str, float] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8_e4m3fnuz": 8, "int8": 8, "int4": 4, "nvfp4": 4.5}

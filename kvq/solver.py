@@ -9,6 +9,8 @@ the channels of each head (shape (num_kv_heads,)), ``channel`` keeps them (shape
 
 from __future__ import annotations
 
+import torch
+
 from kvq.attention_search import attention_ranges
 from kvq.errors import KvqError, UsageError
 from kvq.observers import observed_range
@@ -44,6 +46,8 @@ def solve(stats: KVStats, recipe: KVRecipe) -> KVScales:
             q_scale = None
             if recipe.query is not None:
                 q_scale, _ = choose_qparams(*observed_range(_query_ranges(layer, i), recipe.query), recipe.query)
+                if recipe.query.granularity == "head":
+                    q_scale = per_kv_group(q_scale, layer.k.min.shape[0])
         except ValueError as exc:
             raise KvqError(f"layer {i}: {exc}") from exc
         layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp, q_scale)
@@ -62,3 +66,14 @@ def _query_ranges(layer, i: int):
         raise UsageError(f"the statistics hold no query ranges (layer {i}), which a recipe with a query: section needs",
                          hint="calibrate again with this recipe (it records the queries' ranges)")
     return layer.q
+
+
+def per_kv_group(q_scale: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-head query scales (num_heads,) -> the maximum of each KV head's group of query heads, repeated for
+    each of them: what vLLM applies (it max-reduces per-head q scales over contiguous groups, query head h
+    reading KV head h // (num_heads / kv_heads); compressed_tensors.py@0.33.0)."""
+    heads = q_scale.shape[0]
+    if heads % kv_heads:
+        raise KvqError(f"{heads} attention heads do not split evenly over {kv_heads} KV heads")
+    group = heads // kv_heads
+    return q_scale.view(kv_heads, group).amax(dim=1).repeat_interleave(group)  # (heads,) -> (kv, group) -> (heads,)

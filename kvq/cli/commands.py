@@ -29,6 +29,9 @@ from kvq.cli.params import (
 )
 from kvq.cli.plan_command import SHORT_HELP as PLAN_SHORT_HELP
 from kvq.cli.plan_command import plan_command
+from kvq.cli.report_command import SHORT_HELP as REPORT_SHORT_HELP
+from kvq.cli.report_command import report_command
+from kvq.errors import UsageError
 from kvq.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
@@ -85,6 +88,7 @@ def calibrate_command(
                                              help="also record histograms per head or per channel, so that "
                                              "`kvq solve` can run clipping observers (percentile, mse) later; "
                                              "default: what the recipe's observer needs")] = None,
+    report: Annotated[bool, option("--report", help="also write OUT/report/ (kvq report) at the end")] = False,
 ) -> int:
     """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
@@ -103,6 +107,10 @@ def calibrate_command(
     result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
+        if report:
+            from kvq.report import write_report
+
+            write_report(Path(out))
     return 0
 
 
@@ -208,6 +216,8 @@ def eval_command(
                                                "error (saves the attention re-runs)")] = False,
     no_fp8_fallback: Annotated[bool, option("--no-fp8-fallback", help="do not add the fp8 scale = 1.0 row next "
                                             "to fp8 artifacts")] = False,
+    report: Annotated[bool, option("--report", help="with --json: also write the report of each --scales "
+                                   "artifact (kvq report DIR --eval FILE)")] = False,
 ) -> int:
     """Perplexity of the model with its KV cache fake-quantized at the cache write (attention reads the
     quantized K/V, as in an engine), next to the unquantized baseline, the fp8 scale = 1.0 fallback
@@ -220,6 +230,8 @@ def eval_command(
     from kvq.evaluate.report import eval_json, print_eval, report_console, write_json
     from kvq.output_policy import check_report_target
 
+    if report and not json:
+        raise UsageError("--report needs --json FILE (the report is drawn from it)", hint="add --json eval.json")
     if json:
         check_report_target(json)  # before the model runs, not after
     cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
@@ -238,10 +250,17 @@ def eval_command(
     print_eval(result, console=console)
     if json:
         console.print(f"table: {write_json(json, eval_json(result))}")
+    if report:
+        from kvq.report import write_report
+        from kvq.scales import scales_path
+
+        for artifact in paths_arg(scales) or []:
+            console.print(f"report: {write_report(scales_path(artifact).parent, eval_json=json)[0].parent}")
     return 0
 
 
 app.command("plan", cls=KvqCommand, short_help=PLAN_SHORT_HELP)(with_model_flags(plan_command))
+app.command("report", cls=KvqCommand, short_help=REPORT_SHORT_HELP)(report_command)
 
 
 # --- export-scales ------------------------------------------------------------------------------

@@ -41,5 +41,6 @@ def report_command(
 
     written = write_report(out_dir, validation, eval_json, out=out, force=force)
     html = next(p for p in written if p.name == "report.html")
-    Console().print(f"report: {escape(str(html))} ({len(written)} files in {escape(str(html.parent))})")
+    Console().print(f"report: {escape(str(html))} ({len(written)} files in {escape(str(html.parent))})",
+                    soft_wrap=True)
     return 0

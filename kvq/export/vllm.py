@@ -48,6 +48,15 @@ WARN_ROCM = (
     "AMD MI300/MI325 (fp8 e4m3fnuz, largest value 240): vLLM >= 0.15 no longer doubles compressed-tensors KV "
     "scales, so K/V beyond 240 x scale (54% of the calibrated range) clip (compressed_tensors.py process_weights_after_loading@0.15.0)"
 )
+WARN_FNUZ = (
+    "fp8_e4m3fnuz scales (absmax / 224) are for vLLM on AMD MI300/MI325, whose compressed-tensors path uses them "
+    "as they are (no doubling since 0.15.0); on an NVIDIA GPU the same checkpoint uses only half of e4m3's range"
+)
+WARN_QUERY = (
+    "q_scale: vLLM's FLASH_ATTN (FA3) backend applies it (per tensor, or per KV-head group: it max-reduces per-head "
+    "values, as kvq's solver already did); FlashInfer applies it per tensor only on SM100 / SM90 prefill; SGLang "
+    "and TensorRT-LLM read no query scale (they quantize the query at 1.0) (vLLM 0.33.0 attention.py, flash_attn.py)"
+)
 WARN_SGLANG_PER_TENSOR = (
     "SGLang < 0.5.19 loads no compressed-tensors KV scales, and SGLang serves Qwen2 models and the torch_native / "
     "flex_attention backends at scale 1.0 (models/qwen2.py, compressed_tensors.py@0.5.23)"
@@ -102,7 +111,7 @@ def quantization_config(existing: dict | None, strategy: str, folder: str) -> di
 def build(req: ExportRequest) -> ExportPlan:
     scales, shape = req.scales, req.shape
     refuse_format(
-        scales, EXPORT_FORMAT, ("fp8_e4m3",),
+        scales, EXPORT_FORMAT, ("fp8_e4m3", "fp8_e4m3fnuz"),
         why="vLLM's compressed-tensors KV cache is float8 e4m3, symmetric (num_bits 8, type float)",
         hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor), or use --format lmdeploy / trtllm for int8",
     )
@@ -116,6 +125,8 @@ def build(req: ExportRequest) -> ExportPlan:
 
     kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place)
     notes = list(kv.notes)
+    if scales.recipe.query is not None:
+        notes.append(query_scales(req, kv, per_head))
     if req.tp != 1:
         notes.append(f"--tp {req.tp} ignored: vLLM splits the KV heads across ranks itself when loading")
     config = dict(kv.files.config)
@@ -124,12 +135,36 @@ def build(req: ExportRequest) -> ExportPlan:
     )
     plan = checkpoint_plan(kv.files, kv.index, kv.tensors, {"config.json": json_bytes(config)}, modified=req.transformed_weights())
     plan.notes = notes + plan.notes
-    plan.warnings = [WARN_PER_HEAD, WARN_ROCM] if per_head else [WARN_FLASHINFER, WARN_ROCM, WARN_SGLANG_PER_TENSOR]
+    rocm = WARN_FNUZ if scales.recipe.key.format == "fp8_e4m3fnuz" else WARN_ROCM
+    plan.warnings = [WARN_PER_HEAD, rocm] if per_head else [WARN_FLASHINFER, rocm, WARN_SGLANG_PER_TENSOR]
+    if scales.recipe.query is not None:
+        plan.warnings.append(WARN_QUERY)
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
     if req.skip_layers:
         plan.serve, more = with_skip_layers(plan.serve, req.skip_layers)
         plan.warnings += more
     return plan
+
+
+def query_scales(req: ExportRequest, kv, per_head: bool) -> str:
+    """Add every layer's ``self_attn.q_scale`` to ``kv.tensors`` as vLLM's compressed-tensors loader reads it:
+    (1,) per tensor; (num_attention_heads, 1, 1) with the attn_head strategy. Returns the note to print."""
+    recipe = req.scales.recipe
+    if recipe.query.format != recipe.key.format:
+        raise UsageError(f"--format {EXPORT_FORMAT}: the query is {recipe.query.format} but the KV cache "
+                         f"{recipe.key.format}; vLLM's FP8 attention quantizes both to the cache's fp8 type",
+                         hint="solve a recipe whose query: format is the KV format")
+    if (recipe.query.granularity == "head") != per_head:
+        raise UsageError(f"--format {EXPORT_FORMAT}: the query is solved per {recipe.query.granularity} but K/V per "
+                         f"{'head' if per_head else 'tensor'}; vLLM's compressed-tensors scheme has one strategy "
+                         "for K, V and Q (tensor, or attn_head)",
+                         hint="solve the query with the granularity of the K/V scales")
+    for i, layer in req.scales.layers.items():
+        name = next(n for n in kv.tensors if n.endswith(".k_scale") and f".{i}." in n).removesuffix("k_scale")
+        q = layer.q_scale.to(torch.float32)  # per head: (num_heads,), equal within each KV-head group
+        kv.tensors[name + "q_scale"] = (q.reshape(-1, 1, 1) if per_head else q.reshape(1)).contiguous()
+    return (f"query scales: self_attn.q_scale per {'attention head' if per_head else 'tensor'} "
+            "(vLLM's FlashAttention 3 quantizes the query whenever the KV cache is fp8)")
 
 
 def with_skip_layers(serve: list[str], skip_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:

@@ -47,10 +47,10 @@ from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize,
 from kvq.recipe import NUMBER_FORMATS
 
 # fp8 overflow of |x / scale| without the clamp: (threshold, whether the threshold itself overflows)
-# (e4m3fn: 464 lies between 448 = 1.75 * 2**8, an even code, and 480: a tie rounds down; e4m3fnuz: 248 between
-# 240 = 1.875 * 2**7, an odd code, and 256: a tie rounds up and overflows)
+# (e4m3fn: 464 lies between 448 = 1.75 * 2**8, an even code, and 480: a tie rounds down; e4m3fnuz, clamped at
+# 224 = 1.75 * 2**7, an even code: 232 lies between it and 240 and rounds down)
 FP8_OVERFLOW: dict[str, tuple[float, bool]] = {"fp8_e4m3": (464.0, False), "fp8_e5m2": (61440.0, True),
-                                               "fp8_e4m3fnuz": (248.0, True)}
+                                               "fp8_e4m3fnuz": (232.0, False)}
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -194,3 +194,61 @@ def test_smollm2_end_to_end(make_artifact, tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     text = tokenizer.decode(model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:])
     assert text.strip()
+
+
+def _written(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in out.glob("*.safetensors"):
+        found.update(load_file(str(path)))
+    return found
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "head"])
+def test_query_scales_are_written_where_vllm_reads_them(tiny_llama, make_artifact, tmp_path, granularity):
+    from kvq.recipe import QuantSpec
+    from kvq.scales import LayerScales
+
+    meta = model_metadata(tiny_llama)
+    spec = QuantSpec(format="fp8_e4m3", symmetric=True, granularity=granularity)
+    rec = recipe("fp8_e4m3", True, granularity).model_copy(update={"query": spec})
+    kv = int(meta["num_kv_heads"])
+    layers = {}
+    for i in range(int(meta["num_layers"])):
+        k = torch.full((), 0.5 + i) if granularity == "tensor" else torch.arange(1.0, kv + 1) * (i + 1)
+        q = torch.full((), 0.25 + i) if granularity == "tensor" else torch.tensor([1.0, 1.0, 3.0, 3.0]) * (i + 1)
+        layers[i] = LayerScales(k, k * 2, q_scale=q)
+    artifact = make_artifact(rec, meta, layers)
+    out = tmp_path / "q"
+    result = export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    written = _written(out)
+    for i, layer in layers.items():
+        got = written[f"model.layers.{i}.self_attn.q_scale"]
+        want = layer.q_scale.reshape(1) if granularity == "tensor" else layer.q_scale.reshape(-1, 1, 1)
+        assert torch.equal(got, want)  # (1,) per tensor; (num_attention_heads, 1, 1) with attn_head
+    assert any("q_scale" in w for w in result.warnings)
+
+
+def test_query_granularity_must_match_the_kv_strategy(tiny_llama, make_artifact, tmp_path):
+    from kvq.recipe import QuantSpec
+    from kvq.scales import LayerScales
+
+    meta = model_metadata(tiny_llama)
+    rec = recipe("fp8_e4m3", True, "tensor").model_copy(
+        update={"query": QuantSpec(format="fp8_e4m3", symmetric=True, granularity="head")})
+    layers = {i: LayerScales(torch.tensor(1.0), torch.tensor(1.0), q_scale=torch.ones(4))
+              for i in range(int(meta["num_layers"]))}
+    artifact = make_artifact(rec, meta, layers)
+    with pytest.raises(UsageError, match="the query is solved per head but K/V per tensor"):
+        export_scales(artifact, "vllm", out=tmp_path / "x", model=str(tiny_llama))
+    assert not (tmp_path / "x").exists()
+
+
+def test_fnuz_scales_export_for_rocm(tiny_llama, make_artifact, tmp_path):
+    artifact = make_artifact(recipe("fp8_e4m3fnuz", True, "tensor"), model_metadata(tiny_llama))
+    result = export_scales(artifact, "vllm", out=tmp_path / "rocm", model=str(tiny_llama))
+    written = _written(tmp_path / "rocm")
+    scales = KVScales.load(artifact)
+    assert torch.equal(written["model.layers.0.self_attn.k_scale"], scales.layers[0].k_scale.reshape(1))
+    assert any("absmax / 224" in w for w in result.warnings)

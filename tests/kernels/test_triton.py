@@ -22,7 +22,7 @@ from kvq.kernels.reference import RoundTripError, qdq_static, roundtrip_error_re
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of torch ship it
 
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 240.0}
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 224.0}  # fnuz: the engines' clamp
 FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
 INT_RANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 CASES = [
@@ -48,7 +48,7 @@ def make_case(
     x += torch.randn(1, h, 1, d, generator=gen) * 0.3  # channel offsets: asymmetric ranges
     x[..., :: max(1, d // 7)] *= 4.0  # outlier channels
     qshape = {"tensor": (), "head": (h,), "channel": (h, d)}[granularity]
-    top = FP8_MAX[fmt] if fmt in FP8_MAX else 6.0 * 448 if fmt == "nvfp4" else INT_RANGE[fmt][1]
+    top = FP8_MAX[fmt] if fmt in FP8_MAX else 2000.0 if fmt == "nvfp4" else INT_RANGE[fmt][1]  # nvfp4: some saturate
     scale = (torch.rand(qshape, generator=gen) * 2.0 + 2.0) / top
     zp = None
     if not symmetric:
