@@ -44,7 +44,13 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 MODELOPT_FP8_KV_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 
 
-def _hf_quant_config(files: ModelFiles) -> dict:
+# kvq's number format -> ModelOpt's kv_cache_quant_algo (hf_quant_config.json) and config.json kv_cache_scheme
+# (ModelOpt writes the string "NVFP4" there for NVFP4 KV caches: modelopt/torch/export/convert_hf_config.py)
+KV_ALGO = {"fp8_e4m3": "FP8", "fp8_e4m3fnuz": "FP8", "nvfp4": "NVFP4"}
+KV_SCHEME = {"FP8": MODELOPT_FP8_KV_SCHEME, "NVFP4": "NVFP4"}
+
+
+def _hf_quant_config(files: ModelFiles, algo: str) -> dict:
     path = files.folder / HF_QUANT_CONFIG
     if not path.is_file():
         raise UsageError(
@@ -71,13 +77,13 @@ def _hf_quant_config(files: ModelFiles) -> dict:
             f"{path} already sets kv_cache_quant_algo {quantization['kv_cache_quant_algo']!r}",
             hint="export from the checkpoint without KV-cache quantization",
         )
-    quantization["kv_cache_quant_algo"] = "FP8"
+    quantization["kv_cache_quant_algo"] = algo
     merged = dict(existing)
     merged["quantization"] = quantization
     return merged
 
 
-def _config_json(files: ModelFiles) -> bytes | None:
+def _config_json(files: ModelFiles, algo: str) -> bytes | None:
     """config.json rewritten when it holds a ModelOpt quantization_config; None to link it as is."""
     qc = files.config.get("quantization_config")
     if qc is None:
@@ -93,24 +99,31 @@ def _config_json(files: ModelFiles) -> bytes | None:
         raise UsageError(f"model {files.folder} already declares a kv_cache_scheme in config.json",
                          hint="export from the checkpoint without KV-cache quantization")
     config = dict(files.config)
-    config["quantization_config"] = {**qc, "kv_cache_scheme": dict(MODELOPT_FP8_KV_SCHEME)}
+    scheme = KV_SCHEME[algo]
+    config["quantization_config"] = {**qc, "kv_cache_scheme": dict(scheme) if isinstance(scheme, dict) else scheme}
     return json_bytes(config)
 
 
 def build(req: ExportRequest) -> ExportPlan:
     refuse_format(
-        req.scales, EXPORT_FORMAT, ("fp8_e4m3",),
-        why="ModelOpt's Hugging Face export holds FP8 (e4m3) KV-cache scales only",
-        hint="solve an fp8_e4m3 recipe, or use --format trtllm for INT8",
+        req.scales, EXPORT_FORMAT, tuple(KV_ALGO),
+        why="ModelOpt's Hugging Face export holds FP8 (e4m3) and NVFP4 KV-cache scales only",
+        hint="solve an fp8_e4m3 or nvfp4 recipe, or use --format trtllm for INT8",
     )
+    number = req.scales.recipe.key.format
+    algo = KV_ALGO[number]
+    # fp8_e4m3fnuz: the engines' ModelOpt path doubles the e4m3fn-convention scale on ROCm (vLLM 0.33.0
+    # kv_cache.py, SGLang 0.5.23), so kvq writes absmax / 448, half its absmax / 224
+    factor = 0.5 if number == "fp8_e4m3fnuz" else 1.0
 
     def place(module: str, which: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-        return f"{module}.{which}_proj.{which}_scale", value.reshape(())  # (1,) -> (): a scalar per projection
+        # (1,) -> (): a scalar per projection; nvfp4: the global scale absmax / 448, as ModelOpt >= 0.42 writes it
+        return f"{module}.{which}_proj.{which}_scale", value.reshape(()) * factor
 
     kv = checkpoint_scales(req, EXPORT_FORMAT, [list(range(req.shape.num_kv_heads))], "per tensor", place)
-    quant_config = _hf_quant_config(kv.files)
+    quant_config = _hf_quant_config(kv.files, algo)
     rewritten = {HF_QUANT_CONFIG: json_bytes(quant_config)}
-    config = _config_json(kv.files)
+    config = _config_json(kv.files, algo)
     if config is not None:
         rewritten["config.json"] = config
     plan = checkpoint_plan(kv.files, kv.index, kv.tensors, rewritten, modified=req.transformed_weights())
@@ -122,20 +135,37 @@ def build(req: ExportRequest) -> ExportPlan:
         "raised FP8 KV scales below 1.0 to 1.0)"
     )
     plan.notes = notes + plan.notes
-    plan.warnings.append(
-        "TensorRT-LLM's PyTorch backend serves the FP8 KV cache at scale 1.0 and ignores these scales "
-        "(TRTLLM_LOAD_KV_SCALES concerns NVFP4 only); SGLang ignores them on Qwen2 models"
-    )
+    if algo == "NVFP4":
+        plan.warnings += [
+            "NVFP4 KV: vLLM >= 0.21 applies the global scale on its FlashInfer backend only (the one non-MLA backend "
+            "that takes nvfp4), inside a ModelOpt checkpoint with a real quant_algo (vLLM 0.33.0 flashinfer.py)",
+            "SGLang 0.5.23 multiplies NVFP4 KV scales by 6 on SM100 (ModelOpt <= 0.41's absmax / 2688 convention): "
+            "with these absmax / 448 scales its block scales come out 6x smaller (precision lost, no overflow)",
+            "TensorRT-LLM: whether its PyTorch backend loads NVFP4 KV scales of unquantized projections was not "
+            "verified (TRTLLM_LOAD_KV_SCALES)",
+        ]
+    else:
+        plan.warnings.append(
+            "TensorRT-LLM's PyTorch backend serves the FP8 KV cache at scale 1.0 and ignores these scales "
+            "(TRTLLM_LOAD_KV_SCALES concerns NVFP4 only); SGLang ignores them on Qwen2 models"
+        )
+    if factor != 1.0:
+        notes.append("fp8_e4m3fnuz: k_scale / v_scale written as absmax / 448 (half of kvq's absmax / 224): vLLM's "
+                     "and SGLang's ModelOpt path double them on ROCm")
     weights = quant_config["quantization"]["quant_algo"]
     if weights != "FP8":
         plan.warnings.append(
             f"the model's ModelOpt quant_algo is {weights!r}: that vLLM and SGLang apply KV scales merged into "
             "it was read for FP8-weight checkpoints only, not verified for this one"
         )
-    plan.serve += [
-        "vllm serve {out} --kv-cache-dtype fp8",
-        "python -m sglang.launch_server --model-path {out} --kv-cache-dtype fp8_e4m3",
-    ]
+    if algo == "NVFP4":
+        plan.serve += ["vllm serve {out} --kv-cache-dtype nvfp4 --attention-backend FLASHINFER",
+                       "python -m sglang.launch_server --model-path {out} --kv-cache-dtype nvfp4"]
+    else:
+        plan.serve += [
+            "vllm serve {out} --kv-cache-dtype fp8",
+            "python -m sglang.launch_server --model-path {out} --kv-cache-dtype fp8_e4m3",
+        ]
     return plan
 
 

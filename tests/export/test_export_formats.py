@@ -266,6 +266,25 @@ def test_modelopt_golden(modelopt_fp8_model, make_artifact, tmp_path):
     assert any("--reduce max" in n for n in result.notes)
 
 
+@pytest.mark.parametrize(("number", "algo", "factor"), [("nvfp4", "NVFP4", 1.0), ("fp8_e4m3fnuz", "FP8", 0.5)])
+def test_modelopt_nvfp4_and_fnuz(modelopt_fp8_model, make_artifact, tmp_path, number, algo, factor):
+    """NVFP4: kv_cache_quant_algo NVFP4 and the global scale absmax / 448 as k_scale / v_scale (ModelOpt >= 0.42);
+    fnuz: half of kvq's absmax / 224, which vLLM's and SGLang's ModelOpt path double on ROCm."""
+    meta = model_metadata(modelopt_fp8_model)
+    artifact = make_artifact(recipe(number, True, "tensor"), meta)
+    out = tmp_path / "mo"
+    result = export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
+    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"] == algo
+    scales = KVScales.load(artifact)
+    tensors = tensors_of(out / "kvq-kv-scales.safetensors")
+    for i in range(int(meta["num_layers"])):
+        for w in "kv":
+            assert tensors[f"model.layers.{i}.self_attn.{w}_proj.{w}_scale"].item() == pytest.approx(
+                scales.layers[i].scale(w).item() * factor, rel=1e-7)
+    if number == "nvfp4":
+        assert any("--kv-cache-dtype nvfp4" in line for line in result.serve)
+
+
 def test_modelopt_merges_an_existing_hf_quant_config(tiny_llama, make_artifact, tmp_path):
     model = tmp_path / "mo-fp8"
     model.mkdir()

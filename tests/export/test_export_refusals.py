@@ -27,6 +27,12 @@ TABLE = {
                                  "lmdeploy": NO},
     ("fp8_e4m3", True, "channel"): {"vllm": REDUCE, "modelopt": REDUCE, "sglang-json": REDUCE, "trtllm": REDUCE,
                                     "lmdeploy": NO},
+    # e4m3fnuz (ROCm): vLLM's compressed-tensors path takes absmax / 224 as it is; ModelOpt's path gets it halved
+    ("fp8_e4m3fnuz", True, "tensor"): {"vllm": OK, "modelopt": OK, "sglang-json": NO, "trtllm": NO, "lmdeploy": NO},
+    ("fp8_e4m3fnuz", True, "head"): {"vllm": OK, "modelopt": REDUCE, "sglang-json": NO, "trtllm": NO,
+                                     "lmdeploy": NO},
+    # NVFP4: a ModelOpt checkpoint (kv_cache_quant_algo NVFP4); vLLM 0.33 refuses compressed-tensors NVFP4 KV
+    ("nvfp4", True, "tensor"): {"vllm": NO, "modelopt": OK, "sglang-json": NO, "trtllm": NO, "lmdeploy": NO},
     ("fp8_e5m2", True, "tensor"): {f: NO for f in EXPORT_FORMATS},
     ("fp8_e5m2", True, "head"): {f: NO for f in EXPORT_FORMATS},
     ("int8", True, "tensor"): {"vllm": NO, "modelopt": NO, "sglang-json": NO, "trtllm": OK, "lmdeploy": OK},
