@@ -53,7 +53,7 @@ def test_rows_are_well_formed():
         assert row.verdict in get_args(Verdict), row
         assert row.kind in kinds, row
         assert row.granularity in {"tensor", "head", "channel", "rank", ANY}, row
-        assert row.number in {"fp8_e4m3", "fp8_e5m2", "int8", "int4", ANY}, row
+        assert row.number in {"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "nvfp4", "int8", "int4", ANY}, row
         assert row.weights in {ANY, UNQUANTIZED, FP8_WEIGHTS}, row
         assert row.weights == ANY or row.kind == MODELOPT, row  # only ModelOpt has two checkpoint kinds
         assert VERSIONS.fullmatch(row.versions), row.versions
@@ -118,6 +118,10 @@ def test_current_means_the_range_reaches_the_newest_release_read():
     ("LMDeploy", "0.6.0-0.18.0", COMPRESSED_TENSORS, ANY, "TurboMind", "refused"),
     ("LMDeploy", "0.6.0-0.18.0", COMPRESSED_TENSORS, ANY, "PyTorch", "refused"),
     ("LMDeploy", "0.14.0-0.18.0", MODELOPT, "tensor", "PyTorch", "refused"),
+    # 2026 formats (vLLM 0.33.0 compressed_tensors.py, kv_cache.py, flashinfer.py; SGLang 0.5.23)
+    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "gfx94x, fnuz", "applied"),
+    ("vLLM", "0.33.0", COMPRESSED_TENSORS, "tensor", "all", "refused"),
+    ("SGLang", "0.5.23", MODELOPT, "tensor", "NVFP4KVCacheMethod", "applied"),
 ])
 def test_verdicts_read_in_the_sources(engine, versions, kind, granularity, backend, verdict):
     assert _one(engine, versions, kind, granularity, backend).verdict == verdict
