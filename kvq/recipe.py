@@ -32,7 +32,6 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -44,6 +43,7 @@ from pydantic import (
 )
 
 from kvq.errors import UsageError
+from kvq.recipe_yaml import RECIPE_HINT, SHOWN_CHARS, data_file_hint, read_recipe_yaml, shown
 
 Format = Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4", "nvfp4"]
 Granularity = Literal["tensor", "head", "channel"]
@@ -55,8 +55,6 @@ OBSERVERS: tuple[str, ...] = typing.get_args(Observer)
 
 DEFAULT_RECIPE = "fp8-e4m3-per-tensor"
 DEFAULT_PERCENTILE = 99.99
-MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a dozen lines; anything bigger is not a recipe
-_SHOWN = 60  # characters of a bad value quoted back in a message
 
 
 class QuantSpec(BaseModel):
@@ -242,11 +240,6 @@ class KVRecipe(BaseModel):
         return cls.model_validate(data)
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 4] + " ..."
-
-
 def _did_you_mean(loc: tuple) -> str:
     """' (did you mean 'symmetric'?)' for an unknown key close to a known one of the same mapping."""
     fields = TensorOverride.model_fields if len(loc) > 1 and loc[0] in ("keys", "values") else RecipeFile.model_fields
@@ -256,7 +249,7 @@ def _did_you_mean(loc: tuple) -> str:
 
 def _describe(err: dict) -> str:
     """One pydantic error as 'field.path: message (got X)'."""
-    loc = ".".join(_shown(p) if len(str(p)) > _SHOWN else str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join(shown(p) if len(str(p)) > SHOWN_CHARS else str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key{_did_you_mean(err['loc'])}"
@@ -264,7 +257,7 @@ def _describe(err: dict) -> str:
         return f"{loc}: required field is missing"
     got = err.get("input")
     if err["type"] in ("literal_error", "bool_type") or "got" not in msg:
-        return f"{loc}: {msg} (got {_shown(got)})" if got is not None and err["type"] != "value_error" else f"{loc}: {msg}"
+        return f"{loc}: {msg} (got {shown(got)})" if got is not None and err["type"] != "value_error" else f"{loc}: {msg}"
     return f"{loc}: {msg}"
 
 
@@ -330,77 +323,11 @@ def load_recipe(name_or_path: str | Path) -> KVRecipe:
                 hint=f"built-in recipes: {', '.join(builtin_recipe_names())}; or give a YAML file path",
             )
     if path.is_dir():
-        raise UsageError(f"recipe {path} is a folder, not a YAML file", hint=_RECIPE_HINT)
-    data = _read_yaml(path)
+        raise UsageError(f"recipe {path} is a folder, not a YAML file", hint=RECIPE_HINT)
+    data = read_recipe_yaml(path)
     try:
         return parse_recipe(data, str(path), default_name=path.stem)
     except UsageError as exc:
         if path.suffix.lower() in (".yaml", ".yml"):
             raise
-        raise UsageError(exc.message, hint=_data_file_hint(path)) from exc
-
-
-_RECIPE_HINT = "--recipe takes a built-in recipe name or a recipe YAML file (docs/recipes.md)"
-
-
-def _data_file_hint(path: Path) -> str:
-    return f"is {path.name} a data file? pass data with --data-files; " + _RECIPE_HINT
-
-
-def _read_yaml(path: Path) -> object:
-    """The YAML document of a recipe file, read with bounded size and no aliases, duplicate keys refused."""
-    hint = _RECIPE_HINT if path.suffix.lower() in (".yaml", ".yml") else _data_file_hint(path)
-    try:
-        with open(path, "rb") as fh:  # read at most the cap: a FIFO or /proc file has no size to check first
-            raw = fh.read(MAX_RECIPE_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"recipe {path} cannot be read: {exc.strerror or exc}", hint=hint) from exc
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise UsageError(f"recipe {path} is over {MAX_RECIPE_BYTES // 1024} KiB: not a recipe", hint=hint)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"recipe {path} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})",
-                         hint=hint) from exc
-    if "\x00" in text:
-        raise UsageError(f"recipe {path} holds binary data, not YAML text", hint=hint)
-    try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"recipe {path}: not valid YAML{where}: {problem}", hint=hint) from exc
-    except RecursionError as exc:
-        raise UsageError(f"recipe {path}: nested too deeply to be a recipe", hint=hint) from exc
-    if data is None:
-        raise UsageError(f"recipe {path} is empty", hint=hint)
-    return data
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, stricter: a key given twice is an error (PyYAML keeps the last silently),
-    and aliases are refused (a recipe needs none, and "billion laughs" expands them exponentially).
-
-    Hand-written because PyYAML has no switch for either; both hook its documented composer/constructor.
-    """
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a recipe",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[object, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
-                lines = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {_shown(key)} is given twice ({lines})", key_node.start_mark)
-            if isinstance(key, typing.Hashable):
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+        raise UsageError(exc.message, hint=data_file_hint(path)) from exc

@@ -88,7 +88,7 @@ def test_unknown_name_and_missing_file():
 
 
 def test_a_recipe_over_the_size_cap_is_refused_before_parsing(tmp_path):
-    from kvq.recipe import MAX_RECIPE_BYTES
+    from kvq.recipe_yaml import MAX_RECIPE_BYTES
 
     body = "format: int8\ngranularity: head\n"
     ok = write(tmp_path, body + "#" * (MAX_RECIPE_BYTES - len(body) - 1) + "\n")
