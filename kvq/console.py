@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -16,32 +16,32 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from rich.text import Text
-
-
-class _TokensPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        tokens = task.fields.get("tokens", 0)
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:,.0f} tok/s", style="cyan")
 
 
 @contextmanager
-def progress_bar(label: str, total: int, unit: str, tokens_per_second: bool = False
-                 ) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr (count, elapsed, ETA, optionally tokens/s); yields ``advance(n, tokens=0)``."""
-    columns: list[ProgressColumn] = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
-    if tokens_per_second:
-        columns.append(_TokensPerSecond())
-    columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+def progress_bar(label: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (count, elapsed, ETA); yields ``advance(n)``."""
+    columns: list[ProgressColumn] = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(label, total=total, tokens=0)
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.update(task, advance=n)
 
-        def advance(n: int, tokens: int = 0) -> None:
-            progress.update(task, advance=n, tokens=progress.tasks[0].fields["tokens"] + tokens)
 
-        yield advance
+class ProgressBar:
+    """A progress callback ``(done, total)`` (:mod:`kvq.progress`) drawn as a rich bar on stderr: the bar opens
+    at the first call and closes with ``stack``."""
+
+    def __init__(self, stack: ExitStack, label: str, unit: str):
+        self._stack, self._label, self._unit = stack, label, unit
+        self._advance: Callable[[int], None] | None = None
+        self._done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._advance is None:
+            self._advance = self._stack.enter_context(progress_bar(self._label, total, self._unit))
+        self._advance(done - self._done)
+        self._done = done
 
 
 def summary_table(title: str) -> Table:

@@ -136,6 +136,12 @@ def kv_shape(config) -> tuple[int, int, int]:
     return int(layers), int(kv_heads), int(head_dim)
 
 
+def model_info(model_id: str, config) -> ModelInfo:
+    """What the artifacts record about the model ``model_id`` whose config is ``config``."""
+    num_layers, num_kv_heads, head_dim = kv_shape(config)
+    return ModelInfo(model_id, config_hash(config), num_layers, num_kv_heads, head_dim, str(config.model_type))
+
+
 def _smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -364,7 +370,7 @@ def load_model(
                 hint="offline, pass a local checkpoint folder or .gguf file with --model",
             ) from exc
         raise UsageError(f"model {model_id}: cannot read its config: {first_line(exc)}") from exc
-    num_layers, num_kv_heads, head_dim = kv_shape(config)
+    kv_shape(config)  # a model without attention layers is refused before its weights load
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **placement
@@ -389,12 +395,4 @@ def load_model(
     if not placement:
         model.to(target)
     model.eval()
-    info = ModelInfo(
-        model_id=model_id,
-        config_hash=config_hash(model.config),
-        num_layers=num_layers,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        model_type=str(model.config.model_type),
-    )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model_id, model.config))

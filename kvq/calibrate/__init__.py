@@ -2,6 +2,7 @@
 
 from kvq.calibrate.observer import StatsObserver, channel_minmax
 from kvq.calibrate.run import CalibrationConfig, CalibrationResult, calibrate, collect_stats
+from kvq.callable_package import make_callable
 
 __all__ = [
     "CalibrationConfig",
@@ -11,3 +12,5 @@ __all__ = [
     "channel_minmax",
     "collect_stats",
 ]
+
+make_callable(__name__)  # kvq.calibrate(...) is kvq.api.calibrate(...)

@@ -1,25 +1,15 @@
-"""What a calibration run shows: a progress bar while it runs, a summary table when it ends."""
+"""What a calibration run shows when it ends: a summary table (its progress bar is :class:`kvq.console.ProgressBar`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
 from rich.console import Console
 
 from kvq.calibrate.run import CalibrationResult
-from kvq.console import progress_bar, summary_table
-from kvq.data import Batch
+from kvq.console import summary_table
 from kvq.stats import KVStats
-
-
-@contextmanager
-def calibration_progress(num_samples: int, num_tokens: int) -> Iterator[Callable[[Batch], None]]:
-    """A progress bar over samples with tokens/s and ETA; yields the per-batch callback."""
-    with progress_bar("calibrating", num_samples, "samples", tokens_per_second=True) as advance:
-        yield lambda batch: advance(batch.num_samples, batch.num_tokens)
 
 
 def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:

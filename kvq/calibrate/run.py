@@ -23,11 +23,12 @@ from kvq.artifact import (
 from kvq.calibrate.distributed import World, agree, rank_max_memory, reduce_stats, shard, world
 from kvq.calibrate.observer import StatsObserver
 from kvq.calibrate.resume import PartialSaver, fingerprint, resume_from
-from kvq.capture import capture_batches
+from kvq.capture import capture_batches, input_device
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.errors import KvqError, UsageError
 from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen, parse_max_memory
 from kvq.output_policy import check_reads
+from kvq.progress import Progress, counter
 from kvq.recipe import KVRecipe
 from kvq.reservoir import TOKENS, Reservoir
 from kvq.scales import KVScales
@@ -95,15 +96,25 @@ def _named_inputs(cfg: CalibrationConfig) -> list[Path]:
     return named
 
 
-def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress: bool = False,
-              force: bool = False, inputs: Sequence[Path] = ()) -> CalibrationResult:
-    """Calibrate ``cfg.model`` on ``cfg.dataset`` and write stats + scales into ``out_dir``.
+def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | None, progress: Progress | None = None,
+              force: bool = False, inputs: Sequence[Path] = (), loaded: LoadedModel | None = None
+              ) -> CalibrationResult:
+    """Calibrate ``cfg.model`` (or the ``loaded`` model) on ``cfg.dataset`` and write stats + scales into
+    ``out_dir`` (None: write nothing, not even partial statistics).
 
     ``out_dir`` follows the one --out policy (docs/artifacts.md), checked before anything loads;
     ``force`` replaces a folder that holds files other than a kvq artifact, never one the run reads
-    (the data, the model, ``inputs`` such as the recipe file).
+    (the data, the model, ``inputs`` such as the recipe file). ``progress(done, total)`` counts this
+    process's samples (:mod:`kvq.progress`; under torchrun rank 0 reports its share).
     """
-    w = world(cfg.check())  # before any data or model is loaded; torchrun: join the group
+    device = cfg.check()  # before any data or model is loaded
+    w = world(input_device(loaded.model) if loaded is not None else device)  # torchrun: join the group
+    if cfg.resume and out_dir is None:
+        raise UsageError("resume continues the partial statistics saved in an output folder, and none is given",
+                         hint="pass the --out (out=) of the interrupted run")
+    if recipe.transforms and loaded is not None:
+        raise UsageError(f"recipe {recipe.name} folds transforms into the model's weights, which would change the "
+                         "model object passed in", hint="pass the model by its path or id, which kvq loads itself")
     if cfg.resume and w.size > 1:
         raise UsageError("--resume continues one process's partial statistics", hint="resume without torchrun")
     if recipe.query is not None and w.size > 1:
@@ -124,12 +135,13 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
             f"own dtype for the export to write them exactly: --dtype {cfg.dtype} cannot be used with transforms",
             hint="omit --dtype (the model's own dtype)",
         )
-    out_dir = Path(out_dir)
     reads = [*_named_inputs(cfg), *inputs]
-    model_path = Path(cfg.model) if cfg.model else None
-    check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
-    written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
-    check_artifact_out(out_dir, written, force=force, inputs=reads)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        model_path = Path(cfg.model) if cfg.model else None
+        check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
+        written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
+        check_artifact_out(out_dir, written, force=force, inputs=reads)
     if w.size > 1 and cfg.device_map is not None:  # each rank spreads its copy over its own GPUs only
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         parsed = parse_max_memory(cfg.max_memory) if cfg.max_memory is not None else None
@@ -137,7 +149,7 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
         cfg = replace(cfg, max_memory=rank_max_memory(w, gpus, parsed), offload_folder=offload)
     failure: Exception | None = None
     try:
-        dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress, out_dir)
+        dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress, out_dir, loaded)
     except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised as it is
         failure = exc
     agree(w, failure)
@@ -178,17 +190,19 @@ def calibrate(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path, progress:
     artifacts[STATS_FILE] = stats.to_bytes()
     scales = solve(stats, recipe)
     files = []  # torchrun: rank 0 writes, the other ranks nothing
-    if w.is_writer:
+    if w.is_writer and out_dir is not None:
         files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,
                                inputs=[*reads, *map(Path, dataset.files)])
     return CalibrationResult(info, stats, scales, files, len(picked.token_ids), stats.total_tokens, seconds)
 
 
-def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out_dir: Path):
-    """This rank's part: data, model, its share of the samples, their statistics (and transforms); saves
-    partial statistics into ``out_dir`` as it goes (one process), and continues them with ``cfg.resume``."""
+def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: Progress | None, out_dir: Path | None,
+         loaded: LoadedModel | None):
+    """This rank's part: data, model (``loaded``, or loaded here), its share of the samples, their statistics
+    (and transforms); saves partial statistics into ``out_dir`` as it goes (one process), and continues them
+    with ``cfg.resume``."""
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
-    loaded: LoadedModel = cfg.load()
+    loaded = cfg.load() if loaded is None else loaded
     check_seqlen(loaded.model.config, cfg.seqlen)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
@@ -209,25 +223,20 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: bool, out
                          + (f" histograms {level}" if level else ""))
     fresh = KVStats(reservoir=Reservoir(tokens=min(TOKENS, cfg.seqlen), seed=cfg.seed) if recipe.needs_rows else None)
     stats, done = resume_from(out_dir, print_) if cfg.resume else (fresh, 0)
-    saver = PartialSaver(out_dir, print_, cfg.save_every) if w.size == 1 else None
+    saver = PartialSaver(out_dir, print_, cfg.save_every) if w.size == 1 and out_dir is not None else None
     count = [done]
+    advance = counter(progress if w.is_writer else None, len(mine), done)
 
     def on_batch(batch: Batch) -> None:
         count[0] += batch.num_samples
         if saver is not None and saver.due(count[0]):
             saver.save(stats, count[0])
+        if advance is not None:
+            advance(batch.num_samples)
 
-    todo = mine[done:]
     try:
-        if progress and w.is_writer:
-            from kvq.calibrate.report import calibration_progress
-
-            with calibration_progress(len(todo), sum(map(len, todo))) as advance:
-                collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id),
-                              lambda b: (advance(b), on_batch(b)), stats, level, recipe.query is not None)
-        else:
-            collect_stats(loaded.model, batches(todo, cfg.batch_size, pad_id), on_batch, stats, level,
-                          recipe.query is not None)
+        collect_stats(loaded.model, batches(mine[done:], cfg.batch_size, pad_id), on_batch, stats, level,
+                      recipe.query is not None)
     except KeyboardInterrupt:
         if saver is not None:
             saver.save(stats, count[0])  # what was done, for --resume

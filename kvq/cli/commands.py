@@ -61,11 +61,6 @@ def _root(
 # --- calibrate ----------------------------------------------------------------------------------
 
 
-
-def _recipe_file(recipe: str) -> list[Path]:
-    """The recipe YAML the command reads, when --recipe names a file (an --out never replaces it)."""
-    return [Path(recipe)] if Path(recipe).is_file() else []
-
 @app.command("calibrate", cls=KvqCommand,
              short_help="run a model over calibration data, record K/V statistics, solve scales")
 @with_model_flags
@@ -93,18 +88,16 @@ def calibrate_command(
     """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
     stats.safetensors, scales.safetensors and scales.json."""
-    from kvq.recipe import load_recipe
-
-    recipe_ = load_recipe(recipe)  # fail on a bad recipe or device before loading any data or model
-    flags.check_device()
-    from kvq.calibrate import CalibrationConfig, calibrate
+    from kvq.api import calibrate
     from kvq.calibrate.report import print_summary
+    from kvq.console import ProgressBar
 
-    cfg = CalibrationConfig(model=flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
-                            seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
-                            dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, save_every=save_every,
-                            resume=resume, histograms=histograms, **flags.placement())
-    result = calibrate(cfg, recipe_, Path(out), progress=True, force=force, inputs=_recipe_file(recipe))
+    with ExitStack() as stack:
+        result = calibrate(flags.model, dataset=dataset, data_files=flags.data_files, recipe=recipe, samples=samples,
+                           seqlen=seqlen, batch_size=batch_size, seed=seed, histograms=histograms, out=out,
+                           force=force, save_every=save_every, resume=resume, device=flags.device, dtype=flags.dtype,
+                           trust_remote_code=flags.trust_remote_code, **flags.placement(),
+                           progress=ProgressBar(stack, "calibrating", "samples"))
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
         if report:
@@ -129,13 +122,11 @@ def solve_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from kvq.recipe import load_recipe
-    from kvq.solve_artifact import solve_artifact
+    from kvq.api import solve
 
-    recipe_ = load_recipe(recipe)
-    loaded, _, written = solve_artifact(stats, recipe_, out, force=force, inputs=_recipe_file(recipe))
-    Console().print(f"recipe [bold]{escape(recipe_.name)}[/] on {loaded.num_layers} layers: wrote "
-                    + escape(", ".join(str(p) for p in written)))
+    scales = solve(stats, recipe, out=out, force=force)
+    Console().print(f"recipe [bold]{escape(scales.recipe.name)}[/] on {scales.num_layers} layers: wrote "
+                    + escape(", ".join(str(Path(out) / name) for name in sorted(scales.to_files()))))
     return 0
 
 
@@ -162,24 +153,19 @@ def validate_command(
     quantize -> dequantize error of the scales: SQNR, RMSE, max |error|, clip rate; worst heads
     first. Writes the full report as JSON (default: validate.json in the scales folder)."""
     flags.check_device()
-    from kvq.console import progress_bar
+    from kvq.api import validate
+    from kvq.console import ProgressBar
     from kvq.evaluate.report import print_validation, report_console, validation_json, write_json
-    from kvq.evaluate.validate import ValidateConfig, validate
     from kvq.output_policy import check_report_target
     from kvq.scales import scales_path
 
     report = Path(json) if json else scales_path(scales).parent / "validate.json"
     check_report_target(report)  # before the model runs, not after
-    cfg = ValidateConfig(scales=str(scales), model=flags.model, dataset=dataset, data_files=flags.data_files,
-                         samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device,
-                         dtype=flags.dtype, trust_remote_code=flags.trust_remote_code, **flags.placement())
     with ExitStack() as stack:
-
-        def on_start(samples: int, tokens: int):
-            advance = stack.enter_context(progress_bar("validating", samples, "samples"))
-            return lambda batch: advance(batch.num_samples)
-
-        result = validate(cfg, on_start)
+        result = validate(scales, flags.model, dataset=dataset, data_files=flags.data_files, samples=samples,
+                          seqlen=seqlen, batch_size=batch_size, seed=seed, device=flags.device, dtype=flags.dtype,
+                          trust_remote_code=flags.trust_remote_code, **flags.placement(),
+                          progress=ProgressBar(stack, "validating", "samples"))
     console = report_console()
     print_validation(result, top=top, console=console)
     write_json(report, validation_json(result))
@@ -225,8 +211,8 @@ def eval_command(
     KV-cache bytes per token each saves. Non-overlapping windows of --seqlen tokens from the start
     of the text (docs/evaluate.md)."""
     flags.check_device()
-    from kvq.console import progress_bar
-    from kvq.evaluate.perplexity import EvalConfig, run_eval
+    from kvq.api import evaluate
+    from kvq.console import ProgressBar
     from kvq.evaluate.report import eval_json, print_eval, report_console, write_json
     from kvq.output_policy import check_report_target
 
@@ -234,18 +220,13 @@ def eval_command(
         raise UsageError("--report needs --json FILE (the report is drawn from it)", hint="add --json eval.json")
     if json:
         check_report_target(json)  # before the model runs, not after
-    cfg = EvalConfig(model=flags.model, dataset=dataset, data_files=flags.data_files,
-                     scales=paths_arg(scales) or [], recipes=list(recipe or []), plans=paths_arg(plan) or [],
-                     samples=samples, seqlen=seqlen,
-                     batch_size=batch_size, device=flags.device, dtype=flags.dtype,
-                     attention_error=not no_attention_error, fp8_fallback=not no_fp8_fallback,
-                     trust_remote_code=flags.trust_remote_code, **flags.placement())
     with ExitStack() as stack:
-
-        def on_start(windows: int):
-            return stack.enter_context(progress_bar("evaluating", windows, "windows"))
-
-        result = run_eval(cfg, on_start)
+        result = evaluate(flags.model, scales=paths_arg(scales), recipes=recipe, plans=paths_arg(plan),
+                          dataset=dataset, data_files=flags.data_files, samples=samples, seqlen=seqlen,
+                          batch_size=batch_size, attention_error=not no_attention_error,
+                          fp8_fallback=not no_fp8_fallback, device=flags.device, dtype=flags.dtype,
+                          trust_remote_code=flags.trust_remote_code, **flags.placement(),
+                          progress=ProgressBar(stack, "evaluating", "windows"))
     console = report_console()
     print_eval(result, console=console)
     if json:
@@ -298,10 +279,10 @@ def export_scales_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from kvq.export import export_scales
+    from kvq.api import export_scales
 
-    result = export_scales(str(artifact), export_format, out=out, model=model, tp=tp, reduce=reduce, force=force,
-                           trtllm_checkpoint=str(trtllm_checkpoint) if trtllm_checkpoint else None, legacy=legacy)
+    result = export_scales(artifact, export_format, out=out, model=model, tp=tp, reduce=reduce, force=force,
+                           trtllm_checkpoint=trtllm_checkpoint, legacy=legacy)
     console = Console()
     linked = f", {result.linked} model file(s) linked" if result.linked else ""
     copied = f", {result.copied} copied" if result.copied else ""

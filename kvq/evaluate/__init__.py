@@ -1,5 +1,6 @@
 """What a recipe costs before deploying it: round-trip error (``kvq validate``) and perplexity (``kvq eval``)."""
 
+from kvq.callable_package import make_callable
 from kvq.evaluate.attention_error import AttentionErrorProbe
 from kvq.evaluate.dynamic import (
     DYNAMIC_RECIPES,
@@ -47,3 +48,5 @@ __all__ = [
     "validate",
     "window_nll",
 ]
+
+make_callable(__name__)  # kvq.evaluate(...) is kvq.api.evaluate(...)

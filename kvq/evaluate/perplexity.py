@@ -45,6 +45,7 @@ from kvq.evaluate.quant_cache import (
 )
 from kvq.layer_plan import check_plan_model, read_plan
 from kvq.models import LoadedModel, ModelInfo, ModelSpec, check_seqlen
+from kvq.progress import Progress, counter
 from kvq.scales import KVScales, scales_path
 from kvq.transforms.record import fold_recorded
 
@@ -315,10 +316,16 @@ class Prepared:
 
 
 def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, seqlen: int, samples: int | None,
-            static: Sequence[StaticQuantizer]) -> Prepared:
-    """Load the data and the model, check the artifacts fit it, fold their transforms, cut the windows."""
+            static: Sequence[StaticQuantizer], loaded: LoadedModel | None = None) -> Prepared:
+    """Load the data and the model (unless ``loaded``), check the artifacts fit it, fold their transforms, cut
+    the windows."""
+    transformed = _one_transform_set(static)
+    if transformed is not None and loaded is not None:
+        raise UsageError(f"the scales {transformed.source} were calibrated with transforms, which the evaluation "
+                         "folds into the model's weights: that would change the model object passed in",
+                         hint="pass the model by its path or id, which kvq loads itself")
     dataset = load_documents(dataset_name, data_files, purpose="evaluation")
-    loaded: LoadedModel = spec.load()
+    loaded = spec.load() if loaded is None else loaded
     check_seqlen(loaded.model.config, seqlen)
     warnings: list[str] = []
     for q in static:
@@ -326,7 +333,6 @@ def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, se
         same = same_data_warning(q.scales.metadata, dataset, q.source)
         if same:
             warnings.append(same)
-    transformed = _one_transform_set(static)
     if transformed is not None:
         fold_recorded(loaded.model, transformed.recipe.transforms, transformed.scales.metadata,
                       scales_path(transformed.source))
@@ -336,18 +342,19 @@ def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, se
     return Prepared(loaded, dataset, windows, warnings)
 
 
-def run_eval(cfg: EvalConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> EvalResult:
-    """Evaluate ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
+def run_eval(cfg: EvalConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> EvalResult:
+    """Evaluate ``cfg`` on ``cfg.model`` (or the ``loaded`` model), see the module docstring;
+    ``progress(done, total)`` counts windows (:mod:`kvq.progress`)."""
     cfg.check()  # before any data or model is loaded
     extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
     quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback, cfg.plans)
     names = {q.name for q in quantizers}
     quantizers += [q for q in extra if q.name not in names]
     static = [q for q in quantizers if isinstance(q, StaticQuantizer)]
-    ready = prepare(cfg, cfg.dataset, cfg.data_files, cfg.seqlen, cfg.samples, static)
+    ready = prepare(cfg, cfg.dataset, cfg.data_files, cfg.seqlen, cfg.samples, static, loaded)
     warnings = ready.warnings
-    callback = on_start(ready.windows.num_windows) if on_start is not None else None
-    measurement = measure(ready.loaded.model, ready.windows, quantizers, cfg.batch_size, cfg.attention_error, callback)
+    measurement = measure(ready.loaded.model, ready.windows, quantizers, cfg.batch_size, cfg.attention_error,
+                          counter(progress, ready.windows.num_windows))
     if measurement.unmatched_layers:
         shown = ", ".join(map(str, measurement.unmatched_layers[:8]))
         warnings.append(f"attention-output error not measured for layers {shown}: no module with that "

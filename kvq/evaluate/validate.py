@@ -25,10 +25,11 @@ import torch
 from kvq.calibrate.run import CalibrationConfig
 from kvq.capture import CapturedKV, CapturedQuery, capture_batches
 from kvq.data import Batch, LoadedDataset, batches, load_documents, select_samples
-from kvq.errors import KvqError
+from kvq.errors import KvqError, UsageError
 from kvq.evaluate.checks import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
 from kvq.models import LoadedModel, ModelInfo, check_seqlen
+from kvq.progress import Progress, counter
 from kvq.scales import KVScales, LayerScales, scales_path
 from kvq.transforms.record import fold_recorded
 
@@ -167,16 +168,18 @@ def collect_errors(
     return accumulator.errors
 
 
-def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch], None]] | None = None
+def validate(cfg: ValidateConfig, progress: Progress | None = None, loaded: LoadedModel | None = None
              ) -> ValidationResult:
-    """Measure the round-trip error of ``cfg.scales`` on ``cfg.model`` over ``cfg.dataset``.
-
-    ``on_start(samples, tokens)`` returns a per-batch callback (a progress bar).
-    """
+    """Measure the round-trip error of ``cfg.scales`` on ``cfg.model`` (or the ``loaded`` model) over
+    ``cfg.dataset``; ``progress(done, total)`` counts samples (:mod:`kvq.progress`)."""
     cfg.check()  # before any data or model is loaded
     scales = KVScales.load(cfg.scales)  # a missing or bad artifact fails before the model loads
+    if scales.recipe.transforms and loaded is not None:
+        raise UsageError(f"the scales {cfg.scales} were calibrated with transforms, which validating folds into "
+                         "the model's weights: that would change the model object passed in",
+                         hint="pass the model by its path or id, which kvq loads itself")
     dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
-    loaded: LoadedModel = cfg.load()
+    loaded = cfg.load() if loaded is None else loaded
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
     fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, scales_path(cfg.scales))
@@ -186,9 +189,10 @@ def validate(cfg: ValidateConfig, on_start: Callable[[int, int], Callable[[Batch
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    callback = on_start(len(picked.token_ids), picked.total_tokens) if on_start is not None else None
+    advance = counter(progress, len(picked.token_ids))
     start = time.perf_counter()
-    errors = collect_errors(loaded.model, scales, batches(picked.token_ids, cfg.batch_size, pad_id), callback)
+    errors = collect_errors(loaded.model, scales, batches(picked.token_ids, cfg.batch_size, pad_id),
+                            None if advance is None else lambda batch: advance(batch.num_samples))
     seconds = time.perf_counter() - start
     missing = [i for i in range(loaded.info.num_layers) if i not in errors]
     if missing:

@@ -1,0 +1,18 @@
+"""kvq's Python API: the functions the ``kvq`` commands are a thin layer over (docs/api.md).
+
+    import kvq
+    result = kvq.calibrate("path/to/model", dataset="pydoc", recipe="fp8-e4m3-per-tensor", samples=64)
+    int8 = kvq.solve(result.stats, "int8-asym-per-head")
+
+``kvq.calibrate``, ``kvq.solve``, ``kvq.export_scales``, ``kvq.validate`` and ``kvq.evaluate`` are these
+functions (``kvq/__init__.py`` imports them on first use, so ``import kvq`` stays cheap). Every function
+that runs a model takes a model path or id, or a transformers model already loaded, and one progress
+callback convention: ``progress(done, total)`` (:mod:`kvq.progress`).
+"""
+
+from kvq.api.artifacts import export_scales, solve
+from kvq.api.calibration import calibrate
+from kvq.api.evaluation import evaluate, validate
+from kvq.progress import Progress
+
+__all__ = ["Progress", "calibrate", "evaluate", "export_scales", "solve", "validate"]
