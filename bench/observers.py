@@ -8,13 +8,14 @@
    ``kvq.calibrate.collect_stats``.
 2. Solve from those statistics: fp8 e4m3 per tensor with minmax / percentile / mse / attention, next to the scale
    of 1.0 an engine uses without calibration; int8 asymmetric per head with minmax / percentile / mse / attention;
-   int4 asymmetric per head and per channel with minmax / mse.
+   int4 asymmetric per head and per channel with minmax / mse; and a skip-2 plan (``kvq plan --skip 2 --by
+   perplexity``, measured on 4 windows of the calibration data) of int4 asymmetric per head with minmax.
 3. Evaluate each on the first ``--windows`` windows of ``--seqlen`` tokens of WikiText-2 (test) and of the held-out
    C4 file (``c4-en-validation-heldout.jsonl``, evaluation only): perplexity change against the unquantized model,
    with the paired standard error over windows; each observer also against minmax of the same recipe.
 4. Print the issue's targets: every observer no worse than minmax beyond noise (two paired standard errors); the
    best fp8 observer better than scale 1.0; int8 asymmetric per head within 0.1% of the baseline with the best
-   observer. Exit 0 when every target passes, 1 otherwise.
+   observer; the skip-2 plan better than no plan. Exit 0 when every target passes, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kvq.calibrate import collect_stats  # noqa: E402
 from kvq.data import batches, load_documents, select_samples  # noqa: E402
 from kvq.evaluate import StaticQuantizer, UnitScaleQuantizer, eval_windows, measure  # noqa: E402
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
+from kvq.evaluate.sensitivity import skip_plan_quantizer  # noqa: E402
 from kvq.models import load_model  # noqa: E402
 from kvq.recipe import parse_recipe  # noqa: E402
 from kvq.reservoir import Reservoir  # noqa: E402
@@ -96,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         solve_seconds[recipe.name] = time.perf_counter() - t0
     quantizers.append(UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"))
     print("solve seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in solve_seconds.items()))
+    # a skip-2 plan (kvq plan --skip 2 --by perplexity) for int4 per head with minmax, its sensitivity measured
+    # on 4 windows of the calibration data (never on the evaluation sets)
+    int4 = next(q for q in quantizers if q.name == "int4-asym-per-head+minmax")
+    plan_windows = eval_windows(cal.documents, tok, args.seqlen, 4)
+    plan = skip_plan_quantizer(loaded.model, plan_windows, int4, loaded.info.num_layers, 2, by="perplexity")
+    plan.name = f"{int4.name}+skip-{'-'.join(map(str, plan.skip_layers))}"
+    quantizers.append(plan)
+    print(f"skip-2 plan for {int4.name}: layers {plan.skip_layers} kept unquantized")
 
     rows, ok = [], True
     for path in args.eval_data:
@@ -123,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                          "vs_minmax_pct": v, "vs_minmax_stderr": ve})
             shown = "" if observer == "minmax" else f"{v:+9.3f}% ± {ve:6.3f}"
             print(f"{recipe.name:34} {d:+9.3f}% ± {de:6.3f}  {shown:>20}")
-        d, de = pct(UNIT)
-        rows.append({"data": data_name, "recipe": UNIT, "observer": "none", "pct": d, "stderr": de})
-        print(f"{UNIT:34} {d:+9.3f}% ± {de:6.3f}")
+        for name in (UNIT, plan.name):
+            d, de = pct(name)
+            rows.append({"data": data_name, "recipe": name, "observer": "none", "pct": d, "stderr": de})
+            print(f"{name:34} {d:+9.3f}% ± {de:6.3f}")
 
         checks = []
         for base, observer, recipe in recipes():
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         fp8 = min((n for n in entry if n.startswith("fp8-e4m3-per-tensor+")), key=lambda n: entry[n].ppl)
         v, ve = pct(fp8, UNIT)
         checks.append((v < 0, f"best fp8 observer ({fp8}) better than scale 1.0 ({v:+.3f}% ± {ve:.3f})"))
+        v, ve = pct(plan.name, int4.name)
+        checks.append((v < 0, f"a skip-2 plan ({plan.name}) better than no plan ({v:+.3f}% ± {ve:.3f})"))
         int8 = min((n for n in entry if n.startswith("int8-asym-per-head+")), key=lambda n: entry[n].ppl)
         d, de = pct(int8)
         checks.append((abs(d) <= 0.1, f"int8 asym per head with the best observer ({int8}) within 0.1% of the "

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from kvq.errors import UsageError
-from kvq.output import write_folder
+from kvq.errors import KvqError, UsageError
+from kvq.output import remove_stale_temporaries, write_folder
 from kvq.output_policy import check_folder_out
 
 STATS_FILE = "stats.safetensors"
@@ -63,8 +63,17 @@ def _artifact_names(names: Collection[str]) -> None:
 
 def check_artifact_out(out_dir: str | Path, names: Collection[str], *, force: bool = False,
                        inputs: Sequence[Path] = ()) -> Path:
-    """The --out policy for an artifact set of ``names``, checked before any work; returns the folder."""
+    """The --out policy for an artifact set of ``names``, checked before any work; returns the folder.
+
+    Temporaries a killed kvq run left inside the folder (a partial save cut by SIGKILL, say) are removed
+    first: they are kvq's own, not a user's files."""
     _artifact_names(names)
+    for name in ARTIFACT_FILES:
+        try:
+            remove_stale_temporaries(Path(out_dir) / name)
+        except OSError as exc:
+            raise KvqError(f"--out {out_dir}: cannot remove a killed run's temporary beside {name}: "
+                           f"{exc.strerror or exc}") from exc
     return check_folder_out(out_dir, ARTIFACT_FILES, force=force, inputs=inputs, carry=carried_over(names))
 
 

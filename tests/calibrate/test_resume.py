@@ -93,3 +93,19 @@ def test_resume_refuses_another_run(tiny_llama, tmp_path, capsys):
     argv[argv.index("int8-asym-per-channel")] = "int4-asym-per-head"
     assert_contract(run_in_process(argv, capsys), 2, "had another recipe")
     assert (out / PARTIAL_FILE).read_bytes() == before
+
+
+def test_a_partial_save_cut_by_sigkill_leaves_no_obstacle(tiny_llama, tmp_path, capsys):
+    """A run killed while it writes its partial statistics leaves kvq's temporary beside them; --resume (and any
+    later run into the folder) removes it instead of refusing the folder as holding a foreign file."""
+    from kvq.output import TMP_SUFFIX, _HOST
+
+    out = tmp_path / "out"
+    proc = _start(_args(tiny_llama, out, "--save-every", "1"))
+    _wait_for_partial(proc, out)
+    proc.kill()
+    proc.wait()
+    stale = out / f".{PARTIAL_FILE}.{_HOST}.{proc.pid}.0123abcd.new{TMP_SUFFIX}"  # as the killed writer names it
+    stale.write_bytes(b"half a file")
+    assert main(_args(tiny_llama, out, "--resume")) == 0
+    assert not stale.exists() and sorted(os.listdir(out)) == sorted(ARTIFACTS)
