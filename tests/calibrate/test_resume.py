@@ -98,7 +98,7 @@ def test_resume_refuses_another_run(tiny_llama, tmp_path, capsys):
 def test_a_partial_save_cut_by_sigkill_leaves_no_obstacle(tiny_llama, tmp_path, capsys):
     """A run killed while it writes its partial statistics leaves kvq's temporary beside them; --resume (and any
     later run into the folder) removes it instead of refusing the folder as holding a foreign file."""
-    from kvq.output import TMP_SUFFIX, _HOST
+    from kvq.output import _HOST, TMP_SUFFIX
 
     out = tmp_path / "out"
     proc = _start(_args(tiny_llama, out, "--save-every", "1"))
