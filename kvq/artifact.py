@@ -68,7 +68,7 @@ def check_artifact_out(out_dir: str | Path, names: Collection[str], *, force: bo
     Temporaries a killed kvq run left inside the folder (a partial save cut by SIGKILL, say) are removed
     first: they are kvq's own, not a user's files."""
     _artifact_names(names)
-    for name in ARTIFACT_FILES:
+    for name in ARTIFACT_FILES if Path(out_dir).is_dir() else ():  # a file or nothing: the policy says what
         try:
             remove_stale_temporaries(Path(out_dir) / name)
         except OSError as exc:
