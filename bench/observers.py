@@ -29,18 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
+
 from kvq.calibrate import collect_stats  # noqa: E402
-from kvq.data import batches, load_documents, select_samples  # noqa: E402
+from kvq.data import batches  # noqa: E402
 from kvq.evaluate import StaticQuantizer, UnitScaleQuantizer, eval_windows, measure  # noqa: E402
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
 from kvq.evaluate.sensitivity import skip_plan_quantizer  # noqa: E402
-from kvq.models import load_model  # noqa: E402
 from kvq.recipe import parse_recipe  # noqa: E402
 from kvq.reservoir import Reservoir  # noqa: E402
 from kvq.solver import solve  # noqa: E402
 from kvq.stats import KVStats  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
 # (recipe, format, symmetric, granularity, observers)
 RECIPES = [
     ("fp8-e4m3-per-tensor", "fp8_e4m3", True, "tensor", ("minmax", "percentile", "mse", "attention")),
@@ -52,16 +52,7 @@ UNIT = "fp8-e4m3-scale-1.0"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--cal-data", default=str(SHARED / "c4-en-train-sample.jsonl"))
-    p.add_argument("--eval-data", nargs="+", default=[str(SHARED / "wikitext-2-raw-test.txt"),
-                                                      str(SHARED / "c4-en-validation-heldout.jsonl")])
-    p.add_argument("--cal-samples", type=int, default=32)
-    p.add_argument("--cal-seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--device", default="cpu")
+    p = held_out.parser(__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     return p.parse_args(argv)
 
@@ -77,14 +68,9 @@ def recipes():
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for path in (args.cal_data, *args.eval_data):
-        if not Path(path).is_file():
-            sys.exit(f"bench/observers.py: {path} not found (the shared data folder sits beside the repository)")
-    loaded = load_model(args.model, device=args.device)
+    run = held_out.setup(args, "bench/observers.py")
+    loaded, pad_id, picked = run.loaded, run.pad_id, run.picked
     tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    cal = load_documents("c4", [args.cal_data], purpose="calibration")
-    picked = select_samples(cal.documents, tok, args.cal_samples, args.cal_seqlen, 0)
     t0 = time.perf_counter()
     stats = collect_stats(loaded.model, batches(picked.token_ids, 1, pad_id), histograms="channel",
                           stats=KVStats(reservoir=Reservoir()))
@@ -101,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # a skip-2 plan (kvq plan --skip 2 --by perplexity) for int4 per head with minmax, its sensitivity measured
     # on 4 windows of the calibration data (never on the evaluation sets)
     int4 = next(q for q in quantizers if q.name == "int4-asym-per-head+minmax")
-    plan_windows = eval_windows(cal.documents, tok, args.seqlen, 4)
+    plan_windows = eval_windows(run.cal_documents, tok, args.seqlen, 4)
     plan = skip_plan_quantizer(loaded.model, plan_windows, int4, loaded.info.num_layers, 2, by="perplexity")
     plan.name = f"{int4.name}+skip-{'-'.join(map(str, plan.skip_layers))}"
     quantizers.append(plan)
@@ -110,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, ok = [], True
     for path in args.eval_data:
         data_name = Path(path).name
-        docs = load_documents("wikitext2" if path.endswith(".txt") else "c4", [path], purpose="evaluation").documents
+        docs = held_out.eval_documents(path)
         windows = eval_windows(docs, tok, args.seqlen, args.windows)
         m = measure(loaded.model, windows, quantizers, attention_error=False)
         entry = {e.quantizer.name: e for e in m.entries}

@@ -30,32 +30,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
+
 from kvq.calibrate import collect_stats  # noqa: E402
-from kvq.data import batches, load_documents, select_samples  # noqa: E402
+from kvq.data import batches  # noqa: E402
 from kvq.evaluate import StaticQuantizer, eval_windows, measure  # noqa: E402
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.models import load_model  # noqa: E402
 from kvq.recipe import load_recipe, parse_recipe, transforms_json  # noqa: E402
 from kvq.solver import solve  # noqa: E402
 from kvq.transforms.record import transform_model  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
 RECIPES = ["fp8-e4m3-per-tensor", "int8-asym-per-head", "int4-asym-per-head", "int4-asym-per-channel"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--cal-data", default=str(SHARED / "c4-en-train-sample.jsonl"))
-    p.add_argument("--eval-data", nargs="+", default=[str(SHARED / "wikitext-2-raw-test.txt"),
-                                                      str(SHARED / "c4-en-validation-heldout.jsonl")])
-    p.add_argument("--cal-samples", type=int, default=32)
-    p.add_argument("--cal-seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=512)
+    p = held_out.parser(__doc__.split("\n\n")[0])
     p.add_argument("--alpha", type=float, default=0.5, help="smooth-keys migration strength")
     p.add_argument("--seed", type=int, default=0, help="rotate-values seed")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
                    help="the observer of every recipe, with and without transforms (default minmax)")
     return p.parse_args(argv)
@@ -74,14 +65,9 @@ def make_recipe(name: str, observer: str, alpha: float | None = None, seed: int 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for path in (args.cal_data, *args.eval_data):
-        if not Path(path).is_file():
-            sys.exit(f"bench/transforms.py: {path} not found (the shared data folder sits beside the repository)")
-    loaded = load_model(args.model, device=args.device)
+    run = held_out.setup(args, "bench/transforms.py")
+    loaded, pad_id, picked = run.loaded, run.pad_id, run.picked
     tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    cal = load_documents("c4", [args.cal_data], purpose="calibration")
-    picked = select_samples(cal.documents, tok, args.cal_samples, args.cal_seqlen, 0)
 
     def cal_batches():
         return batches(picked.token_ids, 1, pad_id)
@@ -100,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []  # (dataset, recipe, without %, ± , with %, ±)
     for path in args.eval_data:
         name = Path(path).name
-        docs = load_documents("wikitext2" if path.endswith(".txt") else "c4", [path], purpose="evaluation").documents
+        docs = held_out.eval_documents(path)
         windows = eval_windows(docs, tok, args.seqlen, args.windows)
         measured = {key: measure(models[key], windows, quantizers[key], attention_error=False) for key in models}
         base = measured["without"].baseline
