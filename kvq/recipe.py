@@ -39,6 +39,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -124,6 +125,14 @@ class SmoothKeysSpec(BaseModel):
 
     name: Literal["smooth-keys"]
     alpha: float = Field(0.5, ge=0.0, le=1.0)
+    # true: then search the factors against the recipe's key quantizer (kvq.transforms.key_search); None = off,
+    # so that recipes without it record the same JSON as before
+    search: StrictBool | None = None
+
+    @field_validator("search")
+    @classmethod
+    def _off_is_none(cls, value: bool | None) -> bool | None:
+        return value or None
 
 
 class RotateValuesSpec(BaseModel):
@@ -170,7 +179,7 @@ def _one_of_each(transforms: list) -> list:
 
 def transforms_json(specs: Sequence[SmoothKeysSpec | RotateValuesSpec]) -> str:
     """The canonical JSON of a recipe's transforms, as artifacts record and compare it ("[]" for none)."""
-    return json.dumps([spec.model_dump(mode="json") for spec in specs], sort_keys=True)
+    return json.dumps([spec.model_dump(mode="json", exclude_none=True) for spec in specs], sort_keys=True)
 
 
 class RecipeFile(BaseModel):
@@ -286,6 +295,9 @@ def parse_recipe(data: object, source: str, default_name: str) -> KVRecipe:
             problems = "; ".join(_describe(e) for e in exc.errors())
             where = which if override is not None else "(top level)"
             raise UsageError(f"recipe {source}: {where}: {problems.removeprefix('(top level): ')}") from exc
+    if specs["keys"].format == "nvfp4" and any(isinstance(t, SmoothKeysSpec) and t.search for t in raw.transforms):
+        raise UsageError(f"recipe {source}: transforms: smooth-keys search cannot model nvfp4 keys (their block "
+                         "scales are chosen at run time)", hint="drop search: true, or quantize keys in another format")
     return KVRecipe(
         name=raw.name or default_name,
         description=raw.description or "",

@@ -169,6 +169,9 @@ CASES: list[tuple[str, Callable[[World], list[str]], int, str]] = [
         "r.yaml", GOOD_RECIPE + "observer: mse\n"))], 2, "hold no histograms"),
     ("solve-attention-without-rows", lambda w: ["solve", str(w.out), "--out", str(w.out), "--recipe", str(w.write(
         "r.yaml", GOOD_RECIPE + "observer: attention\n"))], 2, "hold no Q/K/V rows"),
+    ("recipe-smooth-keys-search-nvfp4", lambda w: w.calibrate("--recipe", str(w.write(
+        "r.yaml", "format: nvfp4\ngranularity: tensor\ntransforms: [{name: smooth-keys, search: true}]\n"))),
+     2, "smooth-keys search cannot model nvfp4 keys"),
     ("calibrate-unknown-histograms", lambda w: w.calibrate("--histograms", "tensor"), 2, "'tensor'"),
     ("recipe-missing-file", lambda w: w.calibrate("--recipe", "nowhere/r.yaml"), 2, "nowhere/r.yaml does not exist"),
     # --- flags ---

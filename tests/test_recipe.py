@@ -117,12 +117,20 @@ def test_transforms_by_name_or_with_options(tmp_path):
     assert "transforms" not in load_recipe("int8-asym-per-head").to_json()  # recipes without stay as they were
 
 
+def test_smooth_keys_search_is_refused_for_nvfp4_keys(tmp_path):
+    with pytest.raises(UsageError) as err:
+        load_recipe(write(tmp_path, "format: nvfp4\ngranularity: tensor\n"
+                                    "transforms: [{name: smooth-keys, search: true}]\n"))
+    assert "cannot model nvfp4 keys" in err.value.message and "\n" not in err.value.message
+
+
 @pytest.mark.parametrize("body,message", [
     ("transforms: [smoth-keys]\n", "does not match any of the expected tags: 'smooth-keys', 'rotate-values'"),
     ("transforms: [{name: smooth-keys, alpha: 1.5}]\n", "alpha: Input should be less than or equal to 1 (got 1.5)"),
     ("transforms: [{name: rotate-values, sed: 1}]\n", "sed: unknown key"),
     ("transforms: [smooth-keys, smooth-keys]\n", "transform smooth-keys is listed twice"),
     ("transforms: smooth-keys\n", "transforms: Input should be a valid list"),
+    ("transforms: [{name: smooth-keys, search: 1}]\n", "search: Input should be a valid boolean"),
 ])
 def test_bad_transforms_are_refused(tmp_path, body, message):
     with pytest.raises(UsageError) as err:

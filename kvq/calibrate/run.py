@@ -213,7 +213,7 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: Progress 
         from kvq.transforms.record import transform_model
 
         record = transform_model(loaded.model, recipe.transforms,
-                                 lambda: batches(picked.token_ids, cfg.batch_size, pad_id))
+                                 lambda: batches(picked.token_ids, cfg.batch_size, pad_id), recipe.key)
     mine = shard(picked.token_ids, w)  # every sample when not launched by torchrun
     info = loaded.info
     data = json.dumps({"origin": dataset.origin, "files": [file_sha256(f) for f in dataset.files]})

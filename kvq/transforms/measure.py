@@ -1,4 +1,11 @@
-"""Per-channel query and key ranges of real tokens, the statistics key smoothing chooses factors from."""
+"""Per-channel query and key statistics of real tokens, which key smoothing chooses its factors from.
+
+Always: max |q| and max |k| per (head, channel) (SmoothAttention's ranges). For a factor search
+(``SmoothKeys(search=True)``, :mod:`kvq.transforms.key_search`) also: the keys' per-channel min / max, the
+queries' second moment per KV head (every query head of the group, every real token: mean q qᵀ, the
+weights of the logit error) and the first ``search_rows`` real keys per KV head (the keys whose round-trip
+error the search measures).
+"""
 
 from __future__ import annotations
 
@@ -14,45 +21,82 @@ from kvq.errors import KvqError
 
 @dataclass(frozen=True)
 class QKAbsMax:
-    """One layer's max |q| and max |k| per channel, after RoPE, over real tokens, float64 on the CPU."""
+    """One layer's query/key statistics, after RoPE, over real tokens, on the CPU (see the module docstring)."""
 
-    query: torch.Tensor  # (heads, head_dim)
-    key: torch.Tensor  # (kv_heads, head_dim)
+    query: torch.Tensor  # (heads, head_dim) max |q|, float64
+    key: torch.Tensor  # (kv_heads, head_dim) max |k|, float64
+    key_min: torch.Tensor | None = None  # (kv_heads, head_dim) float64, with search rows only
+    key_max: torch.Tensor | None = None  # (kv_heads, head_dim) float64
+    query_moment: torch.Tensor | None = None  # (kv_heads, head_dim, head_dim) float64: mean q qᵀ per KV head
+    key_rows: torch.Tensor | None = None  # (kv_heads, rows, head_dim) float32: the first real keys
 
 
-class _AbsMaxObserver:
-    """A capture consumer keeping the running per-(head, channel) max |.| of queries and keys."""
+def _running(store: dict[int, torch.Tensor], layer: int, value: torch.Tensor, reduce) -> None:
+    store[layer] = value if layer not in store else reduce(store[layer], value)
+
+
+class _QKObserver:
+    """A capture consumer keeping the running statistics of :class:`QKAbsMax`."""
 
     wants_queries = True
 
-    def __init__(self) -> None:
+    def __init__(self, search_rows: int) -> None:
+        self.search_rows = search_rows
         self.queries: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
+        self.key_min: dict[int, torch.Tensor] = {}
+        self.key_max: dict[int, torch.Tensor] = {}
+        self.moment: dict[int, torch.Tensor] = {}  # sum of q qᵀ per KV head
+        self.count: dict[int, int] = {}  # query rows summed into moment per KV head
+        self.rows: dict[int, list[torch.Tensor]] = {}
 
     @staticmethod
-    def _update(store: dict[int, torch.Tensor], layer: int, states: torch.Tensor, what: str) -> None:
-        if states.shape[2] == 0:
-            return
-        absmax = states.detach().abs().amax(dim=(0, 2)).double().cpu()  # (1, heads, n, d) -> (heads, d)
-        if not torch.isfinite(absmax).all():
+    def _finite(layer: int, states: torch.Tensor, what: str) -> torch.Tensor:
+        """(1, heads, n, d) real states -> (heads, n, d) float64 on the CPU, refused when not finite."""
+        x = states.detach()[0].double().cpu()
+        if not torch.isfinite(x).all():
             raise KvqError(f"layer {layer}: the model produced non-finite {what}",
                            hint="run in float32 or check the model's weights")
-        store[layer] = absmax if layer not in store else torch.maximum(store[layer], absmax)
+        return x
 
     def kv(self, captured):
-        self._update(self.keys, captured.layer_idx, captured.real_key, "keys")
+        i, real = captured.layer_idx, captured.real_key
+        if real.shape[2] == 0:
+            return captured.key, captured.value
+        k = self._finite(i, real, "keys")  # (kv_heads, n, d)
+        _running(self.keys, i, k.abs().amax(dim=1), torch.maximum)
+        if self.search_rows:
+            _running(self.key_min, i, k.amin(dim=1), torch.minimum)
+            _running(self.key_max, i, k.amax(dim=1), torch.maximum)
+            kept = sum(r.shape[1] for r in self.rows.get(i, []))
+            if kept < self.search_rows:
+                self.rows.setdefault(i, []).append(k[:, : self.search_rows - kept].float())
         return captured.key, captured.value
 
     def query(self, captured):
-        self._update(self.queries, captured.layer_idx, captured.real_query, "queries")
+        i, real = captured.layer_idx, captured.real_query
+        if real.shape[2] == 0:
+            return
+        q = self._finite(i, real, "queries")  # (heads, n, d)
+        _running(self.queries, i, q.abs().amax(dim=1), torch.maximum)
+        if self.search_rows:
+            kv_heads = self.keys[i].shape[0]
+            heads, n, d = q.shape
+            grouped = q.reshape(kv_heads, heads // kv_heads * n, d)  # (heads, n, d) -> (kv_heads, group * n, d)
+            _running(self.moment, i, grouped.transpose(1, 2) @ grouped, torch.add)  # (kv_heads, d, d)
+            self.count[i] = self.count.get(i, 0) + grouped.shape[1]
 
 
-def measure_qk_absmax(model: torch.nn.Module, batch_iter: Iterable[Batch]) -> list[QKAbsMax]:
-    """Per layer, max |q| (heads, head_dim) and max |k| (kv_heads, head_dim) over the real tokens of every batch."""
-    observer = _AbsMaxObserver()
+def measure_qk_absmax(model: torch.nn.Module, batch_iter: Iterable[Batch], search_rows: int = 0) -> list[QKAbsMax]:
+    """Per layer, max |q| (heads, head_dim) and max |k| (kv_heads, head_dim) over the real tokens of every batch;
+    with ``search_rows`` > 0 also what a factor search reads (see the module docstring)."""
+    observer = _QKObserver(search_rows)
     capture_batches(model, batch_iter, observer)
     layers = sorted(observer.keys)
     if not layers or layers != list(range(len(layers))) or sorted(observer.queries) != layers:
         raise KvqError(f"query/key ranges seen for layers {layers} (queries: {sorted(observer.queries)}); "
                        "every layer needs both", hint="give at least one batch with real tokens")
-    return [QKAbsMax(observer.queries[i], observer.keys[i]) for i in layers]
+    if not search_rows:
+        return [QKAbsMax(observer.queries[i], observer.keys[i]) for i in layers]
+    return [QKAbsMax(observer.queries[i], observer.keys[i], observer.key_min[i], observer.key_max[i],
+                     observer.moment[i] / observer.count[i], torch.cat(observer.rows[i], dim=1)) for i in layers]

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from kvq.errors import UsageError
+from kvq.recipe import QuantSpec
 from kvq.transforms.describe import describe_attention
 from kvq.transforms.digest import weights_hash
+from kvq.transforms.key_search import check_searchable, search_factors
 from kvq.transforms.layout import LayerAttention
 from kvq.transforms.measure import QKAbsMax
 from kvq.transforms.rotations import value_rotations
-from kvq.transforms.spec import RotateValues, SmoothKeys, Transform
-
-MAX_FACTOR = 1e3  # beyond this a factor costs more float precision in q or k than it buys
+from kvq.transforms.spec import MAX_FACTOR, RotateValues, SmoothKeys, Transform
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +59,11 @@ def touched_names(layer: LayerAttention, smooth: bool, rotate: bool,
     return sorted(name for name in names if name in params)
 
 
+def shared_norm(layer: LayerAttention) -> bool:
+    """A q/k norm weight shared by every head: it carries one factor per channel for all heads."""
+    return any(norm is not None and not norm.per_head for norm in (layer.q_norm, layer.k_norm))
+
+
 def smoothing_factors(layer: LayerAttention, stats: QKAbsMax, alpha: float) -> torch.Tensor:
     """(kv_heads, head_dim) float64 factors s for one layer: keys / s, queries * s."""
     kv_heads, group, head_dim = layer.num_kv_heads, layer.group, layer.head_dim
@@ -68,8 +73,7 @@ def smoothing_factors(layer: LayerAttention, stats: QKAbsMax, alpha: float) -> t
                          f"of {head_dim}", hint="measure them on this model")
     q = stats.query.double().view(kv_heads, group, head_dim).amax(dim=1)  # (heads, d) -> (kv_heads, d)
     k = stats.key.double().clone()  # (kv_heads, d)
-    shared = any(norm is not None and not norm.per_head for norm in (layer.q_norm, layer.k_norm))
-    if shared:
+    if shared_norm(layer):
         q, k = q.amax(dim=0, keepdim=True).expand_as(q), k.amax(dim=0, keepdim=True).expand_as(k)
     q, k = q.clone(), k.clone()
     for i, j in layer.rope.pairs():
@@ -83,8 +87,9 @@ def smoothing_factors(layer: LayerAttention, stats: QKAbsMax, alpha: float) -> t
 
 
 def plan_transforms(model: torch.nn.Module, transforms: Sequence[Transform],
-                    qk_absmax: Sequence[QKAbsMax] | None = None) -> TransformPlan:
-    """Describe ``model`` and compute every transform's factors; ``qk_absmax`` is needed for SmoothKeys."""
+                    qk_absmax: Sequence[QKAbsMax] | None = None, key: QuantSpec | None = None) -> TransformPlan:
+    """Describe ``model`` and compute every transform's factors; ``qk_absmax`` is needed for SmoothKeys, and
+    ``key`` (the recipe's key quantization) for its search."""
     kinds = [type(t) for t in transforms]
     for t in transforms:
         if not isinstance(t, SmoothKeys | RotateValues):
@@ -99,7 +104,14 @@ def plan_transforms(model: torch.nn.Module, transforms: Sequence[Transform],
         if qk_absmax is None or len(qk_absmax) != len(layers):
             raise UsageError(f"{SmoothKeys.name} needs query/key ranges for each of the {len(layers)} layers",
                              hint="measure them with kvq.transforms.measure_qk_absmax")
-        factors = tuple(smoothing_factors(layer, stats, smooth.alpha) for layer, stats in zip(layers, qk_absmax, strict=True))
+        if smooth.search:
+            if key is None:
+                raise UsageError(f"{SmoothKeys.name} search needs the recipe's key quantization")
+            check_searchable(key)
+        factors = tuple(
+            search_factors(layer, stats, smoothing_factors(layer, stats, smooth.alpha), key, shared_norm(layer))
+            if smooth.search else smoothing_factors(layer, stats, smooth.alpha)
+            for layer, stats in zip(layers, qk_absmax, strict=True))
     rotations = None
     if rotate is not None:
         rotations = tuple(value_rotations(len(layers), [lay.num_kv_heads for lay in layers],

@@ -24,10 +24,11 @@ import torch
 
 from kvq.artifact import TRANSFORMS_FILE, read_safetensors, safetensors_bytes
 from kvq.errors import UsageError
-from kvq.recipe import SmoothKeysSpec, TransformSpec, transforms_json
+from kvq.recipe import QuantSpec, SmoothKeysSpec, TransformSpec, transforms_json
 from kvq.transforms.describe import describe_attention
 from kvq.transforms.digest import weights_hash
 from kvq.transforms.fold import apply_transforms
+from kvq.transforms.key_search import SEARCH_ROWS, check_searchable
 from kvq.transforms.measure import measure_qk_absmax
 from kvq.transforms.plan import TransformPlan, plan_transforms
 from kvq.transforms.spec import RotateValues, SmoothKeys, Transform
@@ -35,7 +36,7 @@ from kvq.transforms.spec import RotateValues, SmoothKeys, Transform
 
 def runtime_transforms(specs: Sequence[TransformSpec]) -> tuple[Transform, ...]:
     """The recipe's transform entries as the transforms the folding code takes."""
-    return tuple(SmoothKeys(spec.alpha) if isinstance(spec, SmoothKeysSpec) else RotateValues(spec.seed)
+    return tuple(SmoothKeys(spec.alpha, bool(spec.search)) if isinstance(spec, SmoothKeysSpec) else RotateValues(spec.seed)
                  for spec in specs)
 
 
@@ -77,13 +78,17 @@ class TransformRecord:
 
 
 def transform_model(model: torch.nn.Module, specs: Sequence[TransformSpec],
-                    batch_iter: Callable[[], Iterable]) -> TransformRecord:
-    """Plan ``specs`` on ``model`` (query/key ranges from one pass over ``batch_iter()`` when smoothing
-    keys), fold them into its weights in place, and return the record of what was folded."""
+                    batch_iter: Callable[[], Iterable], key: QuantSpec | None = None) -> TransformRecord:
+    """Plan ``specs`` on ``model`` (query/key statistics from one pass over ``batch_iter()`` when smoothing
+    keys; ``key``, the recipe's key quantization, for a factor search), fold them into its weights in place,
+    and return the record of what was folded."""
     transforms = runtime_transforms(specs)
-    smooth = any(isinstance(t, SmoothKeys) for t in transforms)
-    qk_absmax = measure_qk_absmax(model, batch_iter()) if smooth else None
-    plan = plan_transforms(model, transforms, qk_absmax)
+    smooth = next((t for t in transforms if isinstance(t, SmoothKeys)), None)
+    if smooth is not None and smooth.search and key is not None:
+        check_searchable(key)  # before the measuring pass
+    rows = SEARCH_ROWS if smooth is not None and smooth.search else 0
+    qk_absmax = measure_qk_absmax(model, batch_iter(), rows) if smooth is not None else None
+    plan = plan_transforms(model, transforms, qk_absmax, key)
     folded = apply_transforms(model, plan)
     return TransformRecord(transforms_json(specs), plan.key_factors, plan.value_rotations, plan.source_hash,
                            weights_hash(folded))

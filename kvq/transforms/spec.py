@@ -13,16 +13,21 @@ from typing import ClassVar
 
 from kvq.errors import UsageError
 
+MAX_FACTOR = 1e3  # smoothing factors stay in [1/MAX_FACTOR, MAX_FACTOR]: beyond, one costs q or k more float precision than it buys
+
 
 @dataclass(frozen=True)
 class SmoothKeys:
     """Divide key channels by factors s and multiply the matching query channels by s (q.k unchanged).
 
-    ``alpha`` is SmoothAttention's migration strength: s = k_absmax^alpha / q_absmax^(1 - alpha).
+    ``alpha`` is SmoothAttention's migration strength: s = k_absmax^alpha / q_absmax^(1 - alpha). With
+    ``search`` the factors then move to lower the attention-logit error of the recipe's key quantizer
+    (:mod:`kvq.transforms.key_search`).
     """
 
     name: ClassVar[str] = "smooth-keys"
     alpha: float = 0.5
+    search: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not (
@@ -30,6 +35,8 @@ class SmoothKeys:
         ):
             raise UsageError(f"transform {self.name}: alpha {self.alpha!r} is not a number in [0, 1]",
                              hint="0.5 balances the key and query ranges")
+        if not isinstance(self.search, bool):
+            raise UsageError(f"transform {self.name}: search {self.search!r} is not true or false")
 
 
 @dataclass(frozen=True)
