@@ -51,21 +51,21 @@ class _QKObserver:
         self.rows: dict[int, list[torch.Tensor]] = {}
 
     @staticmethod
-    def _finite(layer: int, states: torch.Tensor, what: str) -> torch.Tensor:
-        """(1, heads, n, d) real states -> (heads, n, d) float64 on the CPU, refused when not finite."""
-        x = states.detach()[0].double().cpu()
-        if not torch.isfinite(x).all():
+    def _absmax(layer: int, states: torch.Tensor, what: str) -> torch.Tensor:
+        """(1, heads, n, d) real states -> max |.| per (head, channel), float64 on the CPU; refused when not finite."""
+        absmax = states.detach().abs().amax(dim=(0, 2)).double().cpu()  # reduced where the states are
+        if not torch.isfinite(absmax).all():
             raise KvqError(f"layer {layer}: the model produced non-finite {what}",
                            hint="run in float32 or check the model's weights")
-        return x
+        return absmax
 
     def kv(self, captured):
         i, real = captured.layer_idx, captured.real_key
         if real.shape[2] == 0:
             return captured.key, captured.value
-        k = self._finite(i, real, "keys")  # (kv_heads, n, d)
-        _running(self.keys, i, k.abs().amax(dim=1), torch.maximum)
+        _running(self.keys, i, self._absmax(i, real, "keys"), torch.maximum)
         if self.search_rows:
+            k = real.detach()[0].double().cpu()  # (kv_heads, n, d)
             _running(self.key_min, i, k.amin(dim=1), torch.minimum)
             _running(self.key_max, i, k.amax(dim=1), torch.maximum)
             kept = sum(r.shape[1] for r in self.rows.get(i, []))
@@ -77,13 +77,13 @@ class _QKObserver:
         i, real = captured.layer_idx, captured.real_query
         if real.shape[2] == 0:
             return
-        q = self._finite(i, real, "queries")  # (heads, n, d)
-        _running(self.queries, i, q.abs().amax(dim=1), torch.maximum)
+        _running(self.queries, i, self._absmax(i, real, "queries"), torch.maximum)
         if self.search_rows:
+            q = real.detach()[0].double()  # (heads, n, d), on the states' device
             kv_heads = self.keys[i].shape[0]
             heads, n, d = q.shape
             grouped = q.reshape(kv_heads, heads // kv_heads * n, d)  # (heads, n, d) -> (kv_heads, group * n, d)
-            _running(self.moment, i, grouped.transpose(1, 2) @ grouped, torch.add)  # (kv_heads, d, d)
+            _running(self.moment, i, (grouped.transpose(1, 2) @ grouped).cpu(), torch.add)  # (kv_heads, d, d)
             self.count[i] = self.count.get(i, 0) + grouped.shape[1]
 
 
