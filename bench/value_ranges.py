@@ -32,12 +32,13 @@ sys.path.insert(0, str(REPO))
 
 import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
 
+from kvq.attention_search import fake_quantize  # noqa: E402
 from kvq.calibrate import collect_stats  # noqa: E402
 from kvq.data import batches  # noqa: E402
 from kvq.evaluate import StaticQuantizer, eval_windows, measure  # noqa: E402
 from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
 from kvq.observers import observed_range  # noqa: E402
-from kvq.qparams import INT_RANGE, choose_qparams, dequantize, quantize  # noqa: E402
+from kvq.qparams import INT_RANGE, choose_qparams  # noqa: E402
 from kvq.recipe import QuantSpec, parse_recipe  # noqa: E402
 from kvq.solver import solve  # noqa: E402
 
@@ -55,10 +56,11 @@ def round_trip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantS
                keep_clipped: bool = False) -> torch.Tensor:
     """x (batch, kv_heads, tokens, head_dim) through int4 with the range (lo, hi) (kv_heads, head_dim); entries
     outside the range kept exact when ``keep_clipped``."""
-    scale, zp = choose_qparams(lo, hi, spec)
-    scale, zp = scale[None, :, None, :].to(x.device), zp[None, :, None, :].to(x.device)  # (h, d) -> (1, h, 1, d)
-    back = dequantize(quantize(x.float(), scale, zp, spec.format), scale, zp, spec.format)
+    lo, hi = lo.to(x.device), hi.to(x.device)
+    back = fake_quantize(x.float(), lo, hi, spec)  # the recipe's quantizer with the scales of [lo, hi]
     if keep_clipped:
+        scale, zp = choose_qparams(lo, hi, spec)
+        scale, zp = scale[None, :, None, :], zp[None, :, None, :]  # (h, d) -> (1, h, 1, d)
         qmin, qmax = INT_RANGE[spec.format]
         low, high = (qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale  # the codes' reach, half a step beyond
         back = torch.where((x < low) | (x > high), x.float(), back)

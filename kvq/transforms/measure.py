@@ -65,12 +65,12 @@ class _QKObserver:
             return captured.key, captured.value
         _running(self.keys, i, self._absmax(i, real, "keys"), torch.maximum)
         if self.search_rows:
-            k = real.detach()[0].double().cpu()  # (kv_heads, n, d)
-            _running(self.key_min, i, k.amin(dim=1), torch.minimum)
-            _running(self.key_max, i, k.amax(dim=1), torch.maximum)
+            k = real.detach()[0]  # (kv_heads, n, d), on the states' device: only reductions and kept rows move
+            _running(self.key_min, i, k.amin(dim=1).double().cpu(), torch.minimum)
+            _running(self.key_max, i, k.amax(dim=1).double().cpu(), torch.maximum)
             kept = sum(r.shape[1] for r in self.rows.get(i, []))
             if kept < self.search_rows:
-                self.rows.setdefault(i, []).append(k[:, : self.search_rows - kept].float())
+                self.rows.setdefault(i, []).append(k[:, : self.search_rows - kept].float().cpu())
         return captured.key, captured.value
 
     def query(self, captured):
