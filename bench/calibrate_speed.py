@@ -29,9 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.calibration import collect_stats  # noqa: E402
 from kvq.data import batches, load_documents, select_samples  # noqa: E402
-from kvq.models import load_model  # noqa: E402
+from kvq.model.loading import load_model  # noqa: E402
 
 
 def _status_kib(field: str) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvq.data import Document, Samples, load_documents, select_samples
-from kvq.models import LoadedModel, load_model
+from kvq.model.loading import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

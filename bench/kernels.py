@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from kvq.kernels import roundtrip_error_reference, triton_kernels
-from kvq.qparams import FP8_MAX, INT_RANGE
+from kvq.quant.qparams import FP8_MAX, INT_RANGE
 
 TARGET_FRACTION_OF_COPY = 0.80
 TARGET_SPEEDUP = 5.0

@@ -5,7 +5,7 @@
 
 1. Calibrate ONCE on ``--cal-samples`` samples of the C4 train sample (``../shared/data/c4-en-train-sample.jsonl``)
    with per-channel histograms and a reservoir of Q/K/V rows (what every observer below reads):
-   ``kvq.calibrate.collect_stats``.
+   ``kvq.calibration.collect_stats``.
 2. Solve from those statistics: fp8 e4m3 per tensor with minmax / percentile / mse / attention, next to the scale
    of 1.0 an engine uses without calibration; int8 asymmetric per head with minmax / percentile / mse / attention;
    int4 asymmetric per head and per channel with minmax / mse; and a skip-2 plan (``kvq plan --skip 2 --by
@@ -31,15 +31,15 @@ sys.path.insert(0, str(REPO))
 
 import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
 
-from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.artifacts.reservoir import Reservoir  # noqa: E402
+from kvq.artifacts.stats import KVStats  # noqa: E402
+from kvq.calibration import collect_stats  # noqa: E402
 from kvq.data import batches  # noqa: E402
-from kvq.evaluate import StaticQuantizer, UnitScaleQuantizer, eval_windows, measure  # noqa: E402
-from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.evaluate.sensitivity import skip_plan_quantizer  # noqa: E402
-from kvq.recipe import parse_recipe  # noqa: E402
-from kvq.reservoir import Reservoir  # noqa: E402
-from kvq.solver import solve  # noqa: E402
-from kvq.stats import KVStats  # noqa: E402
+from kvq.evaluation import StaticQuantizer, UnitScaleQuantizer, eval_windows, measure  # noqa: E402
+from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
+from kvq.evaluation.sensitivity import skip_plan_quantizer  # noqa: E402
+from kvq.recipe.schema import parse_recipe  # noqa: E402
+from kvq.solving.solver import solve_scales  # noqa: E402
 
 # (recipe, format, symmetric, granularity, observers)
 RECIPES = [
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     quantizers, solve_seconds = [], {}
     for _, _, recipe in recipes():
         t0 = time.perf_counter()
-        quantizers.append(StaticQuantizer(solve(stats, recipe), name=recipe.name))
+        quantizers.append(StaticQuantizer(solve_scales(stats, recipe), name=recipe.name))
         solve_seconds[recipe.name] = time.perf_counter() - t0
     quantizers.append(UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"))
     print("solve seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in solve_seconds.items()))

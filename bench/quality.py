@@ -6,7 +6,7 @@
 
 1. Calibrate ONCE: the model runs over ``--cal-samples`` samples of ``--cal-seqlen`` tokens of the C4
    validation sample (``../shared/data/c4-en-validation-sample.jsonl``, seed 0) and records K/V
-   statistics (``kvq.calibrate.collect_stats``).
+   statistics (``kvq.calibration.collect_stats``).
 2. ``solve`` every built-in recipe (``recipes/*.yaml``) from those same statistics.
 3. Evaluate, on the first ``--windows`` non-overlapping ``--seqlen``-token windows of the WikiText-2
    test split (``../shared/data/wikitext-2-raw-test.txt``), the perplexity of the unquantized model,
@@ -14,7 +14,7 @@
    calibrated per-head query scale (FP8 attention quantizes the query), of fp8 e4m3 / e5m2 with scale = 1.0
    (vLLM's uncalibrated default), of FP8 attention with every scale 1.0, of nvfp4 with global scale 1.0, and of
    the dynamic per-token modes (LMDeploy int8 / int4), all on the same windows
-   (``kvq.evaluate.measure``), with the per-layer attention-output error.
+   (``kvq.evaluation.measure``), with the per-layer attention-output error.
 4. Check the targets and print PASS / FAIL: int8 asymmetric per head within 0.1% of the baseline
    perplexity; fp8 e4m3 calibrated (per tensor and per head) no worse than fp8 e4m3 with scale 1.0.
 
@@ -34,10 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kvq.calibrate import collect_stats  # noqa: E402
-from kvq.console import progress_bar  # noqa: E402
+from kvq.calibration import collect_stats  # noqa: E402
+from kvq.cli.console import progress_bar  # noqa: E402
 from kvq.data import batches, load_documents, select_samples  # noqa: E402
-from kvq.evaluate import (  # noqa: E402
+from kvq.evaluation import (  # noqa: E402
     DYNAMIC_RECIPES,
     DynamicQuantizer,
     EvalResult,
@@ -46,11 +46,11 @@ from kvq.evaluate import (  # noqa: E402
     eval_windows,
     measure,
 )
-from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.evaluate.report import eval_json, print_eval, report_console, write_json  # noqa: E402
-from kvq.models import load_model  # noqa: E402
-from kvq.recipe import builtin_recipe_names, load_recipe, parse_recipe  # noqa: E402
-from kvq.solver import solve  # noqa: E402
+from kvq.evaluation.eval_report import eval_json, print_eval, report_console, write_json  # noqa: E402
+from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
+from kvq.model.loading import load_model  # noqa: E402
+from kvq.recipe.schema import builtin_recipe_names, load_recipe, parse_recipe  # noqa: E402
+from kvq.solving.solver import solve_scales  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 INT8_TARGET_PCT = 0.1
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     cal_seconds = time.perf_counter() - t0
 
     # 2. solve every built-in recipe from the same statistics
-    quantizers = [StaticQuantizer(solve(stats, load_recipe(name)), source="solved from the one calibration")
+    quantizers = [StaticQuantizer(solve_scales(stats, load_recipe(name)), source="solved from the one calibration")
                   for name in builtin_recipe_names()]
     fp8_attention = parse_recipe({"name": "fp8-e4m3-per-tensor+q-per-head", "format": "fp8_e4m3",
                                   "granularity": "tensor", "query": {"granularity": "head"}}, "bench", "q")
-    quantizers.append(StaticQuantizer(solve(stats, fp8_attention), source="K/V and the query calibrated"))
+    quantizers.append(StaticQuantizer(solve_scales(stats, fp8_attention), source="K/V and the query calibrated"))
     quantizers += [UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3"), UnitScaleQuantizer("fp8_e5m2", "fp8_e5m2"),
                    UnitScaleQuantizer("fp8_e4m3", "fp8_e4m3", query=True), UnitScaleQuantizer("nvfp4", "nvfp4")]
     quantizers += [DynamicQuantizer(r) for r in DYNAMIC_RECIPES.values()]

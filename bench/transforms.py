@@ -34,12 +34,12 @@ sys.path.insert(0, str(REPO))
 
 import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
 
-from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.calibration import collect_stats  # noqa: E402
 from kvq.data import batches  # noqa: E402
-from kvq.evaluate import StaticQuantizer, eval_windows, measure  # noqa: E402
-from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.recipe import load_recipe, parse_recipe, transforms_json  # noqa: E402
-from kvq.solver import solve  # noqa: E402
+from kvq.evaluation import StaticQuantizer, eval_windows, measure  # noqa: E402
+from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
+from kvq.recipe.schema import load_recipe, parse_recipe, transforms_json  # noqa: E402
+from kvq.solving.solver import solve_scales  # noqa: E402
 from kvq.transforms.record import transform_model  # noqa: E402
 
 RECIPES = ["fp8-e4m3-per-tensor", "int8-asym-per-head", "int4-asym-per-head", "int4-asym-per-channel"]
@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     stats_without = collect_stats(loaded.model, cal_batches(), histograms=hist)
     # (model, its quantizers in RECIPES order): without transforms one model for every recipe; with them one
     # transformed copy, or with --search one per recipe (the factors depend on the recipe's key quantizer)
-    groups = {"without": [(loaded.model, [StaticQuantizer(solve(stats_without, make_recipe(n, args.observer)), name=n)
+    groups = {"without": [(loaded.model, [StaticQuantizer(solve_scales(stats_without, make_recipe(n, args.observer)), name=n)
                                           for n in RECIPES])], "with": []}
     for names in ([[n] for n in RECIPES] if args.search else [RECIPES]):
         model = copy.deepcopy(loaded.model)
         transform_model(model, specs[names[0]].transforms, cal_batches, specs[names[0]].key)
         stats_with = collect_stats(model, cal_batches(), histograms=hist)
         stats_with.metadata["transforms"] = transforms_json(specs[names[0]].transforms)  # what calibrate records
-        groups["with"].append((model, [StaticQuantizer(solve(stats_with, specs[n]), name=n) for n in names]))
+        groups["with"].append((model, [StaticQuantizer(solve_scales(stats_with, specs[n]), name=n) for n in names]))
 
     rows = []  # (dataset, recipe, without %, ± , with %, ±)
     for path in args.eval_data:

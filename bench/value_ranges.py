@@ -5,7 +5,7 @@
 Keys are int4 asymmetric per channel with min/max throughout; only the values' range changes. Steps:
 
 1. Calibrate ONCE (``--cal-samples`` C4 train samples, per-channel histograms) and take two value ranges per layer:
-   min/max and the mse observer's (``kvq.observers.observed_range``).
+   min/max and the mse observer's (``kvq.solving.observers.observed_range``).
 2. On each evaluation set, from one unquantized forward with eager attention (the model's own attention
    probabilities and cache): the squared error of V and of the attention output (probabilities x V error, per
    query head, before o_proj) summed over layers, mse against min/max. These are the objectives a local
@@ -32,15 +32,15 @@ sys.path.insert(0, str(REPO))
 
 import held_out  # noqa: E402  (bench/held_out.py: what the held-out benches share)
 
-from kvq.attention_search import fake_quantize  # noqa: E402
-from kvq.calibrate import collect_stats  # noqa: E402
+from kvq.calibration import collect_stats  # noqa: E402
 from kvq.data import batches  # noqa: E402
-from kvq.evaluate import StaticQuantizer, eval_windows, measure  # noqa: E402
-from kvq.evaluate.perplexity import paired_stderr  # noqa: E402
-from kvq.observers import observed_range  # noqa: E402
-from kvq.qparams import INT_RANGE, choose_qparams  # noqa: E402
-from kvq.recipe import QuantSpec, parse_recipe  # noqa: E402
-from kvq.solver import solve  # noqa: E402
+from kvq.evaluation import StaticQuantizer, eval_windows, measure  # noqa: E402
+from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
+from kvq.quant.qparams import INT_RANGE, choose_qparams  # noqa: E402
+from kvq.recipe.schema import QuantSpec, parse_recipe  # noqa: E402
+from kvq.solving.attention import fake_quantize_range  # noqa: E402
+from kvq.solving.observers import observed_range  # noqa: E402
+from kvq.solving.solver import solve_scales  # noqa: E402
 
 NEARBY = (1.0, 1.002, 1.004, 1.006, 1.008, 1.01, 1.013)
 SHRINK = (0.9, 0.8, 0.6)
@@ -57,7 +57,7 @@ def round_trip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantS
     """x (batch, kv_heads, tokens, head_dim) through int4 with the range (lo, hi) (kv_heads, head_dim); entries
     outside the range kept exact when ``keep_clipped``."""
     lo, hi = lo.to(x.device), hi.to(x.device)
-    back = fake_quantize(x.float(), lo, hi, spec)  # the recipe's quantizer with the scales of [lo, hi]
+    back = fake_quantize_range(x.float(), lo, hi, spec)  # the recipe's quantizer with the scales of [lo, hi]
     if keep_clipped:
         scale, zp = choose_qparams(lo, hi, spec)
         scale, zp = scale[None, :, None, :], zp[None, :, None, :]  # (h, d) -> (1, h, 1, d)
@@ -118,7 +118,7 @@ def main() -> int:
     t0 = time.perf_counter()
     stats = collect_stats(model, batches(run.picked.token_ids, 1, run.pad_id), histograms="channel")
     stats.check_complete(run.loaded.info.num_layers)
-    keys = StaticQuantizer(solve(stats, recipe("minmax")))
+    keys = StaticQuantizer(solve_scales(stats, recipe("minmax")))
     spec = recipe("mse").value
     ranges = {o: {i: observed_range(layer.v, recipe(o).value) for i, layer in stats.layers.items()}
               for o in ("minmax", "mse")}

@@ -5,7 +5,7 @@ unit of the function that takes it (samples for calibrate and validate, windows 
 once with ``done = 0`` (or the work a resumed run already did) when the work is counted and about
 to start, then after every batch with the running count, last with ``done == total``. It runs in the
 computing thread: keep it cheap. The CLI's progress bars are such callbacks
-(:class:`kvq.console.ProgressBar`).
+(:class:`kvq.cli.console.ProgressBar`).
 """
 
 from __future__ import annotations

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvq.attention_search import attention_output, attention_ranges
-from kvq.calibrate.observer import StatsObserver
+from kvq.artifacts.reservoir import Reservoir
+from kvq.artifacts.stats import KVStats
+from kvq.calibration.consumer import StatsConsumer
 from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import UsageError
-from kvq.qparams import choose_qparams
-from kvq.recipe import QuantSpec, parse_recipe
-from kvq.reservoir import Reservoir
-from kvq.solver import solve
-from kvq.stats import KVStats
+from kvq.quant.qparams import choose_qparams
+from kvq.recipe.schema import QuantSpec, parse_recipe
+from kvq.solving.attention import attention_output, attention_ranges
+from kvq.solving.solver import solve_scales
 
 
 def sdpa_output(q, k, v, scale):
@@ -55,7 +55,7 @@ def test_attention_output_matches_sdpa():
 
 def _stats_of(q, k, v):
     stats = KVStats(reservoir=Reservoir(chunks=q.shape[0], tokens=q.shape[2]))
-    observer = StatsObserver(stats)
+    observer = StatsConsumer(stats)
     for c in range(q.shape[0]):  # each chunk one calibration sample
         observer.kv(CapturedKV(0, k[c:c + 1], v[c:c + 1], None, batch_index=c))
         observer.query(CapturedQuery(0, q[c:c + 1], None, batch_index=c, scaling=0.3))
@@ -93,13 +93,13 @@ def test_solve_uses_the_rows_and_needs_them():
     stats = _stats_of(q, k, v)
     recipe = parse_recipe({"format": "int8", "symmetric": False, "granularity": "head", "observer": "attention"},
                           "test", "att")
-    scales = solve(stats, recipe)
-    minmax = solve(stats, recipe.model_copy(update={"key": recipe.key.model_copy(update={"observer": "minmax"}),
+    scales = solve_scales(stats, recipe)
+    minmax = solve_scales(stats, recipe.model_copy(update={"key": recipe.key.model_copy(update={"observer": "minmax"}),
                                                     "value": recipe.value.model_copy(update={"observer": "minmax"})}))
     assert bool((scales.layers[0].k_scale <= minmax.layers[0].k_scale).all())
     stats.reservoir = None
     with pytest.raises(UsageError, match="hold no Q/K/V rows"):
-        solve(stats, recipe)
+        solve_scales(stats, recipe)
 
 
 def test_the_reservoir_keeps_prefixes_and_resumes_exactly(tmp_path):
@@ -109,7 +109,7 @@ def test_the_reservoir_keeps_prefixes_and_resumes_exactly(tmp_path):
     mask[1, :3] = False  # sample 1 left-padded: its real tokens start at position 3
 
     def feed(stats, which):
-        observer = StatsObserver(stats)
+        observer = StatsConsumer(stats)
         for b in which:
             kv, qq = batches[b]
             observer.kv(CapturedKV(0, kv, kv * 2, mask, batch_index=b))

@@ -42,12 +42,12 @@ def _no_debug(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def good_artifact(tiny_llama, tmp_path_factory) -> Path:
     """A good int8 asymmetric per-head artifact of the tiny model, made by the library (not the CLI under test)."""
-    from kvq.calibrate import CalibrationConfig, calibrate
-    from kvq.recipe import load_recipe
+    from kvq.calibration import CalibrationConfig, run_calibration
+    from kvq.recipe.schema import load_recipe
 
     out = tmp_path_factory.mktemp("good") / "artifact"
     cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=16, device="cpu")
-    calibrate(cfg, load_recipe("int8-asym-per-head"), out)
+    run_calibration(cfg, load_recipe("int8-asym-per-head"), out)
     return out
 
 
@@ -291,7 +291,7 @@ def test_huge_recipe_message_is_bounded(tmp_path, capsys):
 
 def test_no_space_left_names_the_path(capsys):
     """A real ENOSPC from the kernel (/dev/full), through the one error map."""
-    from kvq.error_map import handle
+    from kvq.cli.error_map import handle
 
     with pytest.raises(OSError) as err:
         with open("/dev/full", "wb") as fh:
@@ -383,7 +383,7 @@ def _raised(action: Callable[[], object]) -> BaseException:
                          ids=["MemoryError", "torch-cpu-allocator"])
 def test_out_of_memory_names_the_flags_that_help(action, capsys):
     """Real allocation failures (Python's and torch's CPU allocator) through the one error map."""
-    from kvq.error_map import handle
+    from kvq.cli.error_map import handle
 
     code = handle(_raised(action))
     outcome = Outcome(code, *capsys.readouterr())
@@ -393,7 +393,7 @@ def test_out_of_memory_names_the_flags_that_help(action, capsys):
 
 
 def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
-    from kvq.error_map import handle
+    from kvq.cli.error_map import handle
 
     code = handle(_raised(lambda: {}["missing key"]))
     outcome = Outcome(code, *capsys.readouterr())

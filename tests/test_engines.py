@@ -1,4 +1,4 @@
-"""kvq.engines: the matrix rows are well-formed, say what the engines' sources say, are looked up for
+"""kvq.engines.matrix: the matrix rows are well-formed, say what the engines' sources say, are looked up for
 `kvq inspect`, and docs/engines.md holds the rendered matrix verbatim.
 
 The expected verdicts below are written by hand from the research notes on each engine's released
@@ -14,7 +14,7 @@ from typing import get_args
 
 import pytest
 
-from kvq.engines import (
+from kvq.engines.matrix import (
     ANY,
     ENGINE_MATRIX,
     FP8_WEIGHTS,
@@ -202,8 +202,8 @@ def test_docs_hold_the_rendered_matrix():
     assert text.count(start) == 1 and text.count(end) == 1
     section = text[text.index(start) + len(start):text.index(end)]
     assert section == matrix_markdown(), (
-        "docs/engines.md's matrix differs from kvq/engines.py: paste the output of "
-        "python -c \"from kvq.engines import matrix_markdown; print(matrix_markdown(), end='')\"")
+        "docs/engines.md's matrix differs from kvq/engines/matrix.py: paste the output of "
+        "python -c \"from kvq.engines.matrix import matrix_markdown; print(matrix_markdown(), end='')\"")
 
 
 def test_markdown_table_has_one_line_per_row_and_eight_cells():

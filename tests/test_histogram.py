@@ -1,4 +1,4 @@
-"""kvq.histogram's grid against hand values and numpy; merging; quantiles within one bin of numpy's."""
+"""kvq.quant.histogram's grid against hand values and numpy; merging; quantiles within one bin of numpy's."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvq import histogram as grid
-from kvq.calibrate.observer import StatsObserver
+from kvq.artifacts.stats import KVStats
+from kvq.calibration.consumer import StatsConsumer
 from kvq.capture import CapturedKV
-from kvq.stats import KVStats
+from kvq.quant import histogram as grid
 
 
 def numpy_bin(x: float) -> int:
@@ -61,10 +61,10 @@ def test_merge_equals_the_histogram_of_the_concatenation(level):
     k = torch.randn(1, 2, 50, 8, generator=gen) * 3
     v = torch.randn(1, 2, 50, 8, generator=gen)
     halves, whole = KVStats(), KVStats()
-    observer = StatsObserver(halves, level)
+    observer = StatsConsumer(halves, level)
     observer.kv(_captured(k[:, :, :20], v[:, :, :20]))
     observer.kv(_captured(k[:, :, 20:], v[:, :, 20:]))
-    StatsObserver(whole, level).kv(_captured(k, v))
+    StatsConsumer(whole, level).kv(_captured(k, v))
     a, b = halves.layers[0], whole.layers[0]
     assert torch.equal(a.k.hist, b.k.hist) and torch.equal(a.v.hist, b.v.hist)
     # the counts, as numpy counts the oracle bins

@@ -1,4 +1,4 @@
-"""kvq.layer_plan: choosing the skipped layers for a budget, and vLLM's flag as vLLM parses it."""
+"""kvq.artifacts.layer_plan: choosing the skipped layers for a budget, and vLLM's flag as vLLM parses it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 
 import pytest
 
-from kvq.errors import UsageError
-from kvq.layer_plan import (
+from kvq.artifacts.layer_plan import (
     check_skip_count,
     engine_support,
     skip_most_sensitive,
     skip_within_bytes,
     vllm_skip_flags,
 )
+from kvq.errors import UsageError
 
 ORDER = [4, 0, 7, 1, 2, 3, 5, 6]  # most sensitive first
 
@@ -69,7 +69,14 @@ def test_engines_that_cannot_apply_a_plan_say_so():
 
 
 def test_a_plan_is_dropped_with_the_scales_it_was_made_for():
-    from kvq.artifact import PLAN_JSON, SCALES_FILE, SCALES_JSON, STATS_FILE, VALIDATE_JSON, carried_over
+    from kvq.artifacts.files import (
+        PLAN_JSON,
+        SCALES_FILE,
+        SCALES_JSON,
+        STATS_FILE,
+        VALIDATE_JSON,
+        carried_over,
+    )
 
     assert PLAN_JSON not in carried_over({SCALES_FILE, SCALES_JSON})  # kvq solve into the folder
     assert PLAN_JSON not in carried_over({STATS_FILE, SCALES_FILE, SCALES_JSON})  # kvq calibrate

@@ -7,11 +7,11 @@ import pytest
 import torch
 from kernels.test_reference import fp8_round
 
+from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.kernels import qdq_static, roundtrip_error_reference
-from kvq.recipe import parse_recipe
-from kvq.solver import solve
-from kvq.stats import KVStats
+from kvq.recipe.schema import parse_recipe
+from kvq.solving.solver import solve_scales
 
 
 def e2m1_grid() -> np.ndarray:
@@ -58,7 +58,7 @@ def test_e2m1_grid_by_hand():
 
 
 def test_round_e2m1_matches_the_bit_decoding():
-    from kvq.nvfp4 import round_e2m1
+    from kvq.quant.nvfp4 import round_e2m1
 
     grid = torch.tensor(e2m1_grid(), dtype=torch.float32)
     mids = (grid[1:] + grid[:-1]) / 2
@@ -107,7 +107,7 @@ def test_solver_global_scale_is_absmax_over_448():
     stats = KVStats()
     stats.observe(0, torch.tensor([[-5.0, 1.0]]), torch.tensor([[2.0, 3.0]]), torch.tensor([[0.0, -1.0]]),
                   torch.tensor([[448.0, 0.0]]), tokens=4)
-    scales = solve(stats, parse_recipe({"format": "nvfp4", "granularity": "tensor"}, "t", "nvfp4"))
+    scales = solve_scales(stats, parse_recipe({"format": "nvfp4", "granularity": "tensor"}, "t", "nvfp4"))
     assert scales.layers[0].k_scale.item() == pytest.approx(5.0 / 448)  # ModelOpt >= 0.42, vLLM, TensorRT-LLM
     assert scales.layers[0].v_scale.item() == 1.0
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from kernels.test_reference import oracle_qdq
 
-from kvq.calibrate.observer import StatsObserver
+from kvq.artifacts.stats import KVStats
+from kvq.calibration.consumer import StatsConsumer
 from kvq.capture import CapturedKV
 from kvq.errors import UsageError
-from kvq.histogram import BINS_PER_OCTAVE
-from kvq.observers import observed_range
-from kvq.qparams import choose_qparams
-from kvq.recipe import QuantSpec
-from kvq.stats import KVStats
+from kvq.quant.histogram import BINS_PER_OCTAVE
+from kvq.quant.qparams import choose_qparams
+from kvq.recipe.schema import QuantSpec
+from kvq.solving.observers import observed_range
 
 
 def heavy_tailed(seed: int, heads: int = 3, n: int = 400, dim: int = 16) -> torch.Tensor:
@@ -28,7 +28,7 @@ def heavy_tailed(seed: int, heads: int = 3, n: int = 400, dim: int = 16) -> torc
 
 def stats_of(x: torch.Tensor, level: str) -> KVStats:
     stats = KVStats()
-    StatsObserver(stats, level).kv(CapturedKV(layer_idx=0, key=x, value=x, token_mask=None))
+    StatsConsumer(stats, level).kv(CapturedKV(layer_idx=0, key=x, value=x, token_mask=None))
     return stats
 
 
@@ -113,7 +113,7 @@ def test_percentile_never_widens_the_observed_range():
 
 def test_clipping_observers_need_histograms():
     stats = KVStats()
-    StatsObserver(stats).kv(CapturedKV(layer_idx=0, key=heavy_tailed(2), value=heavy_tailed(3), token_mask=None))
+    StatsConsumer(stats).kv(CapturedKV(layer_idx=0, key=heavy_tailed(2), value=heavy_tailed(3), token_mask=None))
     ts = stats.layers[0].k
     with pytest.raises(UsageError, match="hold no histograms"):
         observed_range(ts, QuantSpec(format="int4", symmetric=False, granularity="head", observer="mse"))
@@ -126,8 +126,8 @@ def test_kvq_solve_runs_clipping_observers_without_the_model(tiny_llama, tmp_pat
     """calibrate --histograms channel once; the model is gone; solve with mse / percentile per channel, per head."""
     import shutil
 
+    from kvq.artifacts.scales import KVScales
     from kvq.cli import main
-    from kvq.scales import KVScales
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

@@ -1,4 +1,4 @@
-"""kvq.output: the --out policy (a)-(d) of docs/artifacts.md, atomic set replacement, failures, SIGKILL.
+"""kvq.io.atomic: the --out policy (a)-(d) of docs/artifacts.md, atomic set replacement, failures, SIGKILL.
 
 The expected states are written out by hand (file names and bytes); "atomic" is checked by killing a
 real writer process at random instants and hashing what the output holds.
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from bad_input import snapshot
 
-from kvq import output
-from kvq.artifact import ARTIFACT_FILES, check_artifact_out, write_artifact
+from kvq.artifacts.files import ARTIFACT_FILES, check_artifact_out, write_artifact
 from kvq.errors import KvqError, UsageError
-from kvq.output import write_file, write_folder
+from kvq.io import atomic as output
+from kvq.io.atomic import write_file, write_folder
 
 OLD = {"stats.safetensors": b"old stats", "scales.safetensors": b"old scales", "scales.json": b"{}\n"}
 
@@ -298,7 +298,7 @@ def test_stale_temporaries_of_dead_runs_go_and_a_set_moved_aside_comes_back(tmp_
 WRITER = """
 import sys
 from pathlib import Path
-from kvq.output import write_folder
+from kvq.io.atomic import write_folder
 size = int(sys.argv[2])
 files = {"stats.safetensors": b"n" * size, "scales.safetensors": b"m" * size, "scales.json": b"new"}
 print("go", flush=True)

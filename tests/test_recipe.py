@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from kvq.errors import UsageError
-from kvq.recipe import DEFAULT_RECIPE, builtin_recipe_names, load_recipe
+from kvq.recipe.schema import DEFAULT_RECIPE, builtin_recipe_names, load_recipe
 
 BUILTINS = {
     "fp8-e4m3-per-tensor": ("fp8_e4m3", True, "tensor"),
@@ -88,7 +88,7 @@ def test_unknown_name_and_missing_file():
 
 
 def test_a_recipe_over_the_size_cap_is_refused_before_parsing(tmp_path):
-    from kvq.recipe_yaml import MAX_RECIPE_BYTES
+    from kvq.recipe.reading import MAX_RECIPE_BYTES
 
     body = "format: int8\ngranularity: head\n"
     ok = write(tmp_path, body + "#" * (MAX_RECIPE_BYTES - len(body) - 1) + "\n")
@@ -107,7 +107,7 @@ def test_a_data_file_given_as_recipe_says_so(tmp_path):
 
 
 def test_transforms_by_name_or_with_options(tmp_path):
-    from kvq.recipe import KVRecipe, RotateValuesSpec, SmoothKeysSpec
+    from kvq.recipe.schema import KVRecipe, RotateValuesSpec, SmoothKeysSpec
 
     r = load_recipe(write(tmp_path, "format: int8\nsymmetric: false\ngranularity: head\n"
                                     "transforms: [smooth-keys, {name: rotate-values, seed: 7}]\n"))

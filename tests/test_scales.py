@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.errors import UsageError
-from kvq.recipe import KVRecipe, QuantSpec
-from kvq.scales import KVScales, LayerScales
+from kvq.recipe.schema import KVRecipe, QuantSpec
 
 
 def _recipe(symmetric: bool = True, fmt: str = "int8", granularity: str = "head") -> KVRecipe:

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from kvq.artifacts.stats import KVStats
 from kvq.errors import KvqError
-from kvq.qparams import SCALE_FLOOR, choose_qparams, dequantize, quantize
-from kvq.recipe import KVRecipe, QuantSpec
-from kvq.solver import solve
-from kvq.stats import KVStats
+from kvq.quant.qparams import SCALE_FLOOR, choose_qparams, dequantize, quantize
+from kvq.recipe.schema import KVRecipe, QuantSpec
+from kvq.solving.solver import solve_scales
 
 F32 = torch.float32
 
@@ -36,7 +36,7 @@ def one_layer_stats():
 
 
 def test_fp8_e4m3_per_tensor():
-    s = solve(one_layer_stats(), recipe("fp8_e4m3", True, "tensor")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("fp8_e4m3", True, "tensor")).layers[0]
     assert s.k_scale.shape == () and s.k_scale.dtype == F32
     assert s.k_scale.item() == pytest.approx(8.0 / 448)  # absmax over the layer: |-8|
     assert s.v_scale.item() == pytest.approx(5.0 / 448)
@@ -44,25 +44,25 @@ def test_fp8_e4m3_per_tensor():
 
 
 def test_fp8_e4m3fnuz_per_tensor_uses_the_engines_224():
-    s = solve(one_layer_stats(), recipe("fp8_e4m3fnuz", True, "tensor")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("fp8_e4m3fnuz", True, "tensor")).layers[0]
     assert s.k_scale.item() == pytest.approx(8.0 / 224)  # vLLM on ROCm clamps e4m3fnuz at 224 (its top is 240)
     assert s.v_scale.item() == pytest.approx(5.0 / 224)
 
 
 def test_fp8_e5m2_per_head_and_zero_head_floor():
-    s = solve(one_layer_stats(), recipe("fp8_e5m2", True, "head")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("fp8_e5m2", True, "head")).layers[0]
     assert s.k_scale.tolist() == pytest.approx([3.0 / 57344, 8.0 / 57344])
     # V head 0 is always zero: the floor, never 0.
     assert s.v_scale.tolist() == pytest.approx([SCALE_FLOOR, 5.0 / 57344])
 
 
 def test_int8_symmetric_per_head():
-    s = solve(one_layer_stats(), recipe("int8", True, "head")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("int8", True, "head")).layers[0]
     assert s.k_scale.tolist() == pytest.approx([3.0 / 127, 8.0 / 127])
 
 
 def test_int8_asymmetric_per_head():
-    s = solve(one_layer_stats(), recipe("int8", False, "head")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("int8", False, "head")).layers[0]
     # head 0: [-1, 3] -> scale 4/255, zp = round(-128 - (-1)/(4/255)) = round(-128 + 63.75) = -64
     # head 1: [-8, 2] -> scale 10/255, zp = round(-128 + 8 * 25.5) = round(76) = 76
     assert s.k_scale.tolist() == pytest.approx([4 / 255, 10 / 255])
@@ -75,7 +75,7 @@ def test_int8_asymmetric_per_head():
 
 
 def test_int4_asymmetric_per_channel():
-    s = solve(one_layer_stats(), recipe("int4", False, "channel")).layers[0]
+    s = solve_scales(one_layer_stats(), recipe("int4", False, "channel")).layers[0]
     assert s.k_scale.shape == (2, 3)
     # channel (0, 2): [0.5, 2] widened to [0, 2] -> scale 2/15, zp = round(-8 - 0) = -8
     assert s.k_scale[0, 2].item() == pytest.approx(2 / 15)
@@ -89,7 +89,7 @@ def test_int4_asymmetric_per_channel():
 
 def test_separate_key_and_value_specs():
     r = KVRecipe(name="mix", key=spec("fp8_e4m3", True, "tensor"), value=spec("int8", False, "head"))
-    s = solve(one_layer_stats(), r).layers[0]
+    s = solve_scales(one_layer_stats(), r).layers[0]
     assert s.k_scale.shape == () and s.k_zero_point is None
     assert s.v_scale.shape == (2,) and s.v_zero_point is not None
 
@@ -97,7 +97,7 @@ def test_separate_key_and_value_specs():
 def test_no_scale_is_zero_nan_or_inf():
     for fmt, sym in (("fp8_e4m3", True), ("int8", True), ("int8", False), ("int4", False)):
         for gran in ("tensor", "head", "channel"):
-            s = solve(one_layer_stats(), recipe(fmt, sym, gran)).layers[0]
+            s = solve_scales(one_layer_stats(), recipe(fmt, sym, gran)).layers[0]
             for t in (s.k_scale, s.v_scale):
                 assert torch.isfinite(t).all() and (t > 0).all()
 
@@ -117,8 +117,8 @@ def test_non_finite_or_unobserved_stats_are_refused():
     stats = one_layer_stats()
     stats.layers[0].k.max[0, 0] = math.nan
     with pytest.raises(KvqError, match="layer 0: statistics hold NaN or inf"):
-        solve(stats, recipe("int8", True, "head"))
+        solve_scales(stats, recipe("int8", True, "head"))
     stats = one_layer_stats()
     stats.layers[0].tokens = 0
     with pytest.raises(KvqError, match="layer 0 was never observed"):
-        solve(stats, recipe("int8", True, "head"))
+        solve_scales(stats, recipe("int8", True, "head"))

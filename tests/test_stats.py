@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from kvq.artifacts.stats import KVStats
 from kvq.errors import KvqError, UsageError
-from kvq.histogram import SCHEMA
-from kvq.stats import KVStats
+from kvq.quant.histogram import SCHEMA
 
 
 def _minmax(x, mask):
@@ -158,11 +158,11 @@ def test_malformed_layer_tokens_are_refused(tmp_path):
 
 
 def _stats_with_histograms(level: str) -> KVStats:
-    from kvq.calibrate.observer import StatsObserver
+    from kvq.calibration.consumer import StatsConsumer
     from kvq.capture import CapturedKV
 
     stats = KVStats(metadata={"num_layers": "2"})
-    observer = StatsObserver(stats, level)
+    observer = StatsConsumer(stats, level)
     g = torch.Generator().manual_seed(3)
     for i in range(2):
         observer.kv(CapturedKV(layer_idx=i, key=torch.randn(1, 2, 7, 4, generator=g),

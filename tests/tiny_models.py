@@ -51,7 +51,7 @@ CONFIGS = {
 
 
 def tokenizer_dir() -> Path:
-    from kvq.models import resolve_model
+    from kvq.model.loading import resolve_model
 
     return resolve_model(None)[2]
 

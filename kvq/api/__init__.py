@@ -10,9 +10,9 @@ that runs a model takes a model path or id, or a transformers model already load
 callback convention: ``progress(done, total)`` (:mod:`kvq.progress`).
 """
 
-from kvq.api.artifacts import export_scales, solve
-from kvq.api.calibration import calibrate
-from kvq.api.evaluation import evaluate, validate
+from kvq.api.calibrate_api import calibrate
+from kvq.api.evaluate_api import evaluate, validate
+from kvq.api.solve_api import export_scales, solve
 from kvq.progress import Progress
 
 __all__ = ["Progress", "calibrate", "evaluate", "export_scales", "solve", "validate"]

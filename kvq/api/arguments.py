@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvq.errors import UsageError
-from kvq.recipe import KVRecipe, load_recipe
+from kvq.recipe.schema import KVRecipe, load_recipe
 
 
 def recipe_arg(recipe: KVRecipe | str | Path) -> tuple[KVRecipe, list[Path]]:

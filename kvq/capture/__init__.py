@@ -9,8 +9,8 @@ fake-quantizer are consumers. docs/capture.md says how to write one.
 """
 
 from kvq.capture.cache import CaptureCache
+from kvq.capture.forward_pass import capture_batches, decoder_of, forward, input_device
 from kvq.capture.queries import queries_captured
-from kvq.capture.run import capture_batches, decoder_of, forward, input_device
 from kvq.capture.states import CapturedKV, CapturedQuery, Consumer, check_states, real_tokens, token_mask_of
 
 __all__ = [

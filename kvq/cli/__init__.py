@@ -2,7 +2,7 @@
 
 Every failure, whether a bad flag caught by typer, a :class:`~kvq.errors.KvqError` from the library,
 an ``OSError``, out of memory or Ctrl-C, is turned into one line (``kvq: error: ...``) plus an
-optional hint line by :mod:`kvq.error_map`, with exit code 2 for bad usage or input, 1 for a
+optional hint line by :mod:`kvq.cli.error_map`, with exit code 2 for bad usage or input, 1 for a
 failure while working and 130 for Ctrl-C. ``KVQ_DEBUG=1`` prints the traceback first.
 The commands themselves are in :mod:`kvq.cli.commands`.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from kvq.cli.interrupt import interrupts_after_imports
-from kvq.errors import (  # kvq.error_map is imported only when a command fails
+from kvq.errors import (  # kvq.cli.error_map is imported only when a command fails
     EXIT_FAILURE,
     EXIT_USAGE,
     UsageError,
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             command = typer.main.get_command(app)
             args = list(sys.argv[1:] if argv is None else argv)
             # Not command.main(): typer's own handlers would print a usage box or swallow
-            # Ctrl-C; every exception goes to kvq.error_map instead.
+            # Ctrl-C; every exception goes to kvq.cli.error_map instead.
             with command.make_context("kvq", args) as ctx:
                 result = command.invoke(ctx)
         return result if isinstance(result, int) else 0
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: B036 - the one place every failure becomes the one-line contract
         import typer
 
-        from kvq.error_map import handle
+        from kvq.cli.error_map import handle
 
         if isinstance(exc, typer.Exit):  # --help, --version
             return exc.exit_code

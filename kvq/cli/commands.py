@@ -3,7 +3,7 @@
 Each command declares its flags in its signature (typer/click check them: integers of at least 1,
 choices, paths that must exist) and calls the library. torch, transformers and the data and export
 modules are imported inside the command bodies, so ``kvq --help`` stays fast. Errors are not handled
-here: they reach :func:`kvq.cli.main`, which prints them through :mod:`kvq.error_map`.
+here: they reach :func:`kvq.cli.main`, which prints them through :mod:`kvq.cli.error_map`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kvq.cli.plan_command import plan_command
 from kvq.cli.report_command import SHORT_HELP as REPORT_SHORT_HELP
 from kvq.cli.report_command import report_command
 from kvq.errors import UsageError
-from kvq.recipe import DEFAULT_RECIPE
+from kvq.recipe.schema import DEFAULT_RECIPE
 
 app = typer.Typer(
     name="kvq",
@@ -89,8 +89,8 @@ def calibrate_command(
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
     stats.safetensors, scales.safetensors and scales.json."""
     from kvq.api import calibrate
-    from kvq.calibrate.report import print_summary
-    from kvq.console import ProgressBar
+    from kvq.cli.calibrate_printer import print_summary
+    from kvq.cli.console import ProgressBar
 
     with ExitStack() as stack:
         result = calibrate(flags.model, dataset=dataset, data_files=flags.data_files, recipe=recipe, samples=samples,
@@ -101,7 +101,7 @@ def calibrate_command(
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
         if report:
-            from kvq.report import write_report
+            from kvq.reporting import write_report
 
             write_report(Path(out))
     return 0
@@ -154,10 +154,10 @@ def validate_command(
     first. Writes the full report as JSON (default: validate.json in the scales folder)."""
     flags.check_device()
     from kvq.api import validate
-    from kvq.console import ProgressBar
-    from kvq.evaluate.report import print_validation, report_console, validation_json, write_json
-    from kvq.output_policy import check_report_target
-    from kvq.scales import scales_path
+    from kvq.artifacts.scales import scales_path
+    from kvq.cli.console import ProgressBar
+    from kvq.evaluation.eval_report import print_validation, report_console, validation_json, write_json
+    from kvq.io.out_policy import check_report_target
 
     report = Path(json) if json else scales_path(scales).parent / "validate.json"
     check_report_target(report)  # before the model runs, not after
@@ -212,9 +212,9 @@ def eval_command(
     of the text (docs/evaluate.md)."""
     flags.check_device()
     from kvq.api import evaluate
-    from kvq.console import ProgressBar
-    from kvq.evaluate.report import eval_json, print_eval, report_console, write_json
-    from kvq.output_policy import check_report_target
+    from kvq.cli.console import ProgressBar
+    from kvq.evaluation.eval_report import eval_json, print_eval, report_console, write_json
+    from kvq.io.out_policy import check_report_target
 
     if report and not json:
         raise UsageError("--report needs --json FILE (the report is drawn from it)", hint="add --json eval.json")
@@ -232,8 +232,8 @@ def eval_command(
     if json:
         console.print(f"table: {write_json(json, eval_json(result))}")
     if report:
-        from kvq.report import write_report
-        from kvq.scales import scales_path
+        from kvq.artifacts.scales import scales_path
+        from kvq.reporting import write_report
 
         for artifact in paths_arg(scales) or []:
             console.print(f"report: {write_report(scales_path(artifact).parent, eval_json=json)[0].parent}")
@@ -320,9 +320,9 @@ def inspect_command(
     """Read the KV-cache scales of PATH without loading model weights and report the declared scheme,
     the scale tensors per layer, their defects and which engines apply them. Exit 0 when clean,
     1 when a defect is found. docs/inspect.md."""
-    from kvq.evaluate.report import report_console, write_json
+    from kvq.evaluation.eval_report import report_console, write_json
     from kvq.inspection import inspect_path
-    from kvq.inspection.report import inspection_json, print_inspection
+    from kvq.inspection.inspect_report import inspection_json, print_inspection
 
     result = inspect_path(path, tp=tp, model=model, stats=stats)
     console = report_console()

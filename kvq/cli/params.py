@@ -30,7 +30,7 @@ def dataset_names() -> str:
 
 
 def eval_only_recipe_names() -> str:
-    from kvq.evaluate.dynamic import EVAL_ONLY_RECIPE_NAMES
+    from kvq.evaluation.dynamic import EVAL_ONLY_RECIPE_NAMES
 
     return ", ".join(EVAL_ONLY_RECIPE_NAMES)
 
@@ -51,8 +51,8 @@ def parse_export_format(text: str) -> str:
 
 
 def parse_dtype(text: str) -> str:
-    """A ``--dtype`` value: a key of kvq.models.DTYPES."""
-    from kvq.models import DTYPES
+    """A ``--dtype`` value: a key of kvq.model.loading.DTYPES."""
+    from kvq.model.loading import DTYPES
 
     return _one_of(text, tuple(DTYPES))
 
@@ -129,7 +129,7 @@ class ModelFlags:
 
     def check_device(self) -> None:
         """Refuse a device that does not exist or is not available, before any data or model is loaded."""
-        from kvq.models import check_device
+        from kvq.model.loading import check_device
 
         check_device(self.device)
 

@@ -40,9 +40,9 @@ def plan_command(
     artifact and print the engine flags that apply it (vLLM: --kv-cache-dtype-skip-layers).
     `kvq eval --plan ARTIFACT` evaluates the plan. docs/plan.md."""
     flags.check_device()
-    from kvq.console import progress_bar
-    from kvq.evaluate.plan_run import PlanConfig, run_plan
-    from kvq.evaluate.report import print_plan, report_console
+    from kvq.cli.console import progress_bar
+    from kvq.evaluation.eval_report import print_plan, report_console
+    from kvq.evaluation.plan_run import PlanConfig, run_plan
 
     cfg = PlanConfig(model=flags.model, scales=str(scales), dataset=dataset, data_files=flags.data_files,
                      samples=samples, seqlen=seqlen, batch_size=batch_size, by=by, skip=skip,

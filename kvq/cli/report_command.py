@@ -37,7 +37,7 @@ def report_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from kvq.report import write_report
+    from kvq.reporting import write_report
 
     written = write_report(out_dir, validation, eval_json, out=out, force=force)
     html = next(p for p in written if p.name == "report.html")

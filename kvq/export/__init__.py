@@ -7,7 +7,7 @@ Every export checks the artifact against the model (layers, KV heads, head_dim, 
 config hash recorded at calibration; :mod:`kvq.export.model_check`), refuses what the format cannot
 express (with the reason and the flag or recipe that would work), reduces finer granularities only
 with ``reduce="max"`` (:mod:`kvq.export.tensor_parallel`), and writes with kvq's atomic writer and
---out policy (:mod:`kvq.output`). docs/engines.md describes each format and the engine source it follows.
+--out policy (:mod:`kvq.io.atomic`). docs/engines.md describes each format and the engine source it follows.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from kvq.artifacts.scales import KVScales, scales_path
 from kvq.errors import UsageError
 from kvq.export import lmdeploy, modelopt, sglang, trtllm, vllm
 from kvq.export.model_check import (
@@ -23,10 +24,9 @@ from kvq.export.model_check import (
     model_shape_and_files,
     shape_from_metadata,
 )
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest, ExportResult, FilePlan
-from kvq.output import write_file, write_folder
-from kvq.output_policy import check_folder_out, check_reads
-from kvq.scales import KVScales, scales_path
+from kvq.export.request import Exporter, ExportPlan, ExportRequest, ExportResult, FilePlan
+from kvq.io.atomic import write_file, write_folder
+from kvq.io.out_policy import check_folder_out, check_reads
 
 EXPORTERS: dict[str, Exporter] = {
     exporter.name: exporter
@@ -44,7 +44,7 @@ def _transformed_weights(scales: KVScales, artifact_path: Path, model: str | Non
     """
     if not scales.recipe.transforms:
         return None
-    from kvq.models import load_model
+    from kvq.model.loading import load_model
     from kvq.transforms.record import fold_recorded
 
     loaded = load_model(model, device="cpu")  # the weights in their own dtype: the fold casts back to it
@@ -105,7 +105,7 @@ def export_scales(
             "folded into its weights: the engine would serve the original weights with them",
             hint="export a checkpoint format (--format vllm), which writes the transformed weights too",
         )
-    from kvq.layer_plan import plan_skip_layers
+    from kvq.artifacts.layer_plan import plan_skip_layers
 
     request = ExportRequest(scales=scales, shape=shape, files=files, tp=tp, reduce=reduce, trtllm_checkpoint=ckpt,
                             legacy=legacy, skip_layers=plan_skip_layers(artifact_path))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from kvq.export.model_check import refuse_format
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest, require_legacy
+from kvq.export.request import Exporter, ExportPlan, ExportRequest, require_legacy
 from kvq.export.tensor_parallel import rank_values
 
 EXPORT_FORMAT = "lmdeploy"

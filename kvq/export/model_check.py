@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kvq.artifact import listed, metadata_int
+from kvq.artifacts.files import listed, metadata_int
+from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
-from kvq.recipe import QuantSpec
-from kvq.scales import KVScales
+from kvq.recipe.schema import QuantSpec
 
 Which = Literal["k", "v"]
 WHICH: tuple[Which, Which] = ("k", "v")
@@ -69,7 +69,7 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
     """Shape (and files) of ``--model``: reads the config only, never the weights."""
     from transformers import AutoConfig
 
-    from kvq.models import config_hash, kv_shape, resolve_model
+    from kvq.model.loading import config_hash, kv_shape, resolve_model
 
     model_id, source, folder = resolve_model(name)
     if need_files and folder is None:

@@ -31,11 +31,11 @@ import json
 
 import torch
 
-from kvq.artifact import json_bytes
+from kvq.artifacts.files import json_bytes
 from kvq.errors import UsageError
-from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
+from kvq.export.checkpoint_folder import checkpoint_plan, checkpoint_scales
 from kvq.export.model_check import ModelFiles, refuse_format
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.export.request import Exporter, ExportPlan, ExportRequest
 
 EXPORT_FORMAT = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"

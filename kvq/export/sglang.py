@@ -29,10 +29,10 @@ the file for SGLang <= 0.5.1 with the flashinfer backend; ``--format vllm`` is t
 
 from __future__ import annotations
 
-from kvq.artifact import json_bytes
+from kvq.artifacts.files import json_bytes
 from kvq.errors import UsageError
 from kvq.export.model_check import refuse_format
-from kvq.export.plan import Exporter, ExportRequest, FilePlan, require_legacy
+from kvq.export.request import Exporter, ExportRequest, FilePlan, require_legacy
 from kvq.export.tensor_parallel import float_list, rank_values
 
 EXPORT_FORMAT = "sglang-json"

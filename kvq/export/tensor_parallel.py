@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
 from kvq.export.model_check import KV_NAME, Which, spec_label
-from kvq.export.plan import ExportRequest
-from kvq.scales import KVScales
+from kvq.export.request import ExportRequest
 
 
 def heads_of_rank(num_kv_heads: int, tp: int, rank: int) -> list[int]:

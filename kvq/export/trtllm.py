@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kvq.artifact import json_bytes, safetensors_bytes
+from kvq.artifacts.files import json_bytes, safetensors_bytes
 from kvq.errors import UsageError
 from kvq.export.model_check import ModelShape, refuse_format
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest
+from kvq.export.request import Exporter, ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import rank_values
 
 EXPORT_FORMAT = "trtllm"

@@ -22,15 +22,15 @@ import json
 
 import torch
 
-from kvq.artifact import json_bytes
+from kvq.artifacts.files import json_bytes
+from kvq.artifacts.layer_plan import VLLM_SKIP_SINCE, vllm_skip_flags
 from kvq.errors import UsageError
-from kvq.export.checkpoint import checkpoint_plan, checkpoint_scales
+from kvq.export.checkpoint_folder import checkpoint_plan, checkpoint_scales
 from kvq.export.model_check import refuse_format
-from kvq.export.plan import Exporter, ExportPlan, ExportRequest
-from kvq.layer_plan import VLLM_SKIP_SINCE, vllm_skip_flags
+from kvq.export.request import Exporter, ExportPlan, ExportRequest
 
 EXPORT_FORMAT = "vllm"
-# What engines do with this checkpoint, read in their source (docs/engines.md, kvq/engines.py).
+# What engines do with this checkpoint, read in their source (docs/engines.md, kvq/engines/matrix.py).
 SERVE_PER_TENSOR = [
     "vllm serve {out} --kv-cache-dtype fp8   (vLLM >= 0.20; applied on FLASH_ATTN, FLASHINFER, TRITON_ATTN)",
     "python -m sglang.launch_server --model-path {out} --kv-cache-dtype fp8_e4m3   (SGLang >= 0.5.19)",

@@ -9,6 +9,6 @@ Readers per input kind: :mod:`.kvq_artifact`, :mod:`.checkpoint` (compressed-ten
 """
 
 from kvq.inspection.defects import Defect
-from kvq.inspection.run import Inspection, inspect_path
+from kvq.inspection.inspect_path import Inspection, inspect_path
 
 __all__ = ["Defect", "Inspection", "inspect_path"]

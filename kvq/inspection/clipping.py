@@ -2,7 +2,7 @@
 
 For every layer and K / V, each observed (KV head, channel) range [min, max] of ``stats.safetensors``
 is compared with the range the layer's scale represents: ``[qmin * scale + offset, qmax * scale +
-offset]`` (``qmin`` / ``qmax`` of the number format, :func:`kvq.qparams.qrange`; offset 0 for symmetric
+offset]`` (``qmin`` / ``qmax`` of the number format, :func:`kvq.quant.qparams.qrange`; offset 0 for symmetric
 scales). The figures are the share of ranges that reach beyond it and the worst overshoot ratio
 (observed / representable, 1.0 = exactly at the edge). These are ranges, not values: the share of
 *values* that would be clipped needs value histograms, which statistics files do not hold yet.
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.export.tensor_parallel import heads_of_rank
 from kvq.inspection.defects import Defect, inferred_granularity
 from kvq.inspection.found import ROLE_NAME, Found, KVShape, ScaleEntry
-from kvq.qparams import qrange
-from kvq.stats import KVStats
+from kvq.quant.qparams import qrange
 
 CLIP_TOLERANCE = 1e-5  # relative: a calibrated absmax lands on the edge up to float32 rounding
 CLIP_DEFECT_RATIO = 2.0  # observed ranges twice what the scale represents: scales not for this data

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvq.artifact import SCALES_FILE
+from kvq.artifacts.files import SCALES_FILE
 from kvq.errors import UsageError
-from kvq.export.checkpoint import INDEX
+from kvq.export.checkpoint_folder import INDEX
 from kvq.export.modelopt import HF_QUANT_CONFIG
-from kvq.inspection.checkpoint import read_checkpoint, read_json
 from kvq.inspection.engine_files import (
     RANK_FILE,
     lmdeploy_files,
@@ -25,6 +24,7 @@ from kvq.inspection.engine_files import (
     read_trtllm,
 )
 from kvq.inspection.found import Found
+from kvq.inspection.hf_checkpoint import read_checkpoint, read_json
 from kvq.inspection.kvq_artifact import is_kvq_scales, read_kvq_scales
 
 _WHAT = ("a kvq artifact (scales.safetensors or its folder), a Hugging Face checkpoint folder (config.json + "

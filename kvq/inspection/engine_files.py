@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from kvq.errors import UsageError
-from kvq.inspection.checkpoint import kv_role, open_safetensors, read_json
 from kvq.inspection.found import (
     LMDEPLOY,
     SGLANG_JSON,
@@ -30,6 +29,7 @@ from kvq.inspection.found import (
     Scheme,
     shape_from_config,
 )
+from kvq.inspection.hf_checkpoint import kv_role, open_safetensors, read_json
 
 RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
 LMDEPLOY_FILE = re.compile(r"^layers\.(\d+)\.past_kv_scale\.(\d+)\.weight$")

@@ -1,6 +1,6 @@
 """What `kvq inspect` found in a path: the declared KV-cache scheme, the scale tensors, the model's shape.
 
-Every reader (:mod:`kvq.inspection.checkpoint`, :mod:`kvq.inspection.engine_files`,
+Every reader (:mod:`kvq.inspection.hf_checkpoint`, :mod:`kvq.inspection.engine_files`,
 :mod:`kvq.inspection.kvq_artifact`) turns its input into one :class:`Found`; the checks
 (:mod:`kvq.inspection.defects`), the clipping figures (:mod:`kvq.inspection.clipping`) and the report
 read only that. No model weights are read: configs, and the scale tensors alone.
@@ -16,7 +16,7 @@ import torch
 
 from kvq.errors import UsageError
 
-# Kinds of input, also the "checkpoint kind" of kvq.engines' rows.
+# Kinds of input, also the "checkpoint kind" of kvq.engines.matrix' rows.
 KVQ_ARTIFACT = "kvq-artifact"
 COMPRESSED_TENSORS = "compressed-tensors"
 MODELOPT = "modelopt"
@@ -89,7 +89,7 @@ class Found:
     unread_method: str | None = None  # a quant_method kvq does not read (its KV scheme is unknown, not absent)
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (tensor or file, what disagrees)
     specs: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # role -> (number, granularity)
-    weights: str | None = None  # ModelOpt: kvq.engines.UNQUANTIZED or FP8_WEIGHTS (hf_quant_config quant_algo)
+    weights: str | None = None  # ModelOpt: kvq.engines.matrix.UNQUANTIZED or FP8_WEIGHTS (hf_quant_config quant_algo)
 
     def spec(self, role: str) -> tuple[str | None, str | None]:
         """(number format, granularity) declared for ``role``: its own (kvq recipes), else the scheme's."""
@@ -112,7 +112,7 @@ def text_config(config: dict) -> dict:
 
 def shape_from_config(config: dict, source: str) -> KVShape:
     """The KV-cache shape a config.json states (transformers or TensorRT-LLM keys); UNKNOWN fields as None."""
-    from kvq.models import kv_shape
+    from kvq.model.loading import kv_shape
 
     text = dict(text_config(config))
     if "head_dim" not in text and "head_size" in text:  # TensorRT-LLM's name

@@ -1,6 +1,6 @@
 """kvq's own scale artifacts (``scales.safetensors``), read tolerantly.
 
-:meth:`kvq.scales.KVScales.load` refuses a file holding a zero, NaN or negative scale (exit 2); here
+:meth:`kvq.artifacts.scales.KVScales.load` refuses a file holding a zero, NaN or negative scale (exit 2); here
 such a file is read as it is so that each defect is reported with its layer and tensor. The recipe
 in the metadata declares the scheme; ``num_layers`` / ``num_kv_heads`` / ``head_dim`` / ``model_type``
 / ``config_hash`` record the model it was calibrated on.
@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from kvq.artifact import metadata_int, read_safetensors
+from kvq.artifacts.files import metadata_int, read_safetensors
 from kvq.errors import UsageError
 from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.inspection.found import KVQ_ARTIFACT, Found, KVShape, ScaleEntry, Scheme
-from kvq.recipe import KVRecipe
+from kvq.recipe.schema import KVRecipe
 
 _KEY = re.compile(r"^layers\.(\d+)\.([kv])_(scale|zero_point)$")
 _HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"

@@ -1,11 +1,11 @@
 """Torch reference (the oracle) for the quantize -> dequantize round trip of K/V tensors.
 
 K/V tensors are shaped ``(batch, kv_heads, tokens, head_dim)``. Static scales come from a
-:class:`kvq.scales.KVScales` and have shape ``()`` (per tensor), ``(kv_heads,)`` (per head) or
+:class:`kvq.artifacts.scales.KVScales` and have shape ``()`` (per tensor), ``(kv_heads,)`` (per head) or
 ``(kv_heads, head_dim)`` (per channel); zero points have the same shape (int32) or are ``None``.
-The arithmetic is :func:`kvq.qparams.quantize` / :func:`kvq.qparams.dequantize`, so this module
+The arithmetic is :func:`kvq.quant.qparams.quantize` / :func:`kvq.quant.qparams.dequantize`, so this module
 adds no convention of its own for static scales (float32, true division, round-half-to-even,
-saturating clamp; see :mod:`kvq.qparams`).
+saturating clamp; see :mod:`kvq.quant.qparams`).
 
 Round-trip error, per KV head: ``err = x - x_hat`` in float32, with ``x_hat = dequantize(quantize(x))``
 the float32 dequantized value (the final cast back to the model dtype is not counted):
@@ -18,7 +18,7 @@ the float32 dequantized value (the final cast back to the model dtype is not cou
   past the largest value) beyond ``fmax``: ``|y| > 464`` for e4m3 (464 is the tie between 448 and
   480 and goes to 448), ``|y| >= 61440`` for e5m2 (the tie between 57344 and 65536 goes to 65536).
   A value such as ``fmax * scale``, whose quotient is one ulp above ``fmax``, is therefore not counted;
-  for nvfp4, ``|x / (s_b * scale)| >= 7`` (only where the block scale saturated; :mod:`kvq.nvfp4`);
+  for nvfp4, ``|x / (s_b * scale)| >= 7`` (only where the block scale saturated; :mod:`kvq.quant.nvfp4`);
 * ``count``: elements per head (int64).
 
 Dynamic per-token-head quantization (a scale per ``(batch, head, token)`` from that token-head's
@@ -32,7 +32,7 @@ Dynamic per-token-head quantization (a scale per ``(batch, head, token)`` from t
   (2**bits - 1)``, the unsigned code is ``u = clamp(round((x - min) / scale), 0, 2**bits - 1)`` and
   ``x_hat = u * scale + min``. kvq computes it in float32 with a true division; TurboMind keeps
   scale and min in the cache dtype and multiplies by a reciprocal, so a code can differ by one at a
-  rounding tie. Here it is written on the signed codes of :mod:`kvq.qparams` with the integer zero
+  rounding tie. Here it is written on the signed codes of :mod:`kvq.quant.qparams` with the integer zero
   point ``qmin``: ``q = clamp(round((x - min) / scale) + qmin)`` and ``x_hat = (q - qmin) * scale + min``.
 """
 
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvq import nvfp4
-from kvq.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, qrange, quantize
-from kvq.recipe import NUMBER_FORMATS
+from kvq.quant import nvfp4
+from kvq.quant.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, qrange, quantize
+from kvq.recipe.schema import NUMBER_FORMATS
 
 # fp8 overflow of |x / scale| without the clamp: (threshold, whether the threshold itself overflows)
 # (e4m3fn: 464 lies between 448 = 1.75 * 2**8, an even code, and 480: a tie rounds down; e4m3fnuz, clamped at

@@ -2,7 +2,7 @@
 
 Every program of :func:`roundtrip_tile_kernel` loads a (BLOCK_T tokens x BLOCK_D channels) tile of
 one (batch, head) of ``x``, quantizes and dequantizes it in registers with the conventions of
-:mod:`kvq.qparams` (float32, true division by the scale, round-half-to-even, saturating clamp), then
+:mod:`kvq.quant.qparams` (float32, true division by the scale, round-half-to-even, saturating clamp), then
 either stores ``x_hat`` (``FAKE_QUANT``) or four partials (sum of squared error, signal power,
 max |error|, clipped count). A second, tiny kernel reduces the partials of each head in float64 (int64 for counts), in
 a fixed order: results are deterministic.
@@ -132,7 +132,7 @@ def _qdq(
 def _qdq_nvfp4(x, g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, LIBDEVICE_RINT: tl.constexpr):
     """(x_hat, clipped) of a float32 (BLOCK_T, BLOCK_D) tile in NVFP4 with global scale ``g`` (1, BLOCK_D rows of
     the same value): per 16 channels an e4m3 block scale ``RN(amax / (6 g))`` saturated at 448, values rounded to
-    e2m1 (ties to even) and saturated at 6, as kvq.nvfp4 does. Lanes past head_dim hold 0 and form whole blocks."""
+    e2m1 (ties to even) and saturated at 6, as kvq.quant.nvfp4 does. Lanes past head_dim hold 0 and form whole blocks."""
     NB: tl.constexpr = BLOCK_D // 16
     amax = tl.max(tl.reshape(tl.abs(x), (BLOCK_T, NB, 16)), axis=2)  # (BLOCK_T, NB)
     amax = tl.reshape(tl.broadcast_to(amax[:, :, None], (BLOCK_T, NB, 16)), (BLOCK_T, BLOCK_D))

@@ -22,7 +22,7 @@ import triton
 
 from kvq.kernels.reference import FP8_OVERFLOW, RoundTripError, check_qparams
 from kvq.kernels.triton_jit import reduce_partials_kernel, roundtrip_tile_kernel
-from kvq.qparams import FP8_MAX, INT_RANGE
+from kvq.quant.qparams import FP8_MAX, INT_RANGE
 
 TILE_ELEMENTS = 8192  # elements of x per program (BLOCK_T * BLOCK_D) unless told otherwise
 REDUCE_BLOCK = 1024  # partials per step of the per-head reduction

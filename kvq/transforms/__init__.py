@@ -14,10 +14,10 @@ cache holds easier-to-quantize K/V. docs/transforms.md has the math and the arch
 
 from kvq.transforms.describe import describe_attention
 from kvq.transforms.digest import weights_hash
+from kvq.transforms.factors import TransformPlan, plan_transforms
 from kvq.transforms.fold import apply_transforms
 from kvq.transforms.layout import HeadRows, LayerAttention, NormFold, RopeLayout
 from kvq.transforms.measure import QKAbsMax, measure_qk_absmax
-from kvq.transforms.plan import TransformPlan, plan_transforms
 from kvq.transforms.spec import RotateValues, SmoothKeys, Transform
 
 __all__ = [

@@ -17,8 +17,8 @@ import torch
 from kvq.errors import UsageError
 from kvq.transforms.describe import describe_attention
 from kvq.transforms.digest import weights_hash
+from kvq.transforms.factors import TransformPlan, touched_names
 from kvq.transforms.layout import HeadRows, LayerAttention, NormFold
-from kvq.transforms.plan import TransformPlan, touched_names
 
 
 class _Work:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 from kvq.errors import UsageError
-from kvq.qparams import choose_qparams, dequantize, quantize
-from kvq.recipe import QuantSpec
+from kvq.quant.qparams import choose_qparams, dequantize, quantize
+from kvq.recipe.schema import QuantSpec
 from kvq.transforms.layout import LayerAttention
 from kvq.transforms.measure import QKAbsMax
 from kvq.transforms.spec import MAX_FACTOR

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from kvq.artifact import TRANSFORMS_FILE, read_safetensors, safetensors_bytes
+from kvq.artifacts.files import TRANSFORMS_FILE, read_safetensors, safetensors_bytes
 from kvq.errors import UsageError
-from kvq.recipe import QuantSpec, SmoothKeysSpec, TransformSpec, transforms_json
+from kvq.recipe.schema import QuantSpec, SmoothKeysSpec, TransformSpec, transforms_json
 from kvq.transforms.describe import describe_attention
 from kvq.transforms.digest import weights_hash
+from kvq.transforms.factors import TransformPlan, plan_transforms
 from kvq.transforms.fold import apply_transforms
 from kvq.transforms.key_search import SEARCH_ROWS, check_searchable
 from kvq.transforms.measure import measure_qk_absmax
-from kvq.transforms.plan import TransformPlan, plan_transforms
 from kvq.transforms.spec import RotateValues, SmoothKeys, Transform
 
 

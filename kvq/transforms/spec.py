@@ -2,7 +2,7 @@
 
 ``SmoothKeys`` and ``RotateValues`` become recipe entries
 ``transforms: [{name: smooth-keys, alpha: 0.5}, {name: rotate-values, seed: 0}]``; ``name`` is the
-spelling there. :func:`kvq.transforms.plan.plan_transforms` turns them into factors and matrices.
+spelling there. :func:`kvq.transforms.factors.plan_transforms` turns them into factors and matrices.
 """
 
 from __future__ import annotations

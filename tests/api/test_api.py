@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kvq
+from kvq.artifacts.stats import KVStats
 from kvq.cli import main
 from kvq.errors import UsageError
-from kvq.stats import KVStats
 
 ARTIFACTS = ("stats.safetensors", "scales.safetensors", "scales.json")
 COMMON = dict(dataset="pydoc", samples=3, seqlen=32, batch_size=2, recipe="int8-asym-per-head")

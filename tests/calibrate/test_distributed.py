@@ -54,7 +54,7 @@ def test_each_rank_gets_its_own_share_of_the_gpus():
     """torchrun with a device map: rank r of a node with N GPUs and M ranks places its copy on GPUs r*N/M.."""
     import pytest
 
-    from kvq.calibrate.distributed import World, rank_max_memory
+    from kvq.calibration.distributed import World, rank_max_memory
     from kvq.errors import UsageError
 
     limits = {0: "70GiB", 1: "70GiB", 2: "70GiB", 3: "70GiB", "cpu": "200GiB"}

@@ -4,12 +4,12 @@ import pytest
 import tiny_models
 import torch
 
-from kvq.calibrate import StatsObserver, collect_stats
+from kvq.artifacts.stats import KVStats
+from kvq.calibration import StatsConsumer, collect_stats
 from kvq.capture import CaptureCache
 from kvq.data import batches
 from kvq.errors import KvqError
-from kvq.models import load_model
-from kvq.stats import KVStats
+from kvq.model.loading import load_model
 
 
 def model_cache_stats(model, ids, mask=None):
@@ -109,7 +109,7 @@ def test_nan_in_a_layer_stops_the_run_naming_it(tiny_llama):
 
 def test_the_observer_changes_nothing_and_stores_nothing():
     stats = KVStats()
-    cache = CaptureCache(StatsObserver(stats), torch.ones(1, 3, dtype=torch.long))
+    cache = CaptureCache(StatsConsumer(stats), torch.ones(1, 3, dtype=torch.long))
     k = torch.randn(1, 2, 3, 4)
     out_k, out_v = cache.update(k, k * 2, 0)
     assert out_k is k and cache.get_seq_length() == 0

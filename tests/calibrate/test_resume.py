@@ -11,7 +11,7 @@ import time
 import pytest
 from bad_input import assert_contract, run_in_process
 
-from kvq.artifact import PARTIAL_FILE
+from kvq.artifacts.files import PARTIAL_FILE
 from kvq.cli import main
 
 ARTIFACTS = ("stats.safetensors", "scales.safetensors", "scales.json")
@@ -98,7 +98,7 @@ def test_resume_refuses_another_run(tiny_llama, tmp_path, capsys):
 def test_a_partial_save_cut_by_sigkill_leaves_no_obstacle(tiny_llama, tmp_path, capsys):
     """A run killed while it writes its partial statistics leaves kvq's temporary beside them; --resume (and any
     later run into the folder) removes it instead of refusing the folder as holding a foreign file."""
-    from kvq.output import _HOST, TMP_SUFFIX
+    from kvq.io.atomic import _HOST, TMP_SUFFIX
 
     out = tmp_path / "out"
     proc = _start(_args(tiny_llama, out, "--save-every", "1"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from kvq.artifacts.scales import KVScales
+from kvq.artifacts.stats import KVStats
 from kvq.cli import main
-from kvq.models import resolve_model
-from kvq.scales import KVScales
-from kvq.stats import KVStats
+from kvq.model.loading import resolve_model
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from kvq.capture import CaptureCache, capture_batches, forward
 from kvq.data import batches
-from kvq.models import load_model
+from kvq.model.loading import load_model
 
 
 class Recorder:

@@ -7,7 +7,7 @@ import torch
 
 from kvq.capture import CaptureCache
 from kvq.data import load_documents
-from kvq.evaluate import (
+from kvq.evaluation import (
     DYNAMIC_RECIPES,
     AttentionErrorProbe,
     DynamicQuantizer,
@@ -17,8 +17,8 @@ from kvq.evaluate import (
     measure,
     window_nll,
 )
-from kvq.evaluate.quant_cache import Which
-from kvq.models import load_model
+from kvq.evaluation.quant_cache import Which
+from kvq.model.loading import load_model
 
 
 class OnlyLayer:

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.capture import CaptureCache
 from kvq.data import Document, load_documents
 from kvq.errors import KvqError, UsageError
-from kvq.evaluate import (
+from kvq.evaluation import (
     DYNAMIC_RECIPES,
     EVAL_ONLY_RECIPE_NAMES,
     DynamicQuantizer,
@@ -25,9 +26,8 @@ from kvq.evaluate import (
     window_nll,
 )
 from kvq.kernels import qdq_static
-from kvq.models import load_model
-from kvq.recipe import load_recipe
-from kvq.scales import KVScales, LayerScales
+from kvq.model.loading import load_model
+from kvq.recipe.schema import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_windows_are_consecutive_and_non_overlapping(tiny):
 
 
 def test_paired_stderr_of_the_nll_difference():
-    from kvq.evaluate.perplexity import paired_stderr
+    from kvq.evaluation.perplexity import paired_stderr
 
     # Per-token differences 0, 1, 2: mean 1, sample variance 1, standard error sqrt(1 / 3).
     assert paired_stderr([10.0, 12.0, 14.0], [10.0, 10.0, 10.0], 2) == pytest.approx(math.sqrt(1 / 3), rel=1e-15)

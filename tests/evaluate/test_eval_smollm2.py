@@ -18,11 +18,11 @@ import math
 import pytest
 import torch
 
+from kvq.artifacts.scales import KVScales
 from kvq.cli import main
 from kvq.data import load_documents
-from kvq.evaluate.perplexity import eval_windows
-from kvq.models import load_model
-from kvq.scales import KVScales
+from kvq.evaluation.perplexity import eval_windows
+from kvq.model.loading import load_model
 
 pytestmark = pytest.mark.slow
 

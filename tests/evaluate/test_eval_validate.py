@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.cli import main
 from kvq.errors import UsageError
-from kvq.evaluate.checks import check_scales_match, same_data_warning
-from kvq.evaluate.validate import LayerError, ValidateConfig, head_errors, validate
+from kvq.evaluation.preflight import check_scales_match, same_data_warning
+from kvq.evaluation.round_trip import LayerError, ValidateConfig, head_errors, run_validation
 from kvq.kernels import RoundTripError
-from kvq.models import ModelInfo
-from kvq.recipe import load_recipe
-from kvq.scales import KVScales, LayerScales
+from kvq.model.loading import ModelInfo
+from kvq.recipe.schema import load_recipe
 
 
 def _err(sse: list[float], signal: list[float], clipped: list[int]) -> RoundTripError:
@@ -110,7 +110,7 @@ def test_validate_report_matches_an_independent_computation(tiny_llama, tiny_art
     order); padded batches of 2 may round K/V differently in float32 (relative ~1e-7 seen)."""
     data = tmp_path / "docs.jsonl"
     texts = _documents(data)
-    result = validate(ValidateConfig(model=str(tiny_llama), dataset="docs", data_files=[str(data)], samples=5,
+    result = run_validation(ValidateConfig(model=str(tiny_llama), dataset="docs", data_files=[str(data)], samples=5,
                                      seqlen=SEQLEN, batch_size=batch_size, device="cpu",
                                      scales=str(tiny_artifacts[artifact])))
     cached = _model_cache(tiny_llama, texts)
@@ -162,7 +162,7 @@ def test_scales_must_fit_the_model():
 
 
 def test_same_data_warning_compares_file_contents(tmp_path):
-    from kvq.artifact import file_sha256
+    from kvq.artifacts.files import file_sha256
     from kvq.data import LoadedDataset
 
     a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvq.artifacts.scales import KVScales
 from kvq.data import load_documents
-from kvq.evaluate import (
+from kvq.evaluation import (
     DYNAMIC_RECIPES,
     DynamicQuantizer,
     IdentityQuantizer,
@@ -15,9 +16,8 @@ from kvq.evaluate import (
     eval_windows,
     measure,
 )
-from kvq.evaluate.quant_cache import PartialQuantizer
-from kvq.models import load_model
-from kvq.scales import KVScales
+from kvq.evaluation.quant_cache import PartialQuantizer
+from kvq.model.loading import load_model
 
 RTOL = 2e-5  # the labels= loss is a float32 mean (see test_perplexity_oracle.py)
 

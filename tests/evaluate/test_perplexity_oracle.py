@@ -2,7 +2,7 @@
 
 transformers computes, for ``model(input_ids=w, labels=w)``, the mean cross-entropy of the logits at
 positions 0..n-2 against tokens 1..n-1 (``ForCausalLMLoss``: logits upcast to float32, labels
-shifted inside). kvq's baseline from :func:`kvq.evaluate.perplexity.measure` with no quantizer must
+shifted inside). kvq's baseline from :func:`kvq.evaluation.perplexity.measure` with no quantizer must
 give, per window, ``summed NLL / predicted tokens`` equal to that loss, and ``ppl`` equal to
 ``exp`` of the loss averaged over windows (every window predicts the same number of tokens).
 
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from kvq.data import load_documents
-from kvq.evaluate.perplexity import eval_windows, measure
-from kvq.models import load_model
+from kvq.evaluation.perplexity import eval_windows, measure
+from kvq.model.loading import load_model
 
 RTOL = 2e-5
 

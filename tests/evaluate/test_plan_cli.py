@@ -8,11 +8,11 @@ import shutil
 import pytest
 from bad_input import assert_contract, run_in_process, snapshot
 
+from kvq.artifacts.scales import KVScales
 from kvq.cli import main
 from kvq.export.model_check import model_shape_and_files
-from kvq.export.plan import ExportRequest
+from kvq.export.request import ExportRequest
 from kvq.export.vllm import build
-from kvq.scales import KVScales
 
 COMMON = ["--dataset", "pydoc", "--samples", "2", "--seqlen", "32", "--device", "cpu"]
 

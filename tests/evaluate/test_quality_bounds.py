@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvq.calibrate import CalibrationConfig, calibrate
+from kvq.artifacts.scales import KVScales, LayerScales
+from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.data import load_documents
-from kvq.evaluate.perplexity import Measurement, eval_windows, measure
-from kvq.evaluate.quant_cache import StaticQuantizer
-from kvq.models import load_model
-from kvq.recipe import load_recipe
-from kvq.scales import KVScales, LayerScales
-from kvq.solver import solve
+from kvq.evaluation.perplexity import Measurement, eval_windows, measure
+from kvq.evaluation.quant_cache import StaticQuantizer
+from kvq.model.loading import load_model
+from kvq.recipe.schema import load_recipe
+from kvq.solving.solver import solve_scales
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,8 @@ def measured(shared_data, tmp_path_factory) -> Measurement:
         model=None, dataset="c4", data_files=[str(shared_data / "c4-en-train-sample.jsonl")],
         samples=16, seqlen=256, batch_size=4, device="cpu",
     )  # fmt: skip
-    stats = calibrate(cfg, load_recipe("int8-asym-per-head"), tmp_path_factory.mktemp("cal")).stats
-    scales = {name: solve(stats, load_recipe(name)) for name in
+    stats = run_calibration(cfg, load_recipe("int8-asym-per-head"), tmp_path_factory.mktemp("cal")).stats
+    scales = {name: solve_scales(stats, load_recipe(name)) for name in
               ("int8-asym-per-head", "int4-asym-per-head")}  # fmt: skip
     quantizers = [StaticQuantizer(s) for s in scales.values()]
     quantizers.append(StaticQuantizer(times(scales["int8-asym-per-head"], 16.0), name=WRONG))

@@ -10,18 +10,18 @@ from capture.test_capture import _rotary_oracle
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvq.calibrate import collect_stats
+from kvq.artifacts.scales import KVScales
+from kvq.artifacts.stats import KVStats
+from kvq.calibration import collect_stats
 from kvq.data import batches
 from kvq.errors import UsageError
-from kvq.evaluate import StaticQuantizer
-from kvq.evaluate.dynamic import UnitScaleQuantizer, eval_only_quantizer
-from kvq.evaluate.perplexity import window_nlls
-from kvq.evaluate.quant_cache import FakeQuantize
-from kvq.models import load_model
-from kvq.recipe import parse_recipe
-from kvq.scales import KVScales
-from kvq.solver import solve
-from kvq.stats import KVStats
+from kvq.evaluation import StaticQuantizer
+from kvq.evaluation.dynamic import UnitScaleQuantizer, eval_only_quantizer
+from kvq.evaluation.perplexity import window_nlls
+from kvq.evaluation.quant_cache import FakeQuantize
+from kvq.model.loading import load_model
+from kvq.recipe.schema import parse_recipe
+from kvq.solving.solver import solve_scales
 
 RECIPE = {"format": "fp8_e4m3", "granularity": "tensor", "query": {"granularity": "head"}}
 
@@ -44,7 +44,7 @@ def test_query_ranges_are_the_models_own_queries(calibrated):
 
 def test_q_scale_by_hand_and_through_the_files(calibrated, tmp_path):
     _, _, stats = calibrated
-    scales = solve(stats, parse_recipe(RECIPE, "t", "q"))
+    scales = solve_scales(stats, parse_recipe(RECIPE, "t", "q"))
     for i, layer in scales.layers.items():
         per_head = torch.maximum(-stats.layers[i].q.min, stats.layers[i].q.max).amax(dim=-1) / 448  # (4,)
         # the tiny model has 4 query heads over 2 KV heads: vLLM applies the max of each pair (heads 0-1, 2-3)
@@ -59,7 +59,7 @@ def test_solving_a_query_recipe_needs_query_ranges():
     stats = KVStats()
     stats.observe(0, -torch.ones(1, 2), torch.ones(1, 2), -torch.ones(1, 2), torch.ones(1, 2), tokens=3)
     with pytest.raises(UsageError, match="hold no query ranges"):
-        solve(stats, parse_recipe(RECIPE, "t", "q"))
+        solve_scales(stats, parse_recipe(RECIPE, "t", "q"))
 
 
 def _qdq(x, scale):  # the oracle's quantizer: torch's own fp8 cast, scale broadcast per head
@@ -89,12 +89,12 @@ def _oracle_loss(lm, ids, layers, use_q: bool):
 
 def test_eval_quantizes_the_query_as_fp8_attention_does(calibrated):
     lm, ids, stats = calibrated
-    scales = solve(stats, parse_recipe(RECIPE, "t", "q"))
+    scales = solve_scales(stats, parse_recipe(RECIPE, "t", "q"))
     window = ids[:1]
     with torch.inference_mode():
         got = window_nlls(lm.model, window, FakeQuantize(StaticQuantizer(scales)))[0] / (window.shape[1] - 1)
     assert got == pytest.approx(_oracle_loss(lm, window, scales.layers, use_q=True), rel=1e-6)
-    no_q = solve(stats, parse_recipe({k: v for k, v in RECIPE.items() if k != "query"}, "t", "kv"))
+    no_q = solve_scales(stats, parse_recipe({k: v for k, v in RECIPE.items() if k != "query"}, "t", "kv"))
     with torch.inference_mode():
         kv_only = window_nlls(lm.model, window, FakeQuantize(StaticQuantizer(no_q)))[0] / (window.shape[1] - 1)
     assert kv_only == pytest.approx(_oracle_loss(lm, window, scales.layers, use_q=False), rel=1e-6)

@@ -17,14 +17,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvq.calibrate import CalibrationConfig, calibrate
+from kvq.artifacts.scales import KVScales
+from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.cli import main
 from kvq.data import load_documents
-from kvq.evaluate import StaticQuantizer, eval_windows
-from kvq.evaluate.sensitivity import measure_sensitivity, skip_plan_quantizer
-from kvq.models import load_model
-from kvq.recipe import load_recipe
-from kvq.scales import KVScales
+from kvq.evaluation import StaticQuantizer, eval_windows
+from kvq.evaluation.sensitivity import measure_sensitivity, skip_plan_quantizer
+from kvq.model.loading import load_model
+from kvq.recipe.schema import load_recipe
 
 SENSITIVE = 1
 
@@ -36,7 +36,7 @@ def _edited(source: Path, folder: Path, edit) -> Path:
     model.save_pretrained(folder / "model")
     AutoTokenizer.from_pretrained(source).save_pretrained(folder / "model")
     cfg = CalibrationConfig(model=str(folder / "model"), dataset="pydoc", samples=4, seqlen=64, device="cpu")
-    calibrate(cfg, load_recipe("int4-asym-per-head"), folder / "int4")
+    run_calibration(cfg, load_recipe("int4-asym-per-head"), folder / "int4")
     return folder
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvq.recipe import KVRecipe
-from kvq.scales import KVScales, LayerScales
+from kvq.artifacts.scales import KVScales, LayerScales
+from kvq.recipe.schema import KVRecipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # export_helpers
 from export_helpers import filled  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kvq.recipe import KVRecipe, QuantSpec
+from kvq.recipe.schema import KVRecipe, QuantSpec
 
 
 def recipe(fmt: str, symmetric: bool, granularity: str, v_fmt: str | None = None) -> KVRecipe:
@@ -19,7 +19,7 @@ def model_metadata(folder: Path) -> dict[str, str]:
     """The metadata `kvq calibrate` records for the model in ``folder``."""
     from transformers import AutoConfig
 
-    from kvq.models import config_hash, kv_shape
+    from kvq.model.loading import config_hash, kv_shape
 
     config = AutoConfig.from_pretrained(folder)
     layers, heads, head_dim = kv_shape(config)

@@ -10,10 +10,10 @@ import torch
 from bad_input import snapshot
 from export_helpers import model_metadata, recipe, synthetic_metadata
 
+from kvq.artifacts.scales import LayerScales
 from kvq.cli import main
 from kvq.errors import KvqError, UsageError
 from kvq.export import export_scales
-from kvq.scales import LayerScales
 
 
 @pytest.mark.parametrize("key,wrong", [

@@ -22,11 +22,11 @@ from export_helpers import model_metadata, recipe, synthetic_metadata
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.errors import UsageError
 from kvq.export import export_scales
 from kvq.export.lmdeploy import lmdeploy_zero_point
-from kvq.qparams import choose_qparams, dequantize, quantize
-from kvq.scales import KVScales, LayerScales
+from kvq.quant.qparams import choose_qparams, dequantize, quantize
 
 GOLDEN = Path(__file__).parent / "golden"
 K = {0: [0.5, 0.25, 1.0, 0.125], 1: [0.375, 1.5, 0.25, 0.25]}

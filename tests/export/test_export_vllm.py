@@ -12,9 +12,9 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from export_helpers import model_metadata, recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
 from kvq.export import export_scales
-from kvq.scales import KVScales
 
 
 def _attention_scales(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -176,7 +176,7 @@ def test_fused_qkv_model_is_refused(tiny_model_factory, make_artifact, tmp_path)
 
 def test_smollm2_end_to_end(make_artifact, tmp_path):
     """The default model: export, load with transformers + compressed-tensors, check 30 layers, generate text."""
-    from kvq.models import resolve_model
+    from kvq.model.loading import resolve_model
 
     folder = resolve_model(None)[2]
     metadata = model_metadata(folder)
@@ -207,8 +207,8 @@ def _written(out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("granularity", ["tensor", "head"])
 def test_query_scales_are_written_where_vllm_reads_them(tiny_llama, make_artifact, tmp_path, granularity):
-    from kvq.recipe import QuantSpec
-    from kvq.scales import LayerScales
+    from kvq.artifacts.scales import LayerScales
+    from kvq.recipe.schema import QuantSpec
 
     meta = model_metadata(tiny_llama)
     spec = QuantSpec(format="fp8_e4m3", symmetric=True, granularity=granularity)
@@ -231,8 +231,8 @@ def test_query_scales_are_written_where_vllm_reads_them(tiny_llama, make_artifac
 
 
 def test_query_granularity_must_match_the_kv_strategy(tiny_llama, make_artifact, tmp_path):
-    from kvq.recipe import QuantSpec
-    from kvq.scales import LayerScales
+    from kvq.artifacts.scales import LayerScales
+    from kvq.recipe.schema import QuantSpec
 
     meta = model_metadata(tiny_llama)
     rec = recipe("fp8_e4m3", True, "tensor").model_copy(

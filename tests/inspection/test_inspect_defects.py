@@ -17,8 +17,8 @@ from export_helpers import model_metadata, recipe
 from inspect_helpers import inspect_json
 from safetensors.torch import load_file, save_file
 
+from kvq.artifacts.stats import KVStats
 from kvq.export import export_scales
-from kvq.stats import KVStats
 
 K1 = "model.layers.1.self_attn.k_scale"
 

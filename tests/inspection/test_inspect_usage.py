@@ -9,7 +9,7 @@ from bad_input import assert_contract, run_in_process, run_subprocess, snapshot
 from export_helpers import model_metadata, recipe
 from safetensors.torch import save_file
 
-from kvq.stats import KVStats
+from kvq.artifacts.stats import KVStats
 
 
 def test_missing_path_in_a_shell(tmp_path):

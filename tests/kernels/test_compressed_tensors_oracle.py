@@ -2,7 +2,7 @@
 
 The oracle is compressed-tensors' ``fake_quantize`` (vLLM's quantization library; a kvq dependency):
 ``x_hat = (round(clamp(x / scale + zero_point, qmin, qmax)) - zero_point) * scale`` in float32, fp8
-rounded by torch's cast to ``float8_e4m3fn``. kvq (``kvq.qparams``) computes
+rounded by torch's cast to ``float8_e4m3fn``. kvq (``kvq.quant.qparams``) computes
 ``x_hat = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
 
 Where the conventions agree (every case is asserted bit-exact there):
@@ -44,8 +44,8 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize as c
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from kvq.kernels import fake_quantize, roundtrip_error
-from kvq.qparams import choose_qparams
-from kvq.recipe import load_recipe
+from kvq.quant.qparams import choose_qparams
+from kvq.recipe.schema import load_recipe
 
 SHAPE = (2, 3, 37, 80)
 INT_BITS = {"int8": 8, "int4": 4}

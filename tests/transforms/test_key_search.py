@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvq.calibrate import CalibrationConfig, calibrate
+from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.errors import UsageError
-from kvq.recipe import parse_recipe
+from kvq.recipe.schema import parse_recipe
 from kvq.transforms import (
     QKAbsMax,
     SmoothKeys,
@@ -24,9 +24,9 @@ from kvq.transforms import (
     measure_qk_absmax,
     plan_transforms,
 )
+from kvq.transforms.factors import smoothing_factors
 from kvq.transforms.key_search import logit_error, search_factors
 from kvq.transforms.layout import RopeLayout
-from kvq.transforms.plan import smoothing_factors
 
 INT = {"int4": (-8, 7), "int8": (-128, 127)}  # two's-complement code ranges, by hand
 
@@ -156,7 +156,7 @@ def test_calibrate_records_searched_factors(tiny_llama, tmp_path):
     recipe = parse_recipe({"format": "int4", "symmetric": False, "granularity": "head",
                            "transforms": [{"name": "smooth-keys", "search": True}]}, "t", "searched")
     cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=32, device="cpu")
-    result = calibrate(cfg, recipe, tmp_path / "out")
+    result = run_calibration(cfg, recipe, tmp_path / "out")
     assert result.stats.metadata["transforms"] == '[{"alpha": 0.5, "name": "smooth-keys", "search": true}]'
     off = parse_recipe({"format": "int4", "symmetric": False, "granularity": "head",
                         "transforms": [{"name": "smooth-keys", "search": False}]}, "t", "off")

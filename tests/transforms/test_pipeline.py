@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kvq.artifact import TRANSFORMS_FILE
-from kvq.calibrate import CalibrationConfig, calibrate
+from kvq.artifacts.files import TRANSFORMS_FILE
+from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.errors import UsageError
-from kvq.evaluate.perplexity import EvalConfig, run_eval
+from kvq.evaluation.perplexity import EvalConfig, run_eval
 from kvq.export import export_scales
-from kvq.recipe import parse_recipe
-from kvq.solve_artifact import solve_artifact
+from kvq.recipe.schema import parse_recipe
+from kvq.solving.from_stats import solve_artifact
 
 SAMPLES, SEQLEN = 4, 64
 
@@ -31,7 +31,7 @@ def _recipe(number: str, granularity: str, transforms: list, symmetric: bool = T
 
 def _calibrate(model, recipe, out):
     cfg = CalibrationConfig(model=str(model), dataset="pydoc", samples=SAMPLES, seqlen=SEQLEN, device="cpu")
-    return calibrate(cfg, recipe, out)
+    return run_calibration(cfg, recipe, out)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,9 @@ def test_a_missing_or_foreign_transforms_record_is_refused(calibrated, tiny_llam
 
 
 def test_validate_folds_the_transforms_before_measuring(calibrated, tiny_llama):
-    from kvq.evaluate.validate import ValidateConfig, validate
+    from kvq.evaluation.round_trip import ValidateConfig, run_validation
 
-    result = validate(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
+    result = run_validation(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
                                      samples=2, seqlen=SEQLEN, device="cpu"))
     assert sorted(result.errors) == [0, 1, 2]
     # The same samples' K/V of the transformed model: every value within the calibrated range (in-sample, fp8)
@@ -183,13 +183,13 @@ def test_transforms_need_the_checkpoints_own_dtype(tiny_llama, tmp_path):
     cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=SEQLEN, device="cpu",
                             dtype="bfloat16")
     with pytest.raises(UsageError, match="--dtype bfloat16 cannot be used with transforms"):
-        calibrate(cfg, _recipe("fp8_e4m3", "tensor", ["smooth-keys"]), tmp_path / "o")
+        run_calibration(cfg, _recipe("fp8_e4m3", "tensor", ["smooth-keys"]), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_validate_in_another_dtype_names_both(calibrated, tiny_llama):
-    from kvq.evaluate.validate import ValidateConfig, validate
+    from kvq.evaluation.round_trip import ValidateConfig, run_validation
 
     with pytest.raises(UsageError, match="in float32, but the model is loaded in bfloat16"):
-        validate(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
+        run_validation(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
                                 samples=1, seqlen=SEQLEN, device="cpu", dtype="bfloat16"))

@@ -17,7 +17,7 @@ from kvq.transforms import (
     measure_qk_absmax,
     plan_transforms,
 )
-from kvq.transforms.plan import MAX_FACTOR, smoothing_factors
+from kvq.transforms.factors import MAX_FACTOR, smoothing_factors
 
 
 def hand_stats() -> QKAbsMax:

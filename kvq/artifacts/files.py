@@ -1,0 +1,218 @@
+"""The calibration artifact set: its file names, how it is written as a set, and how its files are read.
+
+A kvq artifact folder (``kvq calibrate --out``, ``kvq solve --out``) holds some of ``stats.safetensors``,
+``scales.safetensors``, ``scales.json``, ``validate.json`` and ``plan.json`` (``kvq plan``). It is written as a set through
+:func:`write_artifact` (atomic, with the --out policy of :mod:`kvq.io.atomic`); files of the set that a
+write does not replace are carried over, unless they were computed from a file the write replaces
+(scales from statistics, the validation report from scales): a stale file never sits beside new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from kvq.errors import KvqError, UsageError
+from kvq.io.atomic import remove_stale_temporaries, write_folder
+from kvq.io.out_policy import check_folder_out
+
+STATS_FILE = "stats.safetensors"
+SCALES_FILE = "scales.safetensors"
+SCALES_JSON = "scales.json"
+VALIDATE_JSON = "validate.json"
+PLAN_JSON = "plan.json"  # the layers kept unquantized (kvq plan), for these scales
+TRANSFORMS_FILE = "transforms.safetensors"  # the transforms folded into the model before calibration (if any)
+PARTIAL_FILE = "stats.partial.safetensors"  # an interrupted calibration's statistics so far (--resume)
+# ``kvq report`` writes OUT/report/ (kvq/reporting/): part of the artifact folder, drawn from its scales
+REPORT_DIR = "report"
+REPORT_NAMES: tuple[str, ...] = ("absmax.png", "channels.png", "subnormal.png", "scales.png", "sqnr.png",
+                                 "eval_ppl.png", "attention_error.png", "figures.json", "report.md", "report.html")
+REPORT_FILES: tuple[str, ...] = tuple(f"{REPORT_DIR}/{name}" for name in REPORT_NAMES)
+ARTIFACT_FILES: tuple[str, ...] = (STATS_FILE, SCALES_FILE, SCALES_JSON, VALIDATE_JSON, PLAN_JSON, TRANSFORMS_FILE,
+                                   PARTIAL_FILE, *REPORT_FILES)
+# Which file each one is computed from: replacing the source drops the derived file from the set. The
+# transforms belong to the statistics calibrated on them: a new calibration without transforms drops them.
+DERIVED_FROM: dict[str, str] = {SCALES_FILE: STATS_FILE, SCALES_JSON: SCALES_FILE, VALIDATE_JSON: SCALES_FILE,
+                                PLAN_JSON: SCALES_FILE, TRANSFORMS_FILE: STATS_FILE, PARTIAL_FILE: STATS_FILE,
+                                **{name: SCALES_FILE for name in REPORT_FILES}}  # a new calibration drops the report
+
+
+def carried_over(written: Collection[str]) -> set[str]:
+    """The artifact files a write of ``written`` keeps from the existing set: those not (indirectly) recomputed."""
+
+    def stale(name: str) -> bool:
+        source = DERIVED_FROM.get(name)
+        return source is not None and (source in written or stale(source))
+
+    return {name for name in ARTIFACT_FILES if name not in written and not stale(name)}
+
+
+def _artifact_names(names: Collection[str]) -> None:
+    unknown = sorted(set(names) - set(ARTIFACT_FILES))
+    if unknown:
+        raise ValueError(f"{unknown} are not kvq artifact files ({', '.join(ARTIFACT_FILES)})")
+
+
+def check_artifact_out(out_dir: str | Path, names: Collection[str], *, force: bool = False,
+                       inputs: Sequence[Path] = ()) -> Path:
+    """The --out policy for an artifact set of ``names``, checked before any work; returns the folder.
+
+    Temporaries a killed kvq run left inside the folder (a partial save cut by SIGKILL, say) are removed
+    first: they are kvq's own, not a user's files."""
+    _artifact_names(names)
+    for name in ARTIFACT_FILES if Path(out_dir).is_dir() else ():  # a file or nothing: the policy says what
+        try:
+            remove_stale_temporaries(Path(out_dir) / name)
+        except OSError as exc:
+            raise KvqError(f"--out {out_dir}: cannot remove a killed run's temporary beside {name}: "
+                           f"{exc.strerror or exc}") from exc
+    return check_folder_out(out_dir, ARTIFACT_FILES, force=force, inputs=inputs, carry=carried_over(names))
+
+
+def write_artifact(out_dir: Path, files: Mapping[str, bytes], *, force: bool = False,
+                   inputs: Sequence[Path] = ()) -> list[Path]:
+    """Replace the artifact set in ``out_dir`` by ``files`` (name -> bytes) atomically; the paths written.
+
+    ``inputs`` are the files the command read (refused as --out, and never deleted by the write).
+    """
+    _artifact_names(files)
+    written = write_folder(out_dir, files, kind=ARTIFACT_FILES, carry=carried_over(files), force=force,
+                           inputs=inputs)
+    return written.paths
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Serialize tensors (made contiguous, on CPU) with string metadata.
+
+    A tensor sharing memory with an earlier one (one zero-point tensor used for K and V, say) is
+    copied: safetensors refuses shared storage.
+    """
+    storages: set[int] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        plain[name] = t
+    return _sorted_metadata(save(plain, metadata=dict(metadata)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors serializes the metadata from a hash map, so two saves of the same metadata can list
+    it in different orders: re-ordering it here makes equal artifacts byte-identical. Hand-written
+    because safetensors has no option for it; the header keeps its length (the same keys and values
+    re-ordered), so no tensor offset moves.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    raw = data[8 : 8 + length]
+    header = json.loads(raw, object_pairs_hook=dict)
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # cannot happen for a re-ordering; keep the library's bytes rather than guess
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length :]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_bytes(data: object) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def require_file(path: str | Path, what: str, hint: str | None = None) -> Path:
+    """``path`` as a Path if it is an existing file, else a UsageError naming ``what``."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{what} {p} does not exist", hint=hint)
+    if not p.is_file():
+        raise UsageError(f"{what} {p} is not a file", hint=hint)
+    return p
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_safetensors(path: Path, what: str, hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a UsageError naming ``what`` if it is not one."""
+    path = require_file(path, what, hint)
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} {path} is empty", hint=hint)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"{what} {path} is not a complete safetensors file ({_first_line(exc)})", hint=hint) from exc
+
+
+def metadata_int(meta: Mapping[str, str], key: str, where: str) -> int | None:
+    """The integer metadata ``key`` (None when absent or empty); a UsageError naming ``where`` if malformed."""
+    raw = meta.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise UsageError(f"{where}: metadata {key}={raw!r} is not an integer") from exc
+
+
+def read_layers(
+    path: Path, what: str, key: re.Pattern[str], required: Sequence[str], hint: str
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, str]]:
+    """The per-layer tensors of an artifact file, keyed by layer and part, and its metadata.
+
+    ``key`` matches a tensor name with groups (layer, part). Refuses unknown tensors, a layer lacking
+    a ``required`` part, and any gap in layers 0..n-1 (n: the ``num_layers`` metadata, else the
+    highest layer + 1).
+    """
+    raw, meta = read_safetensors(path, what, hint)
+    where = f"{what} {path}"
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in raw.items():
+        match = key.match(name)
+        if match is None:
+            raise UsageError(f"{where}: unexpected tensor {name!r}", hint=hint)
+        parts.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+    if not parts:
+        raise UsageError(f"{where} holds no layers", hint=hint)
+    num_layers = metadata_int(meta, "num_layers", where)
+    n = max(parts) + 1 if num_layers is None else num_layers
+    missing = [i for i in range(n) if i not in parts]
+    if missing:
+        raise UsageError(f"{where}: layer(s) {listed(missing)} missing (layers 0..{n - 1} must all be present)",
+                         hint=hint)
+    extra = [i for i in parts if i >= n]
+    if extra:
+        raise UsageError(f"{where}: layer(s) {listed(extra)} beyond its num_layers {n}", hint=hint)
+    for i in sorted(parts):
+        lacking = [part for part in required if part not in parts[i]]
+        if lacking:
+            raise UsageError(f"{where}: layer {i} lacks {', '.join(lacking)}", hint=hint)
+    return parts, meta
+
+
+def listed(values: Sequence[int]) -> str:
+    return ", ".join(map(str, values[:8])) + (f" ... ({len(values)} in all)" if len(values) > 8 else "")

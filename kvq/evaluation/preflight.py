@@ -1,0 +1,103 @@
+"""Checks before measuring: do the scales fit the model, and is the data held out from calibration?"""
+
+from __future__ import annotations
+
+import json
+
+from kvq.artifacts.files import file_sha256
+from kvq.artifacts.scales import KVScales
+from kvq.data import LoadedDataset
+from kvq.errors import UsageError
+from kvq.model.loading import ModelInfo
+
+
+def _meta_int(metadata: dict[str, str], key: str) -> int | None:
+    try:
+        return int(metadata[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[str]:
+    """Refuse scales made for another shape of model; return warnings (a different config hash).
+
+    The shape (layers, KV heads, head_dim) must match: scales of another shape cannot be applied. A
+    different config hash with the same shape is a warning, not an error: scales carried over to a
+    fine-tune of the calibrated model are applied as an engine would apply them, and measuring how
+    well they carry over is a legitimate question.
+    """
+    meta = scales.metadata
+    calibrated_for = meta.get("model", "an unnamed model")
+    expected = {"num_layers": info.num_layers, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
+    labels = {"num_layers": "layers", "num_kv_heads": "KV heads", "head_dim": "head_dim"}
+    wrong = [
+        f"{labels[key]} {_meta_int(meta, key)} vs {value}"
+        for key, value in expected.items()
+        if _meta_int(meta, key) is not None and _meta_int(meta, key) != value
+    ]
+    if wrong:
+        raise UsageError(
+            f"scales {source} were calibrated for {calibrated_for}, which does not fit model {info.model_id}: "
+            f"{'; '.join(wrong)} (scales vs model)",
+            hint="calibrate this model (kvq calibrate --model ...) or pass the model the scales were made for",
+        )
+    layers = sorted(scales.layers)
+    if layers != list(range(info.num_layers)):
+        raise UsageError(
+            f"scales {source} hold layers {layers[0]}..{layers[-1]} ({len(layers)} layers), model "
+            f"{info.model_id} has layers 0..{info.num_layers - 1}",
+            hint="calibrate this model to get scales for every layer",
+        )
+    fits = {(), (info.num_kv_heads,), (info.num_kv_heads, info.head_dim)}
+    for i in layers:
+        for which in ("k", "v"):
+            shape = tuple(scales.layers[i].scale(which).shape)
+            if shape not in fits:
+                raise UsageError(
+                    f"scales {source}: layer {i} {which}_scale has shape {shape}, which fits none of "
+                    f"() / ({info.num_kv_heads},) / ({info.num_kv_heads}, {info.head_dim}) for model {info.model_id}",
+                    hint="calibrate this model to get scales of its shape",
+                )
+    warnings = []
+    calibrated_hash = meta.get("config_hash")
+    if calibrated_hash and calibrated_hash != info.config_hash:
+        warnings.append(
+            f"scales {source} were calibrated on {calibrated_for} (config hash {calibrated_hash}); the model "
+            f"is {info.model_id} (config hash {info.config_hash}): same shape, different config"
+        )
+    return warnings
+
+
+def calibration_files(metadata: dict[str, str]) -> list[dict[str, str]]:
+    """The calibration data files the metadata records ({path, sha256} each); [] when none."""
+    try:
+        files = json.loads(metadata.get("data_files", "[]"))
+    except json.JSONDecodeError:
+        return []
+    return [f for f in files if isinstance(f, dict) and "sha256" in f]
+
+
+def same_data_warning(metadata: dict[str, str], dataset: LoadedDataset, source: str) -> str | None:
+    """A warning when ``dataset`` is (or includes) the data the scales were calibrated on.
+
+    Files are compared by content (sha256), whatever their paths. Data read from elsewhere (the hub,
+    pydoc) is the same when its origin string is: named hub datasets load a different split for
+    evaluation than for calibration, so ``--dataset c4`` is held out from a ``c4`` calibration.
+    """
+    cal_files = calibration_files(metadata)
+    if dataset.files and cal_files:
+        by_hash = {f["sha256"]: f.get("path", "?") for f in cal_files}
+        shared = [path for path in dataset.files if file_sha256(path) in by_hash]
+        if shared:
+            return (
+                f"the evaluation data {', '.join(shared)} is the data scales {source} were calibrated on "
+                "(same file content): the errors shown are in-sample, not on held-out data"
+            )
+        return None
+    origin = metadata.get("dataset_origin")
+    if not dataset.files and not cal_files and origin and origin == dataset.origin:
+        return (
+            f"the evaluation data ({dataset.origin}) is the source scales {source} were calibrated on: "
+            "the errors shown are in-sample, not on held-out data"
+        )
+    return None

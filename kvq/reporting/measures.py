@@ -1,0 +1,179 @@
+"""The numbers the report's figures show, as (layer, KV head[, channel]) grids. Pure math, no plotting.
+
+Every grid is a float64 numpy array with one row per layer (0..L-1), so a figure and a warning read
+the very same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvq.artifacts.scales import KVScales
+from kvq.artifacts.stats import KVStats
+from kvq.errors import UsageError
+from kvq.quant import histogram as grid
+from kvq.reporting.inputs import ReportInputs
+
+E4M3_MIN_NORMAL = 2.0**-6  # fp8 e4m3's smallest normal value: below it, at scale 1.0, values are subnormal
+TINY = 1e-30  # guards a ratio against a head whose channels are all 0
+
+
+def absmax_grid(stats: KVStats, which: str) -> np.ndarray:
+    """max |x| of every (layer, KV head) over its channels: (layers, heads)."""
+    return np.stack([_tensor(stats, i, which).absmax.amax(dim=1).double().numpy() for i in sorted(stats.layers)])
+
+
+def channel_absmax(stats: KVStats, which: str) -> np.ndarray:
+    """max |x| of every (layer, KV head, channel): (layers, heads, head_dim)."""
+    return np.stack([_tensor(stats, i, which).absmax.double().numpy() for i in sorted(stats.layers)])
+
+
+def channel_ratio(stats: KVStats, which: str) -> np.ndarray:
+    """Every channel's absmax over the median channel absmax of its head: (layers, heads, head_dim).
+
+    1 is a typical channel; an outlier channel stands far above 1. A head whose channels are all 0 gives 0.
+    """
+    absmax = channel_absmax(stats, which)  # (layers, heads, head_dim)
+    median = np.median(absmax, axis=2, keepdims=True)  # (layers, heads, 1)
+    return absmax / np.maximum(median, TINY)
+
+
+def head_spread(absmax: np.ndarray) -> np.ndarray:
+    """Per layer, the largest head absmax over the smallest: (layers,); inf when a head is all 0."""
+    lo, hi = absmax.min(axis=1), absmax.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(hi == 0, 1.0, hi / lo)
+
+
+def subnormal_fraction(stats: KVStats, which: str) -> np.ndarray | None:
+    """The share of values with |x| < 2**-6 (e4m3's subnormals and zero at scale 1.0) per (layer, head):
+    (layers, heads), from the histograms; None when the statistics hold none.
+
+    2**-6 is an edge of the histogram grid (16 bins per octave from 2**-20), so the share is exact.
+    """
+    if stats.histograms is None:
+        return None
+    lower = grid.bin_edges()  # (NUM_BINS,) lower edge of every bin
+    upper = torch.cat([lower[1:], torch.tensor([math.inf], dtype=torch.float64)])  # (NUM_BINS,)
+    small = (lower >= -E4M3_MIN_NORMAL) & (upper <= E4M3_MIN_NORMAL)  # (NUM_BINS,) bins inside (-2**-6, 2**-6)
+    rows = []
+    for i in sorted(stats.layers):
+        counts = _tensor(stats, i, which).hist.to(torch.float64)  # (heads, [head_dim,] NUM_BINS)
+        if counts.dim() == 3:
+            counts = counts.sum(dim=1)  # per channel -> per head: (heads, NUM_BINS)
+        total = counts.sum(dim=-1).clamp_min(1.0)  # (heads,)
+        rows.append((counts[:, small].sum(dim=-1) / total).numpy())
+    return np.stack(rows)
+
+
+def scale_grid(scales: KVScales, which: str, heads: int) -> np.ndarray:
+    """Every (layer, KV head)'s scale: (layers, heads). Per tensor: the one scale in every head; per
+    channel: the largest channel scale of the head (what a per-head scale would have to be)."""
+    rows = []
+    for i in sorted(scales.layers):
+        s = scales.layers[i].scale(which).double()
+        if s.dim() == 2:
+            s = s.amax(dim=1)  # (heads, head_dim) -> (heads,)
+        rows.append(s.expand(heads).numpy() if s.dim() == 0 else s.numpy())
+    return np.stack(rows)
+
+
+def sqnr_grid(validation: dict, which: str, layers: int, heads: int) -> np.ndarray:
+    """Round-trip SQNR in dB per (layer, KV head) from a validate.json: (layers, heads); +inf where the
+    round trip was exact (JSON null), NaN where the report has no row."""
+    out = np.full((layers, heads), np.nan)
+    for n, row in enumerate(validation["heads"]):
+        try:
+            layer, head, tensor, sqnr = int(row["layer"]), int(row["kv_head"]), row["tensor"], row["sqnr_db"]
+            if not (0 <= layer < layers and 0 <= head < heads) or tensor not in ("k", "v"):
+                raise ValueError(f"layer {layer} head {head} {tensor!r} is outside the model")
+            value = math.inf if sqnr is None else float(sqnr)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"validation report: heads[{n}] is not a (layer, kv_head, tensor, sqnr_db) row ({exc})",
+                             hint="pass the validate.json written by `kvq validate`") from exc
+        if tensor == which:
+            out[layer, head] = value
+    return out
+
+
+def layer_sqnr(validation: dict, which: str, layers: int) -> np.ndarray:
+    """Per-layer round-trip SQNR in dB from a validate.json's ``layers``: (layers,); +inf where exact."""
+    out = np.full(layers, np.nan)
+    for n, row in enumerate(validation["layers"]):
+        try:
+            layer, sqnr = int(row["layer"]), row[which]["sqnr_db"]
+            out[layer] = math.inf if sqnr is None else float(sqnr)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise UsageError(f"validation report: layers[{n}] is not a per-layer total ({exc})",
+                             hint="pass the validate.json written by `kvq validate`") from exc
+    return out
+
+
+def eval_rows(evaluation: dict) -> list[dict]:
+    """The quantized rows of an eval.json (the baseline left out), each checked for what the figures read."""
+    rows = []
+    for n, row in enumerate(evaluation["rows"]):
+        try:
+            if row["kind"] == "baseline":
+                continue
+            entry = {"name": str(row["name"]), "delta_pct": float(row["delta_pct"]),
+                     "stderr": None if row.get("delta_pct_stderr") is None else float(row["delta_pct_stderr"]),
+                     "memory_saved": float(row.get("memory_saved") or 0.0), "per_layer": {}}
+            attention = row.get("attention_error")
+            if attention is not None:
+                entry["per_layer"] = {int(k): float(v) for k, v in attention["per_layer"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(f"eval report: rows[{n}] is not a row of `kvq eval --json` ({exc})",
+                             hint="pass the JSON written by `kvq eval --json FILE`") from exc
+        rows.append(entry)
+    return rows
+
+
+def _tensor(stats: KVStats, layer: int, which: str):
+    return stats.layers[layer].k if which == "k" else stats.layers[layer].v
+
+
+@dataclass
+class Grids:
+    """Every grid one report shows, computed once; a figure and a warning read the same arrays.
+
+    Dictionaries are keyed by "k" / "v"; a member is None when its input is absent.
+    """
+
+    absmax: dict[str, np.ndarray]  # (layers, heads)
+    ratio: dict[str, np.ndarray]  # (layers, heads, head_dim)
+    subnormal: dict[str, np.ndarray] | None  # (layers, heads)
+    scales: dict[str, np.ndarray] | None  # (layers, heads)
+    raw_scales: KVScales | None
+    sqnr: dict[str, np.ndarray] | None  # (layers, heads)
+    layer_sqnr: dict[str, np.ndarray] | None  # (layers,)
+    eval_rows: list[dict] | None
+
+    @property
+    def num_layers(self) -> int:
+        return self.absmax["k"].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.absmax["k"].shape[1]
+
+
+def compute_grids(inputs: ReportInputs) -> Grids:
+    stats, kv = inputs.stats, ("k", "v")
+    layers, heads = inputs.num_layers, inputs.num_heads
+    sub = {w: subnormal_fraction(stats, w) for w in kv}
+    val = inputs.validation
+    return Grids(
+        absmax={w: absmax_grid(stats, w) for w in kv},
+        ratio={w: channel_ratio(stats, w) for w in kv},
+        subnormal=None if sub["k"] is None else sub,
+        scales=None if inputs.scales is None else {w: scale_grid(inputs.scales, w, heads) for w in kv},
+        raw_scales=inputs.scales,
+        sqnr=None if val is None else {w: sqnr_grid(val, w, layers, heads) for w in kv},
+        layer_sqnr=None if val is None else {w: layer_sqnr(val, w, layers) for w in kv},
+        eval_rows=None if inputs.evaluation is None else eval_rows(inputs.evaluation),
+    )

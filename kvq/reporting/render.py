@@ -1,0 +1,121 @@
+"""report.md and report.html: the run's metadata, the recommendation, the warnings and the figures.
+
+report.md links the PNGs beside it; report.html is one self-contained file (inline style, every
+image a base64 ``data:`` URI, no external ``src``), so it can be mailed or attached as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+from kvq import __version__
+from kvq.evaluation.quant_cache import describe_spec
+from kvq.reporting.findings import Assessment
+from kvq.reporting.inputs import ReportInputs
+
+STATS_KEYS = ("model", "config_hash", "dataset", "dataset_origin", "samples", "seqlen", "seed", "tokens", "dtype",
+              "kvq_version")
+
+
+def metadata_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
+    """(name, value) rows: the calibration metadata, the model shape, the recipe, the reports read."""
+    meta = inputs.stats.metadata
+    rows = [(key, meta[key]) for key in STATS_KEYS if meta.get(key)]
+    rows.append(("shape", f"{inputs.num_layers} layers x {inputs.num_heads} KV heads x head_dim {inputs.head_dim}"))
+    rows.append(("histograms", inputs.stats.histograms or "none (calibrate with --histograms head for the subnormal "
+                 "share)"))
+    if inputs.scales is not None:
+        r = inputs.scales.recipe
+        text = f"{r.name}: K {describe_spec(r.key)} ({r.key.observer}), V {describe_spec(r.value)} ({r.value.observer})"
+        if r.transforms:
+            text += ", transforms " + ", ".join(t.name for t in r.transforms)
+        rows.append(("recipe", text))
+    else:
+        rows.append(("recipe", "no scales.safetensors in the folder"))
+    if inputs.validation is not None:
+        data = inputs.validation.get("data", {})
+        rows.append(("validation", f"{inputs.validation_path}: {data.get('dataset', '?')}, {data.get('samples', '?')} "
+                     f"samples, {data.get('tokens', '?')} tokens, recipe {inputs.validation['recipe'].get('name', '?')}"))
+    if inputs.evaluation is not None:
+        data = inputs.evaluation.get("data", {})
+        rows.append(("eval", f"{inputs.evaluation_path}: {data.get('dataset', '?')}, {data.get('windows', '?')} windows "
+                     f"x {data.get('seqlen', '?')} tokens"))
+    rows.append(("report by", f"kvq {__version__}"))
+    return rows
+
+
+def source_warnings(inputs: ReportInputs) -> list[str]:
+    """The warnings the validate / eval reports carry themselves, and a model mismatch between the files."""
+    out = []
+    ours = inputs.stats.metadata.get("config_hash")
+    for name, report in (("validate.json", inputs.validation), ("eval.json", inputs.evaluation)):
+        if report is None:
+            continue
+        out += [f"{name}: {w}" for w in report.get("warnings", []) if isinstance(w, str)]
+        theirs = report["model"].get("config_hash")
+        if ours and theirs and ours != theirs:
+            out.append(f"{name} was measured on a model with config hash {theirs}; the statistics' is {ours}")
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(inputs: ReportInputs, assessment: Assessment, figures: list[dict], notes: list[str]) -> str:
+    lines = [f"# kvq report: {inputs.stats.metadata.get('model', inputs.out_dir.name)}", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in metadata_rows(inputs)]
+    lines += ["", "## Recommended recipe", "", f"**{assessment.recipe}**", ""]
+    lines += [f"- {reason}" for reason in assessment.reasons]
+    lines += ["", "## Warnings", ""]
+    found = [f"- **{f.kind}** ({f.figure}): {f.text}" for f in assessment.findings]
+    lines += found or ["- none: no outlier channels, even heads, no fp8 saturation or subnormal layers, no scale at "
+                       "the floor, no dominant layer (docs/report.md gives the thresholds)."]
+    lines += [f"- **note**: {n}" for n in notes]
+    lines += ["", "## Figures", ""]
+    for fig in figures:
+        lines += [f"### {fig['title']}", "", f"![{fig['title']}]({fig['file']})", "", fig["caption"], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1060px;margin:2em auto;padding:0 1em;color:#222}"
+          "table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}"
+          "td:first-child{font-weight:600}img{max-width:100%;border:1px solid #eee}"
+          "li{margin:.4em 0}.kind{font-family:monospace;background:#fff3cd;padding:0 4px}")
+
+
+def page(inputs: ReportInputs, assessment: Assessment, figures: list[dict], notes: list[str],
+         images: dict[str, bytes]) -> str:
+    """report.html: the same content as report.md, every image embedded."""
+    e = html.escape
+    title = f"kvq report: {inputs.stats.metadata.get('model', inputs.out_dir.name)}"
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+             f"<style>{_STYLE}</style></head><body><h1>{e(title)}</h1><table>"]
+    parts += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in metadata_rows(inputs)]
+    parts.append(f"</table><h2>Recommended recipe</h2><p><strong>{e(assessment.recipe)}</strong></p><ul>")
+    parts += [f"<li>{e(r)}</li>" for r in assessment.reasons]
+    parts.append("</ul><h2>Warnings</h2><ul>")
+    parts += [f"<li><span class=\"kind\">{e(f.kind)}</span> ({e(f.figure)}): {e(f.text)}</li>"
+              for f in assessment.findings]
+    if not assessment.findings:
+        parts.append("<li>none (docs/report.md gives the thresholds)</li>")
+    parts += [f"<li><span class=\"kind\">note</span> {e(n)}</li>" for n in notes]
+    parts.append("</ul><h2>Figures</h2>")
+    for fig in figures:
+        data = base64.b64encode(images[fig["file"]]).decode("ascii")
+        parts.append(f"<h3>{e(fig['title'])}</h3><img alt=\"{e(fig['title'])}\" src=\"data:image/png;base64,{data}\">"
+                     f"<p>{e(fig['caption'])}</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def figures_json(figures: list[dict], assessment: Assessment) -> bytes:
+    """figures.json: every figure's axes, ticks and data, and the findings, for scripts and tests."""
+    findings = [{"kind": f.kind, "tensor": f.tensor, "figure": f.figure, "layers": list(f.layers), "text": f.text}
+                for f in assessment.findings]
+    doc = {"kvq_version": __version__, "report": "report", "figures": figures, "findings": findings,
+           "recipe": assessment.recipe, "reasons": assessment.reasons}
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
