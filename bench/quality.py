@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from kvq.calibration import collect_stats  # noqa: E402
 from kvq.cli.console import progress_bar  # noqa: E402
+from kvq.cli.eval_printer import print_eval, report_console  # noqa: E402
 from kvq.data import batches, load_documents, select_samples  # noqa: E402
 from kvq.evaluation import (  # noqa: E402
     DYNAMIC_RECIPES,
@@ -46,8 +47,8 @@ from kvq.evaluation import (  # noqa: E402
     eval_windows,
     measure,
 )
-from kvq.evaluation.eval_report import eval_json, print_eval, report_console, write_json  # noqa: E402
 from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
+from kvq.evaluation.results_json import eval_json, write_json  # noqa: E402
 from kvq.model.loading import load_model  # noqa: E402
 from kvq.recipe.schema import builtin_recipe_names, load_recipe, parse_recipe  # noqa: E402
 from kvq.solving.solver import solve_scales  # noqa: E402

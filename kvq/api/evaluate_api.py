@@ -49,7 +49,7 @@ def validate(
         counts); ``heads()`` one :class:`~kvq.evaluate.HeadError` per (layer, KV head, K|V), worst (lowest
         SQNR in dB) first; ``overall("k")`` / ``layer_totals("v")`` pooled SQNR (dB), MSE, max |error| and
         clip rate (share of values, 0..1); ``warnings`` (e.g. validating on the calibration data).
-        ``kvq.evaluation.eval_report.validation_json(result)`` is the JSON report the CLI writes.
+        ``kvq.evaluation.results_json.validation_json(result)`` is the JSON report the CLI writes.
     """
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
     name, loaded = resolve(model, tokenizer, loading)
@@ -97,7 +97,7 @@ def evaluate(
         ``attention_error`` per layer as relative L2 error of the attention output), ``measurement.
         delta_stderr(entry)`` (paired standard error of the per-token NLL change, nats), ``windows.input_ids``
         (long tensor of shape (windows, seqlen)), ``info``, ``warnings``.
-        ``kvq.evaluation.eval_report.eval_json(result)`` is the JSON table the CLI writes.
+        ``kvq.evaluation.results_json.eval_json(result)`` is the JSON table the CLI writes.
     """
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
     name, loaded = resolve(model, tokenizer, loading)

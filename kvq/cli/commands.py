@@ -101,9 +101,9 @@ def calibrate_command(
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
         if report:
-            from kvq.reporting import write_report
+            from kvq import api
 
-            write_report(Path(out))
+            api.report(Path(out))
     return 0
 
 
@@ -156,7 +156,8 @@ def validate_command(
     from kvq.api import validate
     from kvq.artifacts.scales import scales_path
     from kvq.cli.console import ProgressBar
-    from kvq.evaluation.eval_report import print_validation, report_console, validation_json, write_json
+    from kvq.cli.eval_printer import print_validation, report_console
+    from kvq.evaluation.results_json import validation_json, write_json
     from kvq.io.out_policy import check_report_target
 
     report = Path(json) if json else scales_path(scales).parent / "validate.json"
@@ -213,7 +214,8 @@ def eval_command(
     flags.check_device()
     from kvq.api import evaluate
     from kvq.cli.console import ProgressBar
-    from kvq.evaluation.eval_report import eval_json, print_eval, report_console, write_json
+    from kvq.cli.eval_printer import print_eval, report_console
+    from kvq.evaluation.results_json import eval_json, write_json
     from kvq.io.out_policy import check_report_target
 
     if report and not json:
@@ -232,11 +234,11 @@ def eval_command(
     if json:
         console.print(f"table: {write_json(json, eval_json(result))}")
     if report:
+        from kvq import api
         from kvq.artifacts.scales import scales_path
-        from kvq.reporting import write_report
 
         for artifact in paths_arg(scales) or []:
-            console.print(f"report: {write_report(scales_path(artifact).parent, eval_json=json)[0].parent}")
+            console.print(f"report: {api.report(scales_path(artifact).parent, eval_json=json)[0].parent}")
     return 0
 
 
@@ -320,11 +322,13 @@ def inspect_command(
     """Read the KV-cache scales of PATH without loading model weights and report the declared scheme,
     the scale tensors per layer, their defects and which engines apply them. Exit 0 when clean,
     1 when a defect is found. docs/inspect.md."""
-    from kvq.evaluation.eval_report import report_console, write_json
-    from kvq.inspection import inspect_path
-    from kvq.inspection.inspect_report import inspection_json, print_inspection
+    from kvq.api import inspect
+    from kvq.cli.eval_printer import report_console
+    from kvq.cli.inspect_printer import print_inspection
+    from kvq.evaluation.results_json import write_json
+    from kvq.inspection.inspect_json import inspection_json
 
-    result = inspect_path(path, tp=tp, model=model, stats=stats)
+    result = inspect(path, tp=tp, model=model, stats=stats)
     console = report_console()
     print_inspection(result, console)
     if json:

@@ -40,19 +40,14 @@ def plan_command(
     artifact and print the engine flags that apply it (vLLM: --kv-cache-dtype-skip-layers).
     `kvq eval --plan ARTIFACT` evaluates the plan. docs/plan.md."""
     flags.check_device()
-    from kvq.cli.console import progress_bar
-    from kvq.evaluation.eval_report import print_plan, report_console
-    from kvq.evaluation.plan_run import PlanConfig, run_plan
+    from kvq.api import plan
+    from kvq.cli.console import ProgressBar
+    from kvq.cli.eval_printer import print_plan, report_console
 
-    cfg = PlanConfig(model=flags.model, scales=str(scales), dataset=dataset, data_files=flags.data_files,
-                     samples=samples, seqlen=seqlen, batch_size=batch_size, by=by, skip=skip,
-                     bytes_per_token=bytes_per_token, force=force, device=flags.device, dtype=flags.dtype,
-                     trust_remote_code=flags.trust_remote_code, **flags.placement())
     with ExitStack() as stack:
-
-        def on_start(windows: int):
-            return stack.enter_context(progress_bar(f"measuring ({by})", windows, "windows"))
-
-        result = run_plan(cfg, on_start)
+        result = plan(scales, flags.model, dataset=dataset, data_files=flags.data_files, skip=skip,
+                      bytes_per_token=bytes_per_token, by=by, samples=samples, seqlen=seqlen, batch_size=batch_size,
+                      force=force, device=flags.device, dtype=flags.dtype, trust_remote_code=flags.trust_remote_code,
+                      **flags.placement(), progress=ProgressBar(stack, f"measuring ({by})", "windows"))
     print_plan(result, report_console())
     return 0

@@ -37,9 +37,9 @@ def report_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from kvq.reporting import write_report
+    from kvq.api import report
 
-    written = write_report(out_dir, validation, eval_json, out=out, force=force)
+    written = report(out_dir, validation=validation, eval_json=eval_json, out=out, force=force)
     html = next(p for p in written if p.name == "report.html")
     Console().print(f"report: {escape(str(html))} ({len(written)} files in {escape(str(html.parent))})",
                     soft_wrap=True)

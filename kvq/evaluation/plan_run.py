@@ -3,7 +3,7 @@ keep unquantized for a budget, and write ``plan.json`` into the artifact (see :m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from kvq.evaluation.perplexity import EvalWindows, kv_shape_of, prepare
 from kvq.evaluation.quant_cache import IdentityQuantizer, PartialQuantizer, StaticQuantizer
 from kvq.evaluation.sensitivity import SENSITIVITY_MEASURES, LayerSensitivity, measure_sensitivity
 from kvq.model.loading import ModelInfo, ModelSpec
+from kvq.progress import Progress, counter
 
 
 @dataclass
@@ -105,8 +106,8 @@ def _check_budget(cfg: PlanConfig, num_layers: int) -> dict:
     return {"bytes_per_token": cfg.bytes_per_token}
 
 
-def run_plan(cfg: PlanConfig, on_start: Callable[[int], Callable[[int], None]] | None = None) -> PlanResult:
-    """Plan ``cfg`` (see the module docstring). ``on_start(windows)`` returns a per-batch callback."""
+def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
+    """Plan ``cfg`` (see the module docstring); ``progress(done, total)`` in windows (:mod:`kvq.progress`)."""
     cfg.check()  # before any data or model is loaded
     scales_file = scales_path(cfg.scales)
     quantizer = StaticQuantizer(KVScales.load(scales_file), source=str(cfg.scales))
@@ -123,7 +124,7 @@ def run_plan(cfg: PlanConfig, on_start: Callable[[int], Callable[[int], None]] |
     every = tuple(range(info.num_layers))
     if cfg.bytes_per_token is not None:  # before the measuring: the recipe and dtype are known now
         check_bytes_budget(cfg.bytes_per_token, bytes_of(()), bytes_of(every))
-    callback = on_start(ready.windows.num_windows) if on_start is not None else None
+    callback = counter(progress, ready.windows.num_windows)
     sens = measure_sensitivity(ready.loaded.model, ready.windows, quantizer, info.num_layers, cfg.by,
                                cfg.batch_size, callback)
     if cfg.skip is not None:

@@ -1,25 +1,18 @@
-"""The `kvq inspect` report: a compact rich table on the console, and the same as JSON."""
+"""What `kvq inspect` shows on the console: a compact rich table of the scales, their defects and the engines."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections import defaultdict
-from dataclasses import asdict
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kvq.inspection.found import ROLE_NAME, ScaleEntry
+from kvq.inspection.inspect_json import ROLES
 from kvq.inspection.inspect_path import Inspection
-
-_ROLES = ("k", "v", "kv", "q")
-
-
-def _number(x: float) -> float | str:
-    """A float for JSON: NaN and inf as strings (JSON has no such numbers)."""
-    return x if math.isfinite(x) else str(x)
 
 
 def _summary(entry: ScaleEntry) -> str:
@@ -44,27 +37,6 @@ def _pattern(name: str) -> str:
     return name
 
 
-def inspection_json(result: Inspection) -> dict:
-    f = result.found
-    return {
-        "path": str(f.path),
-        "kind": f.kind,
-        "scheme": None if f.scheme is None else asdict(f.scheme),
-        "shape": asdict(result.shape),
-        "ranks": f.ranks,
-        "granularity": result.granularity,
-        "tensors": [{"layer": e.layer, "role": e.role, "name": e.name, "file": e.file, "rank": e.rank,
-                     "shape": list(e.shape), "values": [_number(float(x)) for x in e.values.flatten().tolist()],
-                     "offset": None if e.offset is None else [_number(float(x)) for x in e.offset.flatten().tolist()]}
-                    for e in sorted(f.entries, key=lambda e: (e.layer, e.rank or 0, _ROLES.index(e.role)))],
-        "defects": [asdict(d) for d in result.defects],
-        "clipping": [{**asdict(c), "worst": _number(c.worst)} for c in result.clipping],
-        "engines": [asdict(row) for row in result.engines],
-        "notes": list(f.notes),
-        "clean": result.clean,
-    }
-
-
 def _header(result: Inspection, console: Console) -> None:
     f, s = result.found, result.shape
     console.print(f"[bold]{escape(str(f.path))}[/]: {f.kind}")
@@ -79,14 +51,14 @@ def _header(result: Inspection, console: Console) -> None:
     shapes: dict[tuple[str, str, str], set] = defaultdict(set)
     for e in f.entries:
         shapes[(e.role, _pattern(e.name), _pattern(e.file))].add(e.shape)
-    for (role, pattern, file), seen in sorted(shapes.items(), key=lambda x: _ROLES.index(x[0][0])):
+    for (role, pattern, file), seen in sorted(shapes.items(), key=lambda x: ROLES.index(x[0][0])):
         console.print(f"  {ROLE_NAME[role]}: {escape(pattern)} shape {', '.join(map(str, sorted(seen)))} "
                       f"in {escape(file)}")
 
 
 def _table(result: Inspection) -> Table:
     f = result.found
-    roles = [r for r in _ROLES if any(e.role == r for e in f.entries)]
+    roles = [r for r in ROLES if any(e.role == r for e in f.entries)]
     bad = {(d.layer, d.tensor) for d in result.defects}
     per_rank = any(e.rank is not None for e in f.entries)
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
