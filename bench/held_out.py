@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvq.data import Document, Samples, load_documents, select_samples
-from kvq.model.loading import LoadedModel, load_model
+from kvq.model.loading import load_model
+from kvq.model.model_spec import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

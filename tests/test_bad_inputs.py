@@ -43,10 +43,12 @@ def _no_debug(monkeypatch, tmp_path):
 def good_artifact(tiny_llama, tmp_path_factory) -> Path:
     """A good int8 asymmetric per-head artifact of the tiny model, made by the library (not the CLI under test)."""
     from kvq.calibration import CalibrationConfig, run_calibration
+    from kvq.data.data_spec import DataSpec
+    from kvq.model.model_spec import ModelSpec
     from kvq.recipe.schema import load_recipe
 
     out = tmp_path_factory.mktemp("good") / "artifact"
-    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=16, device="cpu")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), samples=2, seqlen=16)
     run_calibration(cfg, load_recipe("int8-asym-per-head"), out)
     return out
 

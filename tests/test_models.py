@@ -10,7 +10,9 @@ from bad_input import assert_contract, run_in_process, snapshot
 from safetensors import safe_open
 
 from kvq.calibration import CalibrationConfig, run_calibration
+from kvq.data.data_spec import DataSpec
 from kvq.model.loading import load_model, parse_max_memory
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import load_recipe
 
 
@@ -22,16 +24,16 @@ def _tensors(path):
 @pytest.mark.slow
 def test_offloaded_layers_give_bit_identical_statistics(tmp_path):
     """SmolLM2 (540 MB in float32) with 300 MB of CPU memory: some layers in memory, the rest on disk."""
-    common = dict(model=None, dataset="pydoc", samples=3, seqlen=48, batch_size=2, device="cpu")
+    common = dict(data=DataSpec("pydoc"), samples=3, seqlen=48, batch_size=2)
     recipe = load_recipe("int8-asym-per-head")
-    plain = run_calibration(CalibrationConfig(**common), recipe, tmp_path / "plain")
+    plain = run_calibration(CalibrationConfig(ModelSpec(None, device="cpu"), **common), recipe, tmp_path / "plain")
     offload = tmp_path / "offload"
     placed = load_model(None, device_map="auto", max_memory="cpu=300MB", offload_folder=str(offload))
     placement = set(placed.model.hf_device_map.values())
     assert placement == {"cpu", "disk"}, placement  # some modules in memory, some on disk
     del placed
-    mapped = run_calibration(CalibrationConfig(**common, device_map="auto", max_memory="cpu=300MB",
-                                         offload_folder=str(offload)), recipe, tmp_path / "mapped")
+    mapped = run_calibration(CalibrationConfig(ModelSpec(None, device="cpu", device_map="auto", max_memory="cpu=300MB",
+                                                   offload_folder=str(offload)), **common), recipe, tmp_path / "mapped")
     a, b = _tensors(tmp_path / "plain" / "stats.safetensors"), _tensors(tmp_path / "mapped" / "stats.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert mapped.stats.total_tokens == plain.stats.total_tokens

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 from kvq.api.arguments import check_choice, check_positive, path_list, recipe_arg
 from kvq.api.model_arg import Loading, ModelArg, eval_mode, read_paths, resolve
 from kvq.calibration.pipeline import CalibrationConfig, CalibrationResult, run_calibration
+from kvq.data.data_spec import DataSpec
+from kvq.model.model_spec import ModelSpec
 from kvq.progress import Progress
 
 if TYPE_CHECKING:
@@ -79,9 +81,9 @@ def calibrate(
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size, save_every=save_every)
     check_choice("histograms", histograms, ("head", "channel"))
     name, loaded = resolve(model, tokenizer, loading)
-    cfg = CalibrationConfig(model=name, dataset=dataset, data_files=path_list(data_files) or None, samples=samples,
+    cfg = CalibrationConfig(model=ModelSpec(name, **loading), data=DataSpec(dataset, path_list(data_files) or None), samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, save_every=save_every, resume=resume,
-                            histograms=histograms, **loading)
+                            histograms=histograms)
     with eval_mode(loaded):
         return run_calibration(cfg, recipe_, None if out is None else Path(out), progress, force=force,
                                inputs=[*recipe_files, *read_paths(loaded)], loaded=loaded)

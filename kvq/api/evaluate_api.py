@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 from kvq.api.arguments import check_positive, path_list
 from kvq.api.model_arg import Loading, ModelArg, eval_mode, resolve
+from kvq.data.data_spec import DataSpec
 from kvq.evaluation.perplexity import EvalConfig, EvalResult, run_eval
 from kvq.evaluation.round_trip import ValidateConfig, ValidationResult, run_validation
+from kvq.model.model_spec import ModelSpec
 from kvq.progress import Progress
 
 if TYPE_CHECKING:
@@ -53,8 +55,8 @@ def validate(
     """
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
     name, loaded = resolve(model, tokenizer, loading)
-    cfg = ValidateConfig(scales=str(scales), model=name, dataset=dataset, data_files=path_list(data_files) or None,
-                         samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed, **loading)
+    cfg = ValidateConfig(scales=str(scales), model=ModelSpec(name, **loading), data=DataSpec(dataset, path_list(data_files) or None),
+                         samples=samples, seqlen=seqlen, batch_size=batch_size, seed=seed)
     with eval_mode(loaded):
         return run_validation(cfg, progress, loaded)
 
@@ -102,8 +104,8 @@ def evaluate(
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
     name, loaded = resolve(model, tokenizer, loading)
     names = [recipes] if isinstance(recipes, str) else list(recipes or [])
-    cfg = EvalConfig(model=name, dataset=dataset, data_files=path_list(data_files) or None, scales=path_list(scales),
+    cfg = EvalConfig(model=ModelSpec(name, **loading), data=DataSpec(dataset, path_list(data_files) or None), scales=path_list(scales),
                      recipes=names, plans=path_list(plans), samples=samples, seqlen=seqlen, batch_size=batch_size,
-                     attention_error=attention_error, fp8_fallback=fp8_fallback, **loading)
+                     attention_error=attention_error, fp8_fallback=fp8_fallback)
     with eval_mode(loaded):
         return run_eval(cfg, progress, loaded)

@@ -16,7 +16,8 @@ from typing import TypedDict
 import torch
 
 from kvq.errors import UsageError, first_line
-from kvq.model.loading import LoadedModel, model_info
+from kvq.model.loading import model_info
+from kvq.model.model_spec import LoadedModel
 
 ModelArg = str | Path | torch.nn.Module | LoadedModel | None  # None: the default model (SmolLM2-135M-Instruct)
 

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Literal
 
 from kvq.api.arguments import check_choice, check_positive, path_list
 from kvq.api.model_arg import Loading, model_name
+from kvq.data.data_spec import DataSpec
 from kvq.evaluation.plan_run import PlanConfig, PlanResult, run_plan
 from kvq.evaluation.sensitivity import SENSITIVITY_MEASURES
+from kvq.model.model_spec import ModelSpec
 from kvq.progress import Progress
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def plan(
     """
     check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
     check_choice("by", by, SENSITIVITY_MEASURES)
-    cfg = PlanConfig(model=model_name(model, None), scales=str(scales), dataset=dataset,
-                     data_files=path_list(data_files) or None, samples=samples, seqlen=seqlen, batch_size=batch_size,
-                     by=by, skip=skip, bytes_per_token=bytes_per_token, force=force, **loading)
+    cfg = PlanConfig(model=ModelSpec(model_name(model, None), **loading), scales=str(scales),
+                     data=DataSpec(dataset, path_list(data_files) or None), samples=samples, seqlen=seqlen, batch_size=batch_size,
+                     by=by, skip=skip, bytes_per_token=bytes_per_token, force=force)
     return run_plan(cfg, progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +28,11 @@ from kvq.calibration.distributed import World, agree, rank_max_memory, reduce_st
 from kvq.calibration.resume import PartialSaver, fingerprint, resume_from
 from kvq.capture import capture_batches, input_device
 from kvq.data import Batch, batches, load_documents, select_samples
+from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.io.out_policy import check_reads
-from kvq.model.loading import LoadedModel, ModelInfo, ModelSpec, check_seqlen, parse_max_memory
+from kvq.model.loading import check_seqlen, check_spec, load_spec, parse_max_memory
+from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.solver import solve_scales
@@ -40,9 +42,9 @@ CAPTURE_POINT = "transformers Cache.update: keys after RoPE, values as given, pe
 
 
 @dataclass
-class CalibrationConfig(ModelSpec):
-    dataset: str = "pydoc"
-    data_files: list[str] | None = None
+class CalibrationConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
     samples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
@@ -90,16 +92,16 @@ def collect_stats(
 
 def _named_inputs(cfg: CalibrationConfig) -> list[Path]:
     """The local files or folders the run reads data from (never an --out)."""
-    named = [Path(p) for p in cfg.data_files or []]
-    if Path(cfg.dataset).exists():
-        named.append(Path(cfg.dataset))
+    named = [Path(p) for p in cfg.data.data_files or []]
+    if Path(cfg.data.dataset).exists():
+        named.append(Path(cfg.data.dataset))
     return named
 
 
 def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | None, progress: Progress | None = None,
               force: bool = False, inputs: Sequence[Path] = (), loaded: LoadedModel | None = None
               ) -> CalibrationResult:
-    """Calibrate ``cfg.model`` (or the ``loaded`` model) on ``cfg.dataset`` and write stats + scales into
+    """Calibrate ``cfg.model`` (or the ``loaded`` model) on ``cfg.data`` and write stats + scales into
     ``out_dir`` (None: write nothing, not even partial statistics).
 
     ``out_dir`` follows the one --out policy (docs/artifacts.md), checked before anything loads;
@@ -107,7 +109,7 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
     (the data, the model, ``inputs`` such as the recipe file). ``progress(done, total)`` counts this
     process's samples (:mod:`kvq.progress`; under torchrun rank 0 reports its share).
     """
-    device = cfg.check()  # before any data or model is loaded
+    device = check_spec(cfg.model)  # before any data or model is loaded
     w = world(input_device(loaded.model) if loaded is not None else device)  # torchrun: join the group
     if cfg.resume and out_dir is None:
         raise UsageError("resume continues the partial statistics saved in an output folder, and none is given",
@@ -126,27 +128,27 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
     if recipe.transforms and w.size > 1:
         raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
                          "which one process must see", hint="calibrate transforms in one process (no torchrun)")
-    if recipe.transforms and cfg.device_map is not None:
+    if recipe.transforms and cfg.model.device_map is not None:
         raise UsageError(f"recipe {recipe.name} folds transforms into the weights, which needs the whole model loaded "
                          "(no --device-map)", hint="calibrate transforms without --device-map")
-    if recipe.transforms and cfg.dtype is not None:
+    if recipe.transforms and cfg.model.dtype is not None:
         raise UsageError(
             f"recipe {recipe.name} folds transforms into the model's weights, which must stay in the checkpoint's "
-            f"own dtype for the export to write them exactly: --dtype {cfg.dtype} cannot be used with transforms",
+            f"own dtype for the export to write them exactly: --dtype {cfg.model.dtype} cannot be used with transforms",
             hint="omit --dtype (the model's own dtype)",
         )
     reads = [*_named_inputs(cfg), *inputs]
     if out_dir is not None:
         out_dir = Path(out_dir)
-        model_path = Path(cfg.model) if cfg.model else None
+        model_path = Path(cfg.model.model) if cfg.model.model else None
         check_reads(out_dir, reads, [model_path] if model_path is not None and model_path.exists() else [])
         written = (*ARTIFACT_SET, TRANSFORMS_FILE) if recipe.transforms else ARTIFACT_SET
         check_artifact_out(out_dir, written, force=force, inputs=reads)
-    if w.size > 1 and cfg.device_map is not None:  # each rank spreads its copy over its own GPUs only
+    if w.size > 1 and cfg.model.device_map is not None:  # each rank spreads its copy over its own GPUs only
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        parsed = parse_max_memory(cfg.max_memory) if cfg.max_memory is not None else None
-        offload = None if cfg.offload_folder is None else str(Path(cfg.offload_folder) / f"rank{w.rank}")
-        cfg = replace(cfg, max_memory=rank_max_memory(w, gpus, parsed), offload_folder=offload)
+        parsed = parse_max_memory(cfg.model.max_memory) if cfg.model.max_memory is not None else None
+        offload = None if cfg.model.offload_folder is None else str(Path(cfg.model.offload_folder) / f"rank{w.rank}")
+        cfg = replace(cfg, model=replace(cfg.model, max_memory=rank_max_memory(w, gpus, parsed), offload_folder=offload))
     failure: Exception | None = None
     try:
         dataset, loaded, picked, stats, record, seconds = _run(cfg, recipe, w, progress, out_dir, loaded)
@@ -201,8 +203,8 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: Progress 
     """This rank's part: data, model (``loaded``, or loaded here), its share of the samples, their statistics
     (and transforms); saves partial statistics into ``out_dir`` as it goes (one process), and continues them
     with ``cfg.resume``."""
-    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="calibration")
-    loaded = cfg.load() if loaded is None else loaded
+    dataset = load_documents(cfg.data.dataset, cfg.data.data_files, purpose="calibration")
+    loaded = load_spec(cfg.model) if loaded is None else loaded
     check_seqlen(loaded.model.config, cfg.seqlen)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)

@@ -18,7 +18,7 @@ from kvq.evaluation.perplexity import (
     run_eval,
     window_nll,
 )
-from kvq.evaluation.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, KVShape, StaticQuantizer
+from kvq.evaluation.quant_cache import FakeQuantize, IdentityQuantizer, KVQuantizer, StaticQuantizer
 from kvq.evaluation.round_trip import (
     ErrorAccumulator,
     HeadError,
@@ -26,6 +26,7 @@ from kvq.evaluation.round_trip import (
     ValidationResult,
     run_validation,
 )
+from kvq.model.model_spec import KVShape
 
 __all__ = [
     "DYNAMIC_RECIPES",

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from kvq.errors import UsageError
-from kvq.evaluation.quant_cache import KVShape, Which, describe_spec
+from kvq.evaluation.quant_cache import Which, describe_spec
 from kvq.kernels import fake_quantize, qdq_dynamic_per_token_head
+from kvq.model.model_spec import KVShape
 from kvq.quant.qparams import BITS
 from kvq.recipe.schema import KVRecipe, QuantSpec, builtin_recipe_names
 

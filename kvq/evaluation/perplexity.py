@@ -33,6 +33,7 @@ from kvq.artifacts.layer_plan import check_plan_model, read_plan
 from kvq.artifacts.scales import KVScales, scales_path
 from kvq.capture import CaptureCache, Consumer, forward, input_device
 from kvq.data import Document, LoadedDataset, encode_document, load_documents
+from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.evaluation.attention_error import AttentionErrorProbe
 from kvq.evaluation.dynamic import UnitScaleQuantizer, eval_only_quantizer
@@ -41,11 +42,11 @@ from kvq.evaluation.quant_cache import (
     FakeQuantize,
     IdentityQuantizer,
     KVQuantizer,
-    KVShape,
     PartialQuantizer,
     StaticQuantizer,
 )
-from kvq.model.loading import LoadedModel, ModelInfo, ModelSpec, check_seqlen
+from kvq.model.loading import check_seqlen, check_spec, load_spec
+from kvq.model.model_spec import KVShape, LoadedModel, ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 from kvq.transforms.record import fold_recorded
 
@@ -224,17 +225,13 @@ def measure(
     )
 
 
-def kv_shape_of(info: ModelInfo) -> KVShape:
-    return KVShape(info.num_layers, info.num_kv_heads, info.head_dim)
-
-
 # --- the `kvq eval` run -------------------------------------------------------------------------
 
 
 @dataclass
-class EvalConfig(ModelSpec):
-    dataset: str = "wikitext2"
-    data_files: list[str] | None = None
+class EvalConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec("wikitext2"))
     scales: list[str] = field(default_factory=list)  # artifact folders or scales.safetensors files
     recipes: list[str] = field(default_factory=list)  # eval-only recipe names (kvq.evaluation.dynamic)
     samples: int | None = None  # windows; None = every full window of the text
@@ -256,7 +253,7 @@ class EvalResult:
 
     @property
     def kv_shape(self) -> KVShape:
-        return kv_shape_of(self.info)
+        return self.info.shape
 
 
 def static_quantizers(paths: Sequence[str], fp8_fallback: bool, plans: Sequence[str] = ()) -> list[KVQuantizer]:
@@ -315,7 +312,7 @@ class Prepared:
     warnings: list[str]
 
 
-def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, seqlen: int, samples: int | None,
+def prepare(spec: ModelSpec, data: DataSpec, seqlen: int, samples: int | None,
             static: Sequence[StaticQuantizer], loaded: LoadedModel | None = None) -> Prepared:
     """Load the data and the model (unless ``loaded``), check the artifacts fit it, fold their transforms, cut
     the windows."""
@@ -324,8 +321,8 @@ def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, se
         raise UsageError(f"the scales {transformed.source} were calibrated with transforms, which the evaluation "
                          "folds into the model's weights: that would change the model object passed in",
                          hint="pass the model by its path or id, which kvq loads itself")
-    dataset = load_documents(dataset_name, data_files, purpose="evaluation")
-    loaded = spec.load() if loaded is None else loaded
+    dataset = load_documents(data.dataset, data.data_files, purpose="evaluation")
+    loaded = load_spec(spec) if loaded is None else loaded
     check_seqlen(loaded.model.config, seqlen)
     warnings: list[str] = []
     for q in static:
@@ -345,13 +342,13 @@ def prepare(spec: ModelSpec, dataset_name: str, data_files: list[str] | None, se
 def run_eval(cfg: EvalConfig, progress: Progress | None = None, loaded: LoadedModel | None = None) -> EvalResult:
     """Evaluate ``cfg`` on ``cfg.model`` (or the ``loaded`` model), see the module docstring;
     ``progress(done, total)`` counts windows (:mod:`kvq.progress`)."""
-    cfg.check()  # before any data or model is loaded
+    check_spec(cfg.model)  # before any data or model is loaded
     extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
     quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback, cfg.plans)
     names = {q.name for q in quantizers}
     quantizers += [q for q in extra if q.name not in names]
     static = [q for q in quantizers if isinstance(q, StaticQuantizer)]
-    ready = prepare(cfg, cfg.dataset, cfg.data_files, cfg.seqlen, cfg.samples, static, loaded)
+    ready = prepare(cfg.model, cfg.data, cfg.seqlen, cfg.samples, static, loaded)
     warnings = ready.warnings
     measurement = measure(ready.loaded.model, ready.windows, quantizers, cfg.batch_size, cfg.attention_error,
                           counter(progress, ready.windows.num_windows))

@@ -4,7 +4,7 @@ keep unquantized for a budget, and write ``plan.json`` into the artifact (see :m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,19 +21,21 @@ from kvq.artifacts.layer_plan import (
 )
 from kvq.artifacts.scales import KVScales, scales_path
 from kvq.data import LoadedDataset
+from kvq.data.data_spec import DataSpec
 from kvq.errors import UsageError
-from kvq.evaluation.perplexity import EvalWindows, kv_shape_of, prepare
+from kvq.evaluation.perplexity import EvalWindows, prepare
 from kvq.evaluation.quant_cache import IdentityQuantizer, PartialQuantizer, StaticQuantizer
 from kvq.evaluation.sensitivity import SENSITIVITY_MEASURES, LayerSensitivity, measure_sensitivity
-from kvq.model.loading import ModelInfo, ModelSpec
+from kvq.model.loading import check_spec
+from kvq.model.model_spec import ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 
 
 @dataclass
-class PlanConfig(ModelSpec):
+class PlanConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec("wikitext2"))
     scales: str = ""  # the artifact folder (or its scales.safetensors); plan.json goes beside the scales
-    dataset: str = "wikitext2"
-    data_files: list[str] | None = None
     samples: int | None = 8  # windows
     seqlen: int = 512
     batch_size: int = 1
@@ -108,14 +110,14 @@ def _check_budget(cfg: PlanConfig, num_layers: int) -> dict:
 
 def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     """Plan ``cfg`` (see the module docstring); ``progress(done, total)`` in windows (:mod:`kvq.progress`)."""
-    cfg.check()  # before any data or model is loaded
+    check_spec(cfg.model)  # before any data or model is loaded
     scales_file = scales_path(cfg.scales)
     quantizer = StaticQuantizer(KVScales.load(scales_file), source=str(cfg.scales))
     budget = _check_budget(cfg, quantizer.scales.num_layers)
     check_artifact_out(scales_file.parent, [PLAN_JSON], force=cfg.force, inputs=[scales_file])  # before the work
-    ready = prepare(cfg, cfg.dataset, cfg.data_files, cfg.seqlen, cfg.samples, [quantizer])
+    ready = prepare(cfg.model, cfg.data, cfg.seqlen, cfg.samples, [quantizer])
     info = ready.loaded.info
-    shape = kv_shape_of(info)
+    shape = info.shape
     dtype = next(ready.loaded.model.parameters()).dtype
 
     def bytes_of(skipped: Sequence[int]) -> float:

@@ -8,7 +8,7 @@ from kvq.artifacts.files import file_sha256
 from kvq.artifacts.scales import KVScales
 from kvq.data import LoadedDataset
 from kvq.errors import UsageError
-from kvq.model.loading import ModelInfo
+from kvq.model.model_spec import ModelInfo
 
 
 def _meta_int(metadata: dict[str, str], key: str) -> int | None:

@@ -18,7 +18,7 @@ layers unquantized (a per-layer plan, vLLM's ``--kv-cache-dtype-skip-layers``);
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal, Protocol
 
 import torch
@@ -27,24 +27,11 @@ from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import KvqError
 from kvq.kernels import fake_quantize
+from kvq.model.model_spec import KVShape
 from kvq.quant.qparams import BITS
 from kvq.recipe.schema import QuantSpec
 
 Which = Literal["k", "v"]
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """What the KV cache holds per token: layers x KV heads x head_dim, for K and for V each."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def elements_per_token(self) -> int:
-        """K and V elements one token adds to the cache."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

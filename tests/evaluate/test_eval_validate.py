@@ -11,11 +11,12 @@ import torch
 
 from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.cli import main
+from kvq.data.data_spec import DataSpec
 from kvq.errors import UsageError
 from kvq.evaluation.preflight import check_scales_match, same_data_warning
 from kvq.evaluation.round_trip import LayerError, ValidateConfig, head_errors, run_validation
 from kvq.kernels import RoundTripError
-from kvq.model.loading import ModelInfo
+from kvq.model.model_spec import KVShape, ModelInfo, ModelSpec
 from kvq.recipe.schema import load_recipe
 
 
@@ -110,9 +111,7 @@ def test_validate_report_matches_an_independent_computation(tiny_llama, tiny_art
     order); padded batches of 2 may round K/V differently in float32 (relative ~1e-7 seen)."""
     data = tmp_path / "docs.jsonl"
     texts = _documents(data)
-    result = run_validation(ValidateConfig(model=str(tiny_llama), dataset="docs", data_files=[str(data)], samples=5,
-                                     seqlen=SEQLEN, batch_size=batch_size, device="cpu",
-                                     scales=str(tiny_artifacts[artifact])))
+    result = run_validation(ValidateConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="docs", data_files=[str(data)]), samples=5, seqlen=SEQLEN, batch_size=batch_size, scales=str(tiny_artifacts[artifact])))
     cached = _model_cache(tiny_llama, texts)
     scales = KVScales.load(tiny_artifacts[artifact])
     rows = {(r.layer, r.kv_head, r.tensor): r for r in result.heads()}
@@ -143,7 +142,7 @@ def test_validate_report_matches_an_independent_computation(tiny_llama, tiny_art
 
 
 def _info(layers=3, heads=2, dim=16, config_hash="abc") -> ModelInfo:
-    return ModelInfo("m", config_hash, layers, heads, dim, "llama")
+    return ModelInfo("m", config_hash, KVShape(layers, heads, dim), "llama")
 
 
 def test_scales_must_fit_the_model():

@@ -22,9 +22,11 @@ import pytest
 from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.data import load_documents
+from kvq.data.data_spec import DataSpec
 from kvq.evaluation.perplexity import Measurement, eval_windows, measure
 from kvq.evaluation.quant_cache import StaticQuantizer
 from kvq.model.loading import load_model
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import load_recipe
 from kvq.solving.solver import solve_scales
 
@@ -49,10 +51,7 @@ def times(scales: KVScales, factor: float) -> KVScales:
 
 @pytest.fixture(scope="module")
 def measured(shared_data, tmp_path_factory) -> Measurement:
-    cfg = CalibrationConfig(
-        model=None, dataset="c4", data_files=[str(shared_data / "c4-en-train-sample.jsonl")],
-        samples=16, seqlen=256, batch_size=4, device="cpu",
-    )  # fmt: skip
+    cfg = CalibrationConfig(model=ModelSpec(model=None, device="cpu"), data=DataSpec(dataset="c4", data_files=[str(shared_data / "c4-en-train-sample.jsonl")]), samples=16, seqlen=256, batch_size=4)  # fmt: skip
     stats = run_calibration(cfg, load_recipe("int8-asym-per-head"), tmp_path_factory.mktemp("cal")).stats
     scales = {name: solve_scales(stats, load_recipe(name)) for name in
               ("int8-asym-per-head", "int4-asym-per-head")}  # fmt: skip

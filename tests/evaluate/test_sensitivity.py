@@ -21,9 +21,11 @@ from kvq.artifacts.scales import KVScales
 from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.cli import main
 from kvq.data import load_documents
+from kvq.data.data_spec import DataSpec
 from kvq.evaluation import StaticQuantizer, eval_windows
 from kvq.evaluation.sensitivity import measure_sensitivity, skip_plan_quantizer
 from kvq.model.loading import load_model
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import load_recipe
 
 SENSITIVE = 1
@@ -35,7 +37,7 @@ def _edited(source: Path, folder: Path, edit) -> Path:
         edit(model.model.layers)
     model.save_pretrained(folder / "model")
     AutoTokenizer.from_pretrained(source).save_pretrained(folder / "model")
-    cfg = CalibrationConfig(model=str(folder / "model"), dataset="pydoc", samples=4, seqlen=64, device="cpu")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(folder / "model"), device="cpu"), data=DataSpec(dataset="pydoc"), samples=4, seqlen=64)
     run_calibration(cfg, load_recipe("int4-asym-per-head"), folder / "int4")
     return folder
 

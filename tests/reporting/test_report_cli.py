@@ -23,10 +23,11 @@ def artifact(tmp_path) -> Path:
 
 def test_report_of_a_tiny_calibration(tiny_llama, tmp_path, capsys):
     from kvq.calibration import CalibrationConfig, run_calibration
+    from kvq.data.data_spec import DataSpec
+    from kvq.model.model_spec import ModelSpec
     from kvq.recipe.schema import load_recipe
 
-    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=32, device="cpu",
-                            histograms="head")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), samples=2, seqlen=32, histograms="head")
     run_calibration(cfg, load_recipe("int8-asym-per-head"), tmp_path / "cal")
     out = run_in_process(["report", str(tmp_path / "cal")], capsys)
     assert out.code == 0, out.stderr

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from kvq.calibration import CalibrationConfig, run_calibration
+from kvq.data.data_spec import DataSpec
 from kvq.errors import UsageError
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import parse_recipe
 from kvq.transforms import (
     QKAbsMax,
@@ -155,7 +157,7 @@ def test_search_needs_the_key_quantizer_and_refuses_nvfp4(tiny, calibration):
 def test_calibrate_records_searched_factors(tiny_llama, tmp_path):
     recipe = parse_recipe({"format": "int4", "symmetric": False, "granularity": "head",
                            "transforms": [{"name": "smooth-keys", "search": True}]}, "t", "searched")
-    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=32, device="cpu")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), samples=2, seqlen=32)
     result = run_calibration(cfg, recipe, tmp_path / "out")
     assert result.stats.metadata["transforms"] == '[{"alpha": 0.5, "name": "smooth-keys", "search": true}]'
     off = parse_recipe({"format": "int4", "symmetric": False, "granularity": "head",

@@ -15,9 +15,11 @@ from safetensors import safe_open
 
 from kvq.artifacts.files import TRANSFORMS_FILE
 from kvq.calibration import CalibrationConfig, run_calibration
+from kvq.data.data_spec import DataSpec
 from kvq.errors import UsageError
 from kvq.evaluation.perplexity import EvalConfig, run_eval
 from kvq.export import export_scales
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import parse_recipe
 from kvq.solving.from_stats import solve_artifact
 
@@ -30,7 +32,7 @@ def _recipe(number: str, granularity: str, transforms: list, symmetric: bool = T
 
 
 def _calibrate(model, recipe, out):
-    cfg = CalibrationConfig(model=str(model), dataset="pydoc", samples=SAMPLES, seqlen=SEQLEN, device="cpu")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(model), device="cpu"), data=DataSpec(dataset="pydoc"), samples=SAMPLES, seqlen=SEQLEN)
     return run_calibration(cfg, recipe, out)
 
 
@@ -103,8 +105,7 @@ def test_vllm_export_writes_the_transformed_weights_and_transformers_serves_them
     for i, layer in enumerate(served.model.layers):
         assert torch.equal(layer.self_attn.k_scale.detach().flatten(), scales.layers[i].k_scale.reshape(1))
     # perplexity of the served checkpoint (its own loss) next to kvq eval of the same scales on the same windows
-    result = run_eval(EvalConfig(model=str(tiny_llama), dataset="pydoc", scales=[str(calibrated["root"] / "both")],
-                                 samples=2, seqlen=SEQLEN, device="cpu", attention_error=False, fp8_fallback=False))
+    result = run_eval(EvalConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), scales=[str(calibrated["root"] / "both")], samples=2, seqlen=SEQLEN, attention_error=False, fp8_fallback=False))
     windows = result.windows.input_ids
     kvq_ppl = result.measurement.entries[0].ppl
     served_ppl = math.exp(sum(_window_loss(served, windows[r:r + 1]) for r in range(2)) / 2)
@@ -123,8 +124,7 @@ def test_scale_only_formats_refuse_transformed_scales(calibrated, tmp_path, expo
 
 def test_eval_refuses_scales_of_differently_transformed_models(calibrated, tiny_llama):
     with pytest.raises(UsageError, match="differently transformed models"):
-        run_eval(EvalConfig(model=str(tiny_llama), dataset="pydoc", samples=1, seqlen=SEQLEN, device="cpu",
-                            scales=[str(calibrated["root"] / "plain"), str(calibrated["root"] / "both")]))
+        run_eval(EvalConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), samples=1, seqlen=SEQLEN, scales=[str(calibrated["root"] / "plain"), str(calibrated["root"] / "both")]))
 
 
 def test_a_missing_or_foreign_transforms_record_is_refused(calibrated, tiny_llama, tmp_path):
@@ -144,8 +144,7 @@ def test_a_missing_or_foreign_transforms_record_is_refused(calibrated, tiny_llam
 def test_validate_folds_the_transforms_before_measuring(calibrated, tiny_llama):
     from kvq.evaluation.round_trip import ValidateConfig, run_validation
 
-    result = run_validation(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
-                                     samples=2, seqlen=SEQLEN, device="cpu"))
+    result = run_validation(ValidateConfig(model=ModelSpec(model=str(tiny_llama), device="cpu"), data=DataSpec(dataset="pydoc"), scales=str(calibrated["root"] / "both"), samples=2, seqlen=SEQLEN))
     assert sorted(result.errors) == [0, 1, 2]
     # The same samples' K/V of the transformed model: every value within the calibrated range (in-sample, fp8)
     assert all(e.k.clipped.sum() == 0 and e.v.clipped.sum() == 0 for e in result.errors.values())
@@ -180,8 +179,7 @@ def test_a_sharded_checkpoint_gets_only_its_touched_shards_rewritten(tiny_llama,
 
 
 def test_transforms_need_the_checkpoints_own_dtype(tiny_llama, tmp_path):
-    cfg = CalibrationConfig(model=str(tiny_llama), dataset="pydoc", samples=2, seqlen=SEQLEN, device="cpu",
-                            dtype="bfloat16")
+    cfg = CalibrationConfig(model=ModelSpec(model=str(tiny_llama), device="cpu", dtype="bfloat16"), data=DataSpec(dataset="pydoc"), samples=2, seqlen=SEQLEN)
     with pytest.raises(UsageError, match="--dtype bfloat16 cannot be used with transforms"):
         run_calibration(cfg, _recipe("fp8_e4m3", "tensor", ["smooth-keys"]), tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -191,5 +189,4 @@ def test_validate_in_another_dtype_names_both(calibrated, tiny_llama):
     from kvq.evaluation.round_trip import ValidateConfig, run_validation
 
     with pytest.raises(UsageError, match="in float32, but the model is loaded in bfloat16"):
-        run_validation(ValidateConfig(scales=str(calibrated["root"] / "both"), model=str(tiny_llama), dataset="pydoc",
-                                samples=1, seqlen=SEQLEN, device="cpu", dtype="bfloat16"))
+        run_validation(ValidateConfig(model=ModelSpec(model=str(tiny_llama), device="cpu", dtype="bfloat16"), data=DataSpec(dataset="pydoc"), scales=str(calibrated["root"] / "both"), samples=1, seqlen=SEQLEN))
