@@ -13,8 +13,7 @@ from kvq.artifacts.files import write_artifact
 from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats, stats_path
 from kvq.errors import UsageError
-from kvq.export import ExportResult
-from kvq.export import export_scales as export_artifact
+from kvq.export import ExportResult, export_artifact
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.from_stats import solve_artifact
 from kvq.solving.solver import solve_scales

@@ -1,7 +1,7 @@
 """Export calibrated scales into what each serving engine reads.
 
-    export_scales("kvq-out/", "vllm", out="model-fp8kv/")            # checkpoint folder
-    export_scales("kvq-out/", "sglang-json", out="scales.json", tp=2)
+    export_artifact("kvq-out/", "vllm", out="model-fp8kv/")            # checkpoint folder
+    export_artifact("kvq-out/", "sglang-json", out="scales.json", tp=2)
 
 Every export checks the artifact against the model (layers, KV heads, head_dim, model_type and the
 config hash recorded at calibration; :mod:`kvq.export.model_check`), refuses what the format cannot
@@ -51,7 +51,7 @@ def _transformed_weights(scales: KVScales, artifact_path: Path, model: str | Non
     return fold_recorded(loaded.model, scales.recipe.transforms, scales.metadata, artifact_path)
 
 
-def export_scales(
+def export_artifact(
     artifact: str | Path,
     export_format: str,
     out: str | Path,
@@ -134,4 +134,4 @@ def export_scales(
                         notes=notes, warnings=named(plan.warnings), serve=named(plan.serve))
 
 
-__all__ = ["EXPORTERS", "EXPORT_FORMATS", "REDUCTIONS", "ExportResult", "export_scales"]
+__all__ = ["EXPORTERS", "EXPORT_FORMATS", "REDUCTIONS", "ExportResult", "export_artifact"]

@@ -97,7 +97,7 @@ def _names_and_size(path: Path) -> tuple[list[str], int | None]:
         raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def attention_modules(index: WeightIndex, num_layers: int, export_format: str) -> dict[int, str]:
+def attention_module_names(index: WeightIndex, num_layers: int, export_format: str) -> dict[int, str]:
     """Layer index -> the attention module's name (``model.layers.{i}.self_attn``), from k_proj weights."""
     by_prefix: dict[str, dict[int, str]] = {}
     for name in index.weight_map:
@@ -236,7 +236,7 @@ def checkpoint_scales(
     files = req.model_files(export_format)
     index = read_weights(files)
     refuse_existing_scales(index, files.folder)
-    modules = attention_modules(index, req.shape.num_layers, export_format)
+    modules = attention_module_names(index, req.shape.num_layers, export_format)
     tensors: dict[str, torch.Tensor] = {}
     reduced: set[str] = set()
     for i in range(req.shape.num_layers):

@@ -2,7 +2,7 @@
 
 An exporter is a pure function from an :class:`ExportRequest` (the scales, the model's shape and,
 where the format needs them, the model's files) to a plan: an :class:`ExportPlan` (a folder: bytes
-to write and model files to link) or a :class:`FilePlan` (one file). :func:`kvq.export.export_scales`
+to write and model files to link) or a :class:`FilePlan` (one file). :func:`kvq.export.export_artifact`
 puts the plan on disk with kvq's one atomic writer (:mod:`kvq.io.atomic`).
 """
 

@@ -11,7 +11,7 @@ wrote ``absmax / (6 * 448)``), every block of ``BLOCK`` consecutive values along
   saturated at 6 (only a block larger than the calibrated absmax, whose block scale saturated, reaches it);
   a block whose scale rounds to 0 stores zeros;
 
-and read back as ``x_hat = q * s_b * S``. kvq's ``quantize`` returns ``q * s_b`` (exact in float32: a 2-bit
+and read back as ``x_hat = q * s_b * S``. kvq's ``quantize_blocks`` returns ``q * s_b`` (exact in float32: a 2-bit
 significand times a 4-bit one) so that ``dequantize`` is the fp8 path's ``y * scale``.
 
 Hand-written: torch has no e2m1 cast on CPU, and none with the block structure.
@@ -65,7 +65,7 @@ def _per_block(global_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return g.unsqueeze(-1)  # (..., 1) -> (..., 1, 1)
 
 
-def quantize(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+def quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """``q * s_b`` per element (float32, x's shape): the e2m1 value times its block's e4m3 scale."""
     xb = _blocks(x.to(torch.float32))  # (..., d / 16, 16)
     g = _per_block(global_scale, x)

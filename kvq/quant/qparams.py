@@ -84,7 +84,7 @@ def quantize(
     ``scale`` and ``zero_point`` must broadcast against ``x``. Computed in float32.
     """
     if fmt == "nvfp4":
-        return nvfp4.quantize(x, scale)
+        return nvfp4.quantize_blocks(x, scale)
     y = x.to(torch.float32) / scale
     if fmt in FP8_DTYPES:
         fmax = FP8_MAX[fmt]

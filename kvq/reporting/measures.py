@@ -113,7 +113,7 @@ def layer_sqnr(validation: dict, which: str, layers: int) -> np.ndarray:
     return out
 
 
-def eval_rows(evaluation: dict) -> list[dict]:
+def quantized_eval_rows(evaluation: dict) -> list[dict]:
     """The quantized rows of an eval.json (the baseline left out), each checked for what the figures read."""
     rows = []
     for n, row in enumerate(evaluation["rows"]):
@@ -175,5 +175,5 @@ def compute_grids(inputs: ReportInputs) -> Grids:
         raw_scales=inputs.scales,
         sqnr=None if val is None else {w: sqnr_grid(val, w, layers, heads) for w in kv},
         layer_sqnr=None if val is None else {w: layer_sqnr(val, w, layers) for w in kv},
-        eval_rows=None if inputs.evaluation is None else eval_rows(inputs.evaluation),
+        eval_rows=None if inputs.evaluation is None else quantized_eval_rows(inputs.evaluation),
     )

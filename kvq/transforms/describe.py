@@ -29,7 +29,7 @@ from kvq.transforms.qk_norm import norm_fold
 from kvq.transforms.rope import mixing, rope_layout, rotary_function
 
 
-def text_config(model: torch.nn.Module):
+def model_text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -80,7 +80,7 @@ def _checked_rope(layer: LayerAttention, named: dict[str, torch.nn.Module], prob
 
 def describe_attention(model: torch.nn.Module) -> list[LayerAttention]:
     """Per layer, the modules and layout kvq folds into; UsageError for anything it cannot fold exactly."""
-    config = text_config(model)
+    config = model_text_config(model)
     model_type = getattr(model.config, "model_type", type(model).__name__)
     modules = attention_modules(model)
     layers = getattr(config, "num_hidden_layers", None)

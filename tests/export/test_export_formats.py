@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.errors import UsageError
-from kvq.export import export_scales
+from kvq.export import export_artifact
 from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.quant.qparams import choose_qparams, dequantize, quantize
 
@@ -65,7 +65,7 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
 def test_sglang_json_golden(make_artifact, tmp_path, tp, golden):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "kv_cache_scales.json"
-    result = export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 2 else None,
+    result = export_artifact(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 2 else None,
                            legacy=True)
     assert json.loads(out.read_text()) == json.loads((GOLDEN / golden).read_text())
     assert any("max(K scale, V scale)" in n for n in result.notes)
@@ -75,7 +75,7 @@ def test_sglang_json_per_tensor_tp1(make_artifact, tmp_path):
     layers = per_tensor_layers({0: 0.5, 1: 0.125}, {0: 0.25, 1: 1.0})
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata(), layers)
     out = tmp_path / "scales.json"
-    result = export_scales(artifact, "sglang-json", out=out, legacy=True)
+    result = export_artifact(artifact, "sglang-json", out=out, legacy=True)
     assert json.loads(out.read_text()) == {
         "model_type": "llama",
         "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {"0": {"0": 0.5, "1": 1.0}}},
@@ -88,7 +88,7 @@ def test_sglang_json_passes_sglang_schema_rules(make_artifact, tmp_path):
     """The checks of SGLang's QuantParamSchema, restated: every rank and layer, dtype, model_type."""
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(layers=2, heads=4), per_head_layers())
     out = tmp_path / "s.json"
-    export_scales(artifact, "sglang-json", out=out, tp=4, legacy=True)
+    export_artifact(artifact, "sglang-json", out=out, tp=4, legacy=True)
     data = json.loads(out.read_text())
     assert data["kv_cache"]["dtype"] == "float8_e4m3fn"
     table = {int(r): {int(layer): s for layer, s in m.items()} for r, m in data["kv_cache"]["scaling_factor"].items()}
@@ -103,7 +103,7 @@ def test_sglang_json_passes_sglang_schema_rules(make_artifact, tmp_path):
 def test_trtllm_fp8_golden(make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "trt"
-    export_scales(artifact, "trtllm", out=out, tp=2, reduce="max")
+    export_artifact(artifact, "trtllm", out=out, tp=2, reduce="max")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
     assert json.loads((out / "config.json").read_text()) == json.loads((GOLDEN / "trtllm_fp8_tp2_config.json").read_text())
     expected = {0: {0: 0.75, 1: 1.5}, 1: {0: 2.0, 1: 3.0}}
@@ -120,7 +120,7 @@ def test_trtllm_int8_symmetric_per_tensor(make_artifact, tmp_path):
     layers = per_tensor_layers({0: 0.5, 1: 0.125}, {0: 0.25, 1: 1.0})
     artifact = make_artifact(recipe("int8", True, "tensor"), synthetic_metadata(), layers)
     out = tmp_path / "trt"
-    export_scales(artifact, "trtllm", out=out)
+    export_artifact(artifact, "trtllm", out=out)
     assert json.loads((out / "config.json").read_text())["quantization"] == {"kv_cache_quant_algo": "INT8"}
     tensors = tensors_of(out / "rank0.safetensors")
     assert [tensors[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"].item() for i in (0, 1)] == [0.5, 1.0]
@@ -149,7 +149,7 @@ def test_trtllm_merges_into_a_checkpoint(make_artifact, tmp_path):
     original = _trt_checkpoint(ckpt, tp=2)
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "merged"
-    export_scales(artifact, "trtllm", out=out, tp=2, reduce="max", trtllm_checkpoint=ckpt)
+    export_artifact(artifact, "trtllm", out=out, tp=2, reduce="max", trtllm_checkpoint=ckpt)
     config = json.loads((out / "config.json").read_text())
     before = json.loads((ckpt / "config.json").read_text())
     assert config["quantization"] == {"quant_algo": None, "kv_cache_quant_algo": "FP8"}
@@ -168,10 +168,10 @@ def test_trtllm_checkpoint_mismatch_is_refused(make_artifact, tmp_path):
     _trt_checkpoint(ckpt, tp=2)
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata(heads=2))
     with pytest.raises(UsageError, match=r"num_kv_heads 2 .* vs 4"):
-        export_scales(artifact, "trtllm", out=tmp_path / "o", tp=2, trtllm_checkpoint=ckpt)
+        export_artifact(artifact, "trtllm", out=tmp_path / "o", tp=2, trtllm_checkpoint=ckpt)
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), synthetic_metadata())
     with pytest.raises(UsageError, match="tp_size 2, but --tp is 1"):
-        export_scales(artifact, "trtllm", out=tmp_path / "o", tp=1, trtllm_checkpoint=ckpt)
+        export_artifact(artifact, "trtllm", out=tmp_path / "o", tp=1, trtllm_checkpoint=ckpt)
     assert not (tmp_path / "o").exists()
 
 
@@ -190,7 +190,7 @@ def test_lmdeploy_asymmetric_per_tensor(make_artifact, tmp_path):
     layers = per_tensor_layers({0: 0.5, 1: 0.125}, {0: 0.25, 1: 2.0}, {0: -3, 1: 0}, {0: 10, 1: -128})
     artifact = make_artifact(recipe("int8", False, "tensor"), synthetic_metadata(), layers)
     out = tmp_path / "tm"
-    export_scales(artifact, "lmdeploy", out=out, tp=2, legacy=True)
+    export_artifact(artifact, "lmdeploy", out=out, tp=2, legacy=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"layers.{i}.past_kv_scale.{r}.weight" for i in (0, 1) for r in (0, 1))
     for r in (0, 1):  # per tensor: every rank holds the same parameters
@@ -203,7 +203,7 @@ def test_lmdeploy_asymmetric_per_head_one_head_per_rank(make_artifact, tmp_path)
     v_zp = {0: [1, 2, -1, 0], 1: [0, 0, 0, 0]}
     artifact = make_artifact(recipe("int8", False, "head"), synthetic_metadata(), per_head_layers(k_zp, v_zp))
     out = tmp_path / "tm"
-    export_scales(artifact, "lmdeploy", out=out, tp=4, legacy=True)
+    export_artifact(artifact, "lmdeploy", out=out, tp=4, legacy=True)
     expected_l0 = [  # [k_scale, -k_z * k_scale, v_scale, -v_z * v_scale] of head r
         (0.5, 1.5, 0.75, -0.75), (0.25, 0.0, 0.0625, -0.125), (1.0, -127.0, 0.5, 0.5), (0.125, 16.0, 2.0, 0.0),
     ]
@@ -215,7 +215,7 @@ def test_lmdeploy_asymmetric_per_head_one_head_per_rank(make_artifact, tmp_path)
 def test_lmdeploy_symmetric_reduced(make_artifact, tmp_path):
     artifact = make_artifact(recipe("int8", True, "head"), synthetic_metadata(), per_head_layers())
     out = tmp_path / "tm"
-    result = export_scales(artifact, "lmdeploy", out=out, tp=2, reduce="max", legacy=True)
+    result = export_artifact(artifact, "lmdeploy", out=out, tp=2, reduce="max", legacy=True)
     assert _params(out / "layers.0.past_kv_scale.0.weight") == (0.5, 0.0, 0.75, 0.0)
     assert _params(out / "layers.0.past_kv_scale.1.weight") == (1.0, 0.0, 2.0, 0.0)
     assert _params(out / "layers.1.past_kv_scale.0.weight") == (1.5, 0.0, 0.5, 0.0)
@@ -249,7 +249,7 @@ def test_modelopt_golden(modelopt_fp8_model, make_artifact, tmp_path):
     meta = model_metadata(modelopt_fp8_model)
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), meta)
     out = tmp_path / "mo"
-    result = export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model), reduce="max")
+    result = export_artifact(artifact, "modelopt", out=out, model=str(modelopt_fp8_model), reduce="max")
     golden = (GOLDEN / "modelopt_hf_quant_config.json").read_text()
     assert json.loads((out / "hf_quant_config.json").read_text()) == json.loads(golden)
     # config.json is the model's own file, linked
@@ -273,7 +273,7 @@ def test_modelopt_nvfp4_and_fnuz(modelopt_fp8_model, make_artifact, tmp_path, nu
     meta = model_metadata(modelopt_fp8_model)
     artifact = make_artifact(recipe(number, True, "tensor"), meta)
     out = tmp_path / "mo"
-    result = export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
+    result = export_artifact(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
     written = json.loads((out / "hf_quant_config.json").read_text())
     assert written["quantization"]["kv_cache_quant_algo"] == algo
     if number == "nvfp4":  # ModelOpt 0.47.0's layout for an NVFP4 KV cache on an FP8 checkpoint
@@ -298,7 +298,7 @@ def test_modelopt_merges_an_existing_hf_quant_config(tiny_llama, make_artifact, 
     (model / "hf_quant_config.json").write_text(json.dumps(existing))
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(model))
     out = tmp_path / "out"
-    export_scales(artifact, "modelopt", out=out, model=str(model))
+    export_artifact(artifact, "modelopt", out=out, model=str(model))
     written = json.loads((out / "hf_quant_config.json").read_text())
     assert written == {"producer": {"name": "modelopt", "version": "0.29.0"},
                        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",

@@ -16,7 +16,7 @@ import pytest
 from export_helpers import model_metadata, recipe, synthetic_metadata
 
 from kvq.errors import UsageError
-from kvq.export import EXPORT_FORMATS, export_scales
+from kvq.export import EXPORT_FORMATS, export_artifact
 
 OK, REDUCE, NO = "ok", "needs --reduce max", "refused"
 
@@ -76,19 +76,19 @@ def test_support_matrix(tiny_llama, modelopt_fp8_model, make_artifact, tmp_path,
     kwargs = _kwargs(export_format, tiny_llama, modelopt_fp8_model)
     out = _out(tmp_path, export_format)
     if outcome == OK:
-        export_scales(artifact, export_format, out=out, **kwargs)
+        export_artifact(artifact, export_format, out=out, **kwargs)
         assert out.exists()
         return
     with pytest.raises(UsageError) as err:
-        export_scales(artifact, export_format, out=out, **kwargs)
+        export_artifact(artifact, export_format, out=out, **kwargs)
     assert not out.exists()
     if outcome == REDUCE:
         assert "--reduce max" in (err.value.hint or "")
-        export_scales(artifact, export_format, out=out, reduce="max", **kwargs)
+        export_artifact(artifact, export_format, out=out, reduce="max", **kwargs)
         assert out.exists()
     else:  # refused even with --reduce max
         with pytest.raises(UsageError):
-            export_scales(artifact, export_format, out=out, reduce="max", **kwargs)
+            export_artifact(artifact, export_format, out=out, reduce="max", **kwargs)
         assert not out.exists()
 
 
@@ -97,7 +97,7 @@ def test_mixed_k_and_v_formats_are_refused(tiny_llama, modelopt_fp8_model, make_
     artifact = make_artifact(recipe("int8", True, "tensor", v_fmt="fp8_e4m3"), model_metadata(tiny_llama))
     kwargs = _kwargs(export_format, tiny_llama, modelopt_fp8_model)
     with pytest.raises(UsageError, match="K as int8 and V as fp8_e4m3"):
-        export_scales(artifact, export_format, out=_out(tmp_path, export_format), **kwargs)
+        export_artifact(artifact, export_format, out=_out(tmp_path, export_format), **kwargs)
 
 
 def test_vllm_reduces_channel_to_head_not_tensor(tiny_llama, make_artifact, tmp_path):
@@ -105,7 +105,7 @@ def test_vllm_reduces_channel_to_head_not_tensor(tiny_llama, make_artifact, tmp_
 
     artifact = make_artifact(recipe("fp8_e4m3", True, "channel"), model_metadata(tiny_llama))
     out = tmp_path / "out"
-    export_scales(artifact, "vllm", out=out, model=str(tiny_llama), reduce="max")
+    export_artifact(artifact, "vllm", out=out, model=str(tiny_llama), reduce="max")
     scheme = json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
     assert scheme["strategy"] == "attn_head"
 
@@ -121,15 +121,15 @@ def test_tp_that_cannot_split_heads_is_refused(make_artifact, tmp_path, export_f
     number = "int8" if export_format == "lmdeploy" else "fp8_e4m3"
     artifact = make_artifact(recipe(number, True, "tensor"), synthetic_metadata(heads=heads))
     with pytest.raises(UsageError, match=message):
-        export_scales(artifact, export_format, out=_out(tmp_path, export_format), tp=tp,
+        export_artifact(artifact, export_format, out=_out(tmp_path, export_format), tp=tp,
                       legacy=export_format in LEGACY)
 
 
 def test_lmdeploy_asymmetric_heads_merged_on_a_rank_are_refused(make_artifact, tmp_path):
     artifact = make_artifact(recipe("int8", False, "head"), synthetic_metadata(heads=4))
     with pytest.raises(UsageError, match="merging asymmetric parameters is not exact"):
-        export_scales(artifact, "lmdeploy", out=tmp_path / "o", tp=2, reduce="max", legacy=True)
-    export_scales(artifact, "lmdeploy", out=tmp_path / "o", tp=4, legacy=True)  # one head per rank: exact
+        export_artifact(artifact, "lmdeploy", out=tmp_path / "o", tp=2, reduce="max", legacy=True)
+    export_artifact(artifact, "lmdeploy", out=tmp_path / "o", tp=4, legacy=True)  # one head per rank: exact
     assert len(list((tmp_path / "o").iterdir())) == 2 * 4
 
 
@@ -148,10 +148,10 @@ def test_formats_no_current_release_applies_need_legacy(tiny_llama, make_artifac
     artifact = make_artifact(recipe(number, True, "tensor"), model_metadata(tiny_llama))
     out = _out(tmp_path, export_format)
     with pytest.raises(UsageError) as err:
-        export_scales(artifact, export_format, out=out)
+        export_artifact(artifact, export_format, out=out)
     assert all(text in err.value.message for text in says), err.value.message
     assert "--legacy" in err.value.hint and not out.exists()
-    result = export_scales(artifact, export_format, out=out, legacy=True)
+    result = export_artifact(artifact, export_format, out=out, legacy=True)
     assert out.exists() and any("--legacy" in w for w in result.warnings) and result.serve
 
 
@@ -159,7 +159,7 @@ def test_modelopt_kv_only_export_is_refused(tiny_llama, make_artifact, tmp_path)
     """vLLM 0.33 / SGLang 0.5.23 do not recognise quant_algo null; TensorRT-LLM's PyTorch backend uses 1.0."""
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
     with pytest.raises(UsageError, match="not a ModelOpt checkpoint") as err:
-        export_scales(artifact, "modelopt", out=tmp_path / "o", model=str(tiny_llama))
+        export_artifact(artifact, "modelopt", out=tmp_path / "o", model=str(tiny_llama))
     assert "--format vllm" in err.value.hint and not (tmp_path / "o").exists()
 
 
@@ -174,7 +174,7 @@ def test_modelopt_export_into_a_kv_only_modelopt_config_is_refused(tiny_llama, m
     (model / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": None}}))
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
     with pytest.raises(UsageError, match="declares no quant_algo"):
-        export_scales(artifact, "modelopt", out=tmp_path / "o", model=str(model))
+        export_artifact(artifact, "modelopt", out=tmp_path / "o", model=str(model))
 
 
 @pytest.mark.parametrize("granularity,serve,warns", [
@@ -188,6 +188,6 @@ def test_vllm_export_prints_the_serve_command_that_applies_the_scales(tiny_llama
                                                                       granularity, serve, warns):
     artifact = make_artifact(recipe("fp8_e4m3", True, granularity), model_metadata(tiny_llama))
     out = tmp_path / "o"
-    result = export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    result = export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     assert all(any(text in line and str(out) in line for line in result.serve) for text in serve), result.serve
     assert all(any(text in w for w in result.warnings) for text in warns), result.warnings

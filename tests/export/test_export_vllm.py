@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
-from kvq.export import export_scales
+from kvq.export import export_artifact
 
 
 def _attention_scales(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -34,7 +34,7 @@ def _sha256(path) -> str:
 def test_transformers_loads_the_export_with_the_artifact_scales(tiny_llama, make_artifact, tmp_path, granularity):
     artifact = make_artifact(recipe("fp8_e4m3", True, granularity), model_metadata(tiny_llama))
     out = tmp_path / "fp8kv"
-    result = export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    result = export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     assert result.out == out
 
     scales = KVScales.load(artifact)
@@ -72,7 +72,7 @@ def test_transformers_loads_the_export_with_the_artifact_scales(tiny_llama, make
 def test_weights_are_linked_untouched(tiny_llama, make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "fp8kv"
-    result = export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    result = export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     source = tiny_llama / "model.safetensors"
     linked = out / "model-00001-of-00001.safetensors"
     assert os.stat(linked).st_ino == os.stat(source).st_ino  # same filesystem: hard link
@@ -98,7 +98,7 @@ def test_weights_are_linked_untouched(tiny_llama, make_artifact, tmp_path):
 def test_config_validates_with_compressed_tensors(tiny_llama, make_artifact, tmp_path, granularity, strategy):
     artifact = make_artifact(recipe("fp8_e4m3", True, granularity), model_metadata(tiny_llama))
     out = tmp_path / "fp8kv"
-    export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     config = json.loads((out / "config.json").read_text())
     qc = QuantizationConfig.model_validate(config["quantization_config"])
     assert qc.quant_method == "compressed-tensors"
@@ -136,7 +136,7 @@ def test_existing_compressed_tensors_config_is_merged(tiny_llama, make_artifact,
     (model / "config.json").write_text(json.dumps(config))
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(model))
     out = tmp_path / "out"
-    export_scales(artifact, "vllm", out=out, model=str(model))
+    export_artifact(artifact, "vllm", out=out, model=str(model))
     written = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: v for k, v in written.items() if k != "kv_cache_scheme"} == existing
     qc = QuantizationConfig.model_validate(written)
@@ -155,23 +155,23 @@ def test_other_quant_method_is_refused_not_clobbered(tiny_llama, make_artifact, 
     (model / "config.json").write_text(json.dumps(config))
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(model))
     with pytest.raises(UsageError, match="quant_method 'fp8'"):
-        export_scales(artifact, "vllm", out=tmp_path / "out", model=str(model))
+        export_artifact(artifact, "vllm", out=tmp_path / "out", model=str(model))
     assert not (tmp_path / "out").exists()
 
 
 def test_export_of_an_export_is_refused(tiny_llama, make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
     first = tmp_path / "first"
-    export_scales(artifact, "vllm", out=first, model=str(tiny_llama))
+    export_artifact(artifact, "vllm", out=first, model=str(tiny_llama))
     with pytest.raises(UsageError, match="already carries KV-cache scales"):
-        export_scales(artifact, "vllm", out=tmp_path / "second", model=str(first))
+        export_artifact(artifact, "vllm", out=tmp_path / "second", model=str(first))
 
 
 def test_fused_qkv_model_is_refused(tiny_model_factory, make_artifact, tmp_path):
     phi3 = tiny_model_factory("phi3")
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(phi3))
     with pytest.raises(UsageError, match="k_proj"):
-        export_scales(artifact, "vllm", out=tmp_path / "out", model=str(phi3))
+        export_artifact(artifact, "vllm", out=tmp_path / "out", model=str(phi3))
 
 
 def test_smollm2_end_to_end(make_artifact, tmp_path):
@@ -182,7 +182,7 @@ def test_smollm2_end_to_end(make_artifact, tmp_path):
     metadata = model_metadata(folder)
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), metadata)
     out = tmp_path / "smollm2-fp8kv"
-    export_scales(artifact, "vllm", out=out)  # --model defaults to the embedded SmolLM2
+    export_artifact(artifact, "vllm", out=out)  # --model defaults to the embedded SmolLM2
     scales = KVScales.load(artifact)
     model = AutoModelForCausalLM.from_pretrained(out)
     loaded = _attention_scales(model)
@@ -221,7 +221,7 @@ def test_query_scales_are_written_where_vllm_reads_them(tiny_llama, make_artifac
         layers[i] = LayerScales(k, k * 2, q_scale=q)
     artifact = make_artifact(rec, meta, layers)
     out = tmp_path / "q"
-    result = export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    result = export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     written = _written(out)
     for i, layer in layers.items():
         got = written[f"model.layers.{i}.self_attn.q_scale"]
@@ -241,13 +241,13 @@ def test_query_granularity_must_match_the_kv_strategy(tiny_llama, make_artifact,
               for i in range(int(meta["num_layers"]))}
     artifact = make_artifact(rec, meta, layers)
     with pytest.raises(UsageError, match="the query is solved per head but K/V per tensor"):
-        export_scales(artifact, "vllm", out=tmp_path / "x", model=str(tiny_llama))
+        export_artifact(artifact, "vllm", out=tmp_path / "x", model=str(tiny_llama))
     assert not (tmp_path / "x").exists()
 
 
 def test_fnuz_scales_export_for_rocm(tiny_llama, make_artifact, tmp_path):
     artifact = make_artifact(recipe("fp8_e4m3fnuz", True, "tensor"), model_metadata(tiny_llama))
-    result = export_scales(artifact, "vllm", out=tmp_path / "rocm", model=str(tiny_llama))
+    result = export_artifact(artifact, "vllm", out=tmp_path / "rocm", model=str(tiny_llama))
     written = _written(tmp_path / "rocm")
     scales = KVScales.load(artifact)
     assert torch.equal(written["model.layers.0.self_attn.k_scale"], scales.layers[0].k_scale.reshape(1))

@@ -12,7 +12,7 @@ from bad_input import snapshot
 from export_helpers import model_metadata, recipe
 from inspect_helpers import CT_HEADS, CT_KV_HEADS, CT_LAYERS, ct_k, ct_q, ct_v, inspect_json
 
-from kvq.export import export_scales
+from kvq.export import export_artifact
 
 
 def _values(report: dict, role: str, rank: int | None = None) -> dict[int, list[float]]:
@@ -50,7 +50,7 @@ def test_compressed_tensors_per_head_with_queries_is_clean(ct_head_checkpoint, t
 def test_kvq_vllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, granularity):
     artifact = make_artifact(recipe("fp8_e4m3", True, granularity), model_metadata(tiny_llama))
     out = tmp_path / "fp8kv"
-    export_scales(artifact, "vllm", out=out, model=str(tiny_llama))
+    export_artifact(artifact, "vllm", out=out, model=str(tiny_llama))
     code, report, _ = inspect_json([out, "--tp", "2"], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "compressed-tensors" and report["granularity"] == granularity
@@ -63,7 +63,7 @@ def test_kvq_vllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, g
 def test_kvq_modelopt_export_is_clean(modelopt_fp8_model, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(modelopt_fp8_model))
     out = tmp_path / "modelopt"
-    export_scales(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
+    export_artifact(artifact, "modelopt", out=out, model=str(modelopt_fp8_model))
     code, report, _ = inspect_json([out], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "modelopt" and report["scheme"]["number"] == "fp8_e4m3"
@@ -82,7 +82,7 @@ def test_kvq_modelopt_export_is_clean(modelopt_fp8_model, make_artifact, tmp_pat
 def test_kvq_sglang_json_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, tp):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 1 else None, legacy=True)
+    export_artifact(artifact, "sglang-json", out=out, tp=tp, reduce="max" if tp == 1 else None, legacy=True)
     code, report, _ = inspect_json([out, "--tp", tp, "--model", tiny_llama], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "sglang-json" and report["ranks"] == tp
@@ -96,7 +96,7 @@ def test_kvq_sglang_json_export_is_clean(tiny_llama, make_artifact, tmp_path, ca
 def test_kvq_trtllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys, tp):
     artifact = make_artifact(recipe("int8", True, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "trt"
-    export_scales(artifact, "trtllm", out=out, tp=tp)
+    export_artifact(artifact, "trtllm", out=out, tp=tp)
     code, report, _ = inspect_json([out, "--tp", tp, "--model", tiny_llama], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "trtllm" and report["scheme"]["number"] == "int8" and report["ranks"] == tp
@@ -106,7 +106,7 @@ def test_kvq_trtllm_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys,
 def test_kvq_lmdeploy_export_is_clean(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("int8", False, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "lmdeploy"
-    export_scales(artifact, "lmdeploy", out=out, tp=2, legacy=True)
+    export_artifact(artifact, "lmdeploy", out=out, tp=2, legacy=True)
     code, report, _ = inspect_json([out, "--tp", "2", "--model", tiny_llama], tmp_path, capsys)
     assert code == 0, report["defects"]
     assert report["kind"] == "lmdeploy" and report["ranks"] == 2

@@ -18,7 +18,7 @@ from inspect_helpers import inspect_json
 from safetensors.torch import load_file, save_file
 
 from kvq.artifacts.stats import KVStats
-from kvq.export import export_scales
+from kvq.export import export_artifact
 
 K1 = "model.layers.1.self_attn.k_scale"
 
@@ -136,7 +136,7 @@ def test_per_head_scales_cannot_split_over_tp(ct_head_checkpoint, tmp_path, caps
 def test_rank_files_for_another_tp(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=2, legacy=True)
+    export_artifact(artifact, "sglang-json", out=out, tp=2, legacy=True)
     code, report, _ = inspect_json([out, "--tp", "1"], tmp_path, capsys)
     assert code == 1
     (defect,) = _only(report, "tp")
@@ -204,7 +204,7 @@ def test_zero_in_a_kvq_artifact(tiny_llama, make_artifact, tmp_path, capsys):
 def test_sglang_json_zero_and_missing_layer(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "head"), model_metadata(tiny_llama))
     out = tmp_path / "scales.json"
-    export_scales(artifact, "sglang-json", out=out, tp=2, legacy=True)
+    export_artifact(artifact, "sglang-json", out=out, tp=2, legacy=True)
     _edit_json(out, lambda d: d["kv_cache"]["scaling_factor"]["0"].update({"1": 0.0}))
     code, report, _ = inspect_json([out], tmp_path, capsys)
     assert code == 1
@@ -221,7 +221,7 @@ def test_sglang_json_zero_and_missing_layer(tiny_llama, make_artifact, tmp_path,
 def test_trtllm_rank_missing_a_layer(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "trt"
-    export_scales(artifact, "trtllm", out=out, tp=2)
+    export_artifact(artifact, "trtllm", out=out, tp=2)
     name = "transformer.layers.0.attention.kv_cache_scaling_factor"
     _edit_tensors(out / "rank1.safetensors", lambda t: t.pop(name))
     code, report, out_text = inspect_json([out, "--model", tiny_llama], tmp_path, capsys)
@@ -233,7 +233,7 @@ def test_trtllm_rank_missing_a_layer(tiny_llama, make_artifact, tmp_path, capsys
 def test_lmdeploy_file_of_the_wrong_size(tiny_llama, make_artifact, tmp_path, capsys):
     artifact = make_artifact(recipe("int8", True, "tensor"), model_metadata(tiny_llama))
     out = tmp_path / "lmdeploy"
-    export_scales(artifact, "lmdeploy", out=out, legacy=True)
+    export_artifact(artifact, "lmdeploy", out=out, legacy=True)
     bad = out / "layers.1.past_kv_scale.0.weight"
     data = bad.read_bytes()
     bad.unlink()

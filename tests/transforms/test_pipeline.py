@@ -18,7 +18,7 @@ from kvq.calibration import CalibrationConfig, run_calibration
 from kvq.data.data_spec import DataSpec
 from kvq.errors import UsageError
 from kvq.evaluation.perplexity import EvalConfig, run_eval
-from kvq.export import export_scales
+from kvq.export import export_artifact
 from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import parse_recipe
 from kvq.solving.from_stats import solve_artifact
@@ -90,7 +90,7 @@ def test_vllm_export_writes_the_transformed_weights_and_transformers_serves_them
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "fp8kv"
-    export_scales(calibrated["root"] / "both", "vllm", out=out, model=str(tiny_llama))
+    export_artifact(calibrated["root"] / "both", "vllm", out=out, model=str(tiny_llama))
     with safe_open(str(tiny_llama / "model.safetensors"), "pt") as a, \
             safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())
@@ -118,7 +118,7 @@ def test_vllm_export_writes_the_transformed_weights_and_transformers_serves_them
 @pytest.mark.parametrize("export_format", ["trtllm", "sglang-json", "lmdeploy"])
 def test_scale_only_formats_refuse_transformed_scales(calibrated, tmp_path, export_format):
     with pytest.raises(UsageError, match="holds scales only"):
-        export_scales(calibrated["root"] / "both", export_format, out=tmp_path / "o", legacy=True)
+        export_artifact(calibrated["root"] / "both", export_format, out=tmp_path / "o", legacy=True)
     assert not (tmp_path / "o").exists()
 
 
@@ -134,10 +134,10 @@ def test_a_missing_or_foreign_transforms_record_is_refused(calibrated, tiny_llam
     shutil.copytree(calibrated["root"] / "both", copy)
     (copy / TRANSFORMS_FILE).unlink()
     with pytest.raises(UsageError, match="transforms.safetensors is missing"):
-        export_scales(copy, "vllm", out=tmp_path / "o", model=str(tiny_llama))
+        export_artifact(copy, "vllm", out=tmp_path / "o", model=str(tiny_llama))
     shutil.copy(calibrated["root"] / "smooth" / TRANSFORMS_FILE, copy / TRANSFORMS_FILE)
     with pytest.raises(UsageError, match="is not the transforms record of the scales"):
-        export_scales(copy, "vllm", out=tmp_path / "o", model=str(tiny_llama))
+        export_artifact(copy, "vllm", out=tmp_path / "o", model=str(tiny_llama))
     assert not (tmp_path / "o").exists()
 
 
@@ -165,7 +165,7 @@ def test_a_sharded_checkpoint_gets_only_its_touched_shards_rewritten(tiny_llama,
     cal = tmp_path / "cal"
     _calibrate(sharded, _recipe("fp8_e4m3", "tensor", ["smooth-keys", "rotate-values"]), cal)
     out = tmp_path / "out"
-    export_scales(cal, "vllm", out=out, model=str(sharded))
+    export_artifact(cal, "vllm", out=out, model=str(sharded))
     touched = {index[n] for n in index if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj")}
     for shard in set(index.values()):
         linked = os.stat(out / shard).st_ino == os.stat(sharded / shard).st_ino
