@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     CohereConfig,
@@ -50,6 +51,26 @@ CONFIGS = {
 }
 
 
+# Hybrid models: only some layers keep a KV cache (the others linear attention / Mamba, with a recurrent
+# state). Built from the transformers configs, shrunk; dense MLPs (mlp_only_layers, num_local_experts=0)
+# so that transformers + compressed-tensors can load their exports.
+_HYBRID = dict(COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=16)
+_LINEAR = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+HYBRID_CONFIGS = {
+    # KV cache in layers 1 and 3 (gated DeltaNet elsewhere).
+    "qwen3_next": lambda: AutoConfig.for_model(
+        "qwen3_next", **_HYBRID, **_LINEAR, mlp_only_layers=[0, 1, 2, 3],
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
+    # The text model of Qwen3.5; its default pattern: a full-attention layer every 4th (layer 3 only).
+    "qwen3_5_text": lambda: AutoConfig.for_model("qwen3_5_text", **_HYBRID, **_LINEAR),
+    # Granite 4.0-H: Mamba2 layers and attention layers (0 and 2).
+    "granitemoehybrid": lambda: AutoConfig.for_model(
+        "granitemoehybrid", **_HYBRID, num_local_experts=0, shared_intermediate_size=128, mamba_n_heads=8,
+        mamba_d_state=16, mamba_d_head=16, mamba_chunk_size=16,
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"]),
+}
+
+
 def tokenizer_dir() -> Path:
     from kvq.model.loading import resolve_model
 
@@ -59,7 +80,7 @@ def tokenizer_dir() -> Path:
 def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Save a random ``arch`` model and the SmolLM2 tokenizer into ``folder``; return it."""
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
+    config = (CONFIGS | HYBRID_CONFIGS)[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(folder)

@@ -23,6 +23,7 @@ from safetensors.torch import save
 from kvq.errors import KvqError, UsageError
 from kvq.io.atomic import remove_stale_temporaries, write_folder
 from kvq.io.out_policy import check_folder_out
+from kvq.model.model_spec import parse_layers
 
 STATS_FILE = "stats.safetensors"
 SCALES_FILE = "scales.safetensors"
@@ -200,13 +201,16 @@ def read_layers(
         raise UsageError(f"{where} holds no layers", hint=hint)
     num_layers = metadata_int(meta, "num_layers", where)
     n = max(parts) + 1 if num_layers is None else num_layers
-    missing = [i for i in range(n) if i not in parts]
+    cached = meta.get("cached_layers") if num_layers is not None else None
+    want = range(n) if cached is None else parse_layers(cached, n, where)  # a hybrid model: its KV-cache layers
+    missing = [i for i in want if i not in parts]
     if missing:
-        raise UsageError(f"{where}: layer(s) {listed(missing)} missing (layers 0..{n - 1} must all be present)",
-                         hint=hint)
-    extra = [i for i in parts if i >= n]
+        every = f"layers 0..{n - 1}" if cached is None else f"its KV-cache layers {listed(list(want))}"
+        raise UsageError(f"{where}: layer(s) {listed(missing)} missing ({every} must all be present)", hint=hint)
+    extra = sorted(i for i in parts if i >= n or i not in want)
     if extra:
-        raise UsageError(f"{where}: layer(s) {listed(extra)} beyond its num_layers {n}", hint=hint)
+        why = f"beyond its num_layers {n}" if cached is None else f"outside its KV-cache layers {listed(list(want))}"
+        raise UsageError(f"{where}: layer(s) {listed(extra)} {why}", hint=hint)
     for i in sorted(parts):
         lacking = [part for part in required if part not in parts[i]]
         if lacking:

@@ -150,16 +150,22 @@ class KVStats:
     def total_tokens(self) -> int:
         return max((layer.tokens for layer in self.layers.values()), default=0)
 
-    def check_complete(self, num_layers: int) -> None:
-        """Every layer 0..num_layers-1 observed with at least one token, all values finite."""
-        missing = [i for i in range(num_layers) if i not in self.layers or self.layers[i].tokens == 0]
+    def check_complete(self, layers: int | Sequence[int]) -> None:
+        """Every layer with a KV cache (``layers``, or 0..layers-1) observed with at least one token, no other
+        layer observed, all values finite."""
+        want = list(range(layers)) if isinstance(layers, int) else list(layers)
+        missing = [i for i in want if i not in self.layers or self.layers[i].tokens == 0]
         if missing:
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
             raise KvqError(
-                f"{len(missing)} of {num_layers} attention layers were never observed (layers {shown})",
+                f"{len(missing)} of {len(want)} attention layers were never observed (layers {shown})",
                 hint="the model must write its KV cache through transformers' Cache.update; "
-                "models with KV-sharing or non-attention layers are not supported yet",
+                "models with KV-sharing layers are not supported yet",
             )
+        extra = sorted(set(self.layers) - set(want))
+        if extra:
+            raise KvqError(f"layers {', '.join(map(str, extra[:8]))} wrote K/V, but the model's config gives them "
+                           "no KV cache (layer_types)", hint="report the model type to kvq")
         for i in sorted(self.layers):
             layer = self.layers[i]
             for name, ts in (("K", layer.k), ("V", layer.v)):
@@ -209,9 +215,11 @@ class KVStats:
         path = stats_path(path)
         parts, meta = read_layers(path, "statistics file", _KEY, _PARTS, _HINT)
         where = f"statistics file {path}"
-        tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)
+        tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)  # in ascending layer order
+        if tokens is not None:
+            tokens = dict(zip(sorted(parts), tokens, strict=True))
         stats = cls(metadata=meta)
-        shape = tuple(parts[0]["k.min"].shape)
+        shape = tuple(parts[min(parts)]["k.min"].shape)
         if "reservoir" in meta:
             stats.reservoir = Reservoir.from_file(meta.pop("reservoir"), parts, where)
             for which in ("k", "v"):

@@ -32,7 +32,7 @@ from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.io.out_policy import check_reads
 from kvq.model.loading import check_seqlen, check_spec, load_spec, parse_max_memory
-from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
+from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec, layers_text
 from kvq.progress import Progress, counter
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.solver import solve_scales
@@ -158,7 +158,7 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
     info = loaded.info
     stats = reduce_stats(stats, info.num_layers, (info.num_kv_heads, info.head_dim), w,
                          histogram_level(recipe, cfg.histograms))
-    stats.check_complete(info.num_layers)
+    stats.check_complete(info.kv_layers)
     for i, layer in stats.layers.items():
         if tuple(layer.k.min.shape) != (info.num_kv_heads, info.head_dim):
             raise KvqError(
@@ -172,6 +172,7 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
         "num_layers": str(info.num_layers),
         "num_kv_heads": str(info.num_kv_heads),
         "head_dim": str(info.head_dim),
+        "cached_layers": layers_text(info.kv_layers),
         "dataset": dataset.name,
         "dataset_origin": dataset.origin,
         "data_files": json.dumps([{"path": f, "sha256": file_sha256(f)} for f in dataset.files]),

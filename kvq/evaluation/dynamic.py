@@ -73,7 +73,7 @@ class DynamicQuantizer:
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         codes = shape.elements_per_token * BITS[self.recipe.format] / 8
         params_per_token_head = 1 if self.recipe.symmetric else 2  # scale (and zero)
-        token_heads = 2 * shape.num_layers * shape.num_kv_heads  # K and V
+        token_heads = 2 * len(shape.kv_layers) * shape.num_kv_heads  # K and V of every cached layer
         return codes + token_heads * params_per_token_head * PARAM_BYTES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvq.artifacts.files import file_sha256
+from kvq.artifacts.files import file_sha256, listed
 from kvq.artifacts.scales import KVScales
 from kvq.data import LoadedDataset
 from kvq.errors import UsageError
@@ -42,11 +42,12 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
             hint="calibrate this model (kvq calibrate --model ...) or pass the model the scales were made for",
         )
     layers = sorted(scales.layers)
-    if layers != list(range(info.num_layers)):
+    if layers != list(info.kv_layers):
+        want = (f"layers 0..{info.num_layers - 1}" if info.shape.all_layers_cached
+                else f"a KV cache in layers {listed(list(info.kv_layers))}")
         raise UsageError(
-            f"scales {source} hold layers {layers[0]}..{layers[-1]} ({len(layers)} layers), model "
-            f"{info.model_id} has layers 0..{info.num_layers - 1}",
-            hint="calibrate this model to get scales for every layer",
+            f"scales {source} hold layers {listed(layers)} ({len(layers)} layers), model {info.model_id} has {want}",
+            hint="calibrate this model to get scales for every layer with a KV cache",
         )
     fits = {(), (info.num_kv_heads,), (info.num_kv_heads, info.head_dim)}
     for i in layers:

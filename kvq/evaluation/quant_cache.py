@@ -18,7 +18,6 @@ layers unquantized (a per-layer plan, vLLM's ``--kv-cache-dtype-skip-layers``);
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import replace
 from typing import Literal, Protocol
 
 import torch
@@ -173,9 +172,8 @@ class PartialQuantizer:
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         """The quantized layers at ``inner``'s cost, the skipped ones at the model dtype's."""
-        skipped = sum(1 for i in self._skip if 0 <= i < shape.num_layers)
-        quantized = replace(shape, num_layers=shape.num_layers - skipped)
-        plain = replace(shape, num_layers=skipped)
+        quantized = shape.without_layers(self._skip)
+        plain = shape.only_layers(self._skip)
         return (self.inner.kv_bytes_per_token(quantized, model_dtype)
                 + IdentityQuantizer().kv_bytes_per_token(plain, model_dtype))
 

@@ -200,10 +200,10 @@ def run_validation(cfg: ValidateConfig, progress: Progress | None = None, loaded
     errors = collect_errors(loaded.model, scales, batches(picked.token_ids, cfg.batch_size, pad_id),
                             None if advance is None else lambda batch: advance(batch.num_samples))
     seconds = time.perf_counter() - start
-    missing = [i for i in range(loaded.info.num_layers) if i not in errors]
+    missing = [i for i in loaded.info.kv_layers if i not in errors]
     if missing:
         raise KvqError(
-            f"{len(missing)} of {loaded.info.num_layers} attention layers never wrote K/V "
+            f"{len(missing)} of {len(loaded.info.kv_layers)} attention layers never wrote K/V "
             f"(layers {', '.join(map(str, missing[:8]))})",
             hint="the model must write its KV cache through transformers' Cache.update",
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 RENAMED_SINGLE = "model-00001-of-00001.safetensors"
 SCALES_SHARD = "kvq-kv-scales.safetensors"
-_K_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)\.self_attn\.k_proj\.weight$")
+_K_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)\.self_attn\.(?P<proj>k_proj|qkv_proj)\.weight$")
 # Names under which checkpoints already carry KV-cache scales (compressed-tensors, ModelOpt, old FP8).
 _KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".k_proj.output_scale", ".v_proj.output_scale")
 # Bytes per element of the safetensors dtypes (the format's spec); for the index's total_size.
@@ -97,25 +97,29 @@ def _names_and_size(path: Path) -> tuple[list[str], int | None]:
         raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def attention_module_names(index: WeightIndex, num_layers: int, export_format: str) -> dict[int, str]:
-    """Layer index -> the attention module's name (``model.layers.{i}.self_attn``), from k_proj weights."""
+def attention_module_names(index: WeightIndex, layers: Sequence[int], export_format: str,
+                           fused_qkv: bool = False) -> dict[int, str]:
+    """Layer index -> the attention module's name (``model.layers.{i}.self_attn``) of every layer in ``layers``
+    (those with a KV cache), from its k_proj weight, or with ``fused_qkv`` also its fused qkv_proj (Phi-3)."""
+    projections = ("k_proj", "qkv_proj") if fused_qkv else ("k_proj",)
+    matches = [m for m in map(_K_PROJ.match, index.weight_map) if m is not None]
     by_prefix: dict[str, dict[int, str]] = {}
-    for name in index.weight_map:
-        m = _K_PROJ.match(name)
-        if m is not None:
+    for m in matches:
+        if m.group("proj") in projections:
             i = int(m.group("i"))
             by_prefix.setdefault(m.group("prefix"), {})[i] = f"{m.group('prefix')}.{i}.self_attn"
-    candidates = [mods for mods in by_prefix.values() if set(mods) == set(range(num_layers))]
+    candidates = [mods for mods in by_prefix.values() if set(mods) == set(layers)]
     if len(candidates) != 1:
         found = ", ".join(sorted(by_prefix)) or "none"
+        which = " or ".join(f"`*.layers.N.self_attn.{p}.weight`" for p in projections)
+        fused = fused_qkv or all(m.group("proj") != "qkv_proj" for m in matches)
         raise UsageError(
-            f"--format {export_format} names scales after the attention modules' k_proj / v_proj, but the model's "
-            f"weights have no single set of {num_layers} `*.layers.N.self_attn.k_proj.weight` tensors "
-            f"(found: {found})",
-            hint="this format supports models with separate k_proj / v_proj projections (Llama, Qwen2, "
-            "Mistral, Gemma, ...); fused-QKV models are not supported",
+            f"--format {export_format} names scales after the attention modules, but the model's weights have no "
+            f"single set of {which} tensors for its {len(layers)} layers with a KV cache (found: {found})",
+            hint="this format supports models with k_proj / v_proj projections (Llama, Qwen2, Mistral, Gemma, ...)"
+            + ("" if fused else "; for a fused-QKV model (qkv_proj) export --format vllm"),
         )
-    return candidates[0]
+    return {i: candidates[0][i] for i in layers}
 
 
 def refuse_existing_scales(index: WeightIndex, folder: Path) -> None:
@@ -230,16 +234,18 @@ def checkpoint_scales(
     groups: list[list[int]],
     target: str,
     place: Callable[[str, Which, torch.Tensor], tuple[str, torch.Tensor]],
+    fused_qkv: bool = False,
 ) -> CheckpointScales:
-    """Every layer's K and V scale, one per group of KV heads, as ``place(module, which, scales)`` names
-    and shapes it (``scales``: shape (len(groups),)); refuses a model that already has KV scales."""
+    """Every KV-cache layer's K and V scale, one per group of KV heads, as ``place(module, which, scales)`` names
+    and shapes it (``scales``: shape (len(groups),)); refuses a model that already has KV scales. ``fused_qkv``:
+    the format also names the attention module of a fused qkv_proj (its loader maps ``self_attn.k_scale``)."""
     files = req.model_files(export_format)
     index = read_weights(files)
     refuse_existing_scales(index, files.folder)
-    modules = attention_module_names(index, req.shape.num_layers, export_format)
+    modules = attention_module_names(index, req.shape.kv_layers, export_format, fused_qkv)
     tensors: dict[str, torch.Tensor] = {}
     reduced: set[str] = set()
-    for i in range(req.shape.num_layers):
+    for i in req.shape.kv_layers:
         for which in WHICH:
             grouped = group_values(req.scales, i, which, groups, req.reduce, export_format, target)
             if grouped.reduced:

@@ -15,6 +15,7 @@ from typing import Literal
 from kvq.artifacts.files import listed, metadata_int
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
+from kvq.model.model_spec import KVShape, parse_layers
 from kvq.recipe.schema import QuantSpec
 
 Which = Literal["k", "v"]
@@ -24,14 +25,29 @@ KV_NAME: dict[Which, str] = {"k": "K", "v": "V"}
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The KV-cache shape the export is written for, and where it came from."""
+    """The model an export is written for: its KV-cache shape (the one :class:`KVShape`), its type and config
+    hash, and where they came from."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    kv: KVShape
     model_type: str | None
     config_hash: str | None
     source: str  # "model <id>" or "the artifact's metadata"
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv.head_dim
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        return self.kv.kv_layers
 
 
 @dataclass(frozen=True)
@@ -55,10 +71,9 @@ def shape_from_metadata(scales: KVScales) -> ModelShape:
             f"the artifact records no {', '.join(missing)} in its metadata, so its KV-cache shape is unknown",
             hint="pass --model with the model the scales were calibrated on",
         )
+    kv = KVShape(values["num_layers"], values["num_kv_heads"], values["head_dim"], recorded_cached_layers(scales))
     return ModelShape(
-        num_layers=values["num_layers"],
-        num_kv_heads=values["num_kv_heads"],
-        head_dim=values["head_dim"],
+        kv=kv,
         model_type=scales.metadata.get("model_type") or None,
         config_hash=scales.metadata.get("config_hash") or None,
         source="the artifact's metadata",
@@ -82,11 +97,8 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from exc
-    num_layers, num_kv_heads, head_dim = kv_shape(config)
     shape = ModelShape(
-        num_layers=num_layers,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
+        kv=kv_shape(config),
         model_type=str(config.model_type),
         config_hash=config_hash(config),
         source=f"model {model_id}",
@@ -99,6 +111,15 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"model {model_id}: cannot read {config_path}: {exc}") from exc
     return shape, files
+
+
+def recorded_cached_layers(scales: KVScales) -> tuple[int, ...] | None:
+    """The layers the artifact records as holding a KV cache (None: not recorded, so every layer)."""
+    text = scales.metadata.get("cached_layers")
+    num_layers = _meta_int(scales, "num_layers")
+    if text is None or num_layers is None:
+        return None
+    return parse_layers(text, num_layers, "the artifact's metadata")
 
 
 def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
@@ -127,6 +148,13 @@ def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
             "the scales were calibrated on a different model: " + "; ".join(mismatches),
             hint="export with the model the scales were calibrated on (--model), or calibrate this one",
         )
+    cached = recorded_cached_layers(scales)
+    if cached is not None and recorded["num_layers"] == shape.num_layers and cached != shape.kv_layers:
+        raise UsageError(
+            f"the scales were calibrated on a model whose KV-cache layers are {listed(list(cached))}, but "
+            f"{shape.source} caches layers {listed(list(shape.kv_layers))}",
+            hint="export with the model the scales were calibrated on (--model), or calibrate this one",
+        )
     unchecked = [key for key in recorded if recorded[key] is None]
     if unchecked:
         return [f"the artifact records no {', '.join(unchecked)}: not checked against {shape.source}"]
@@ -142,8 +170,9 @@ def expected_shape(spec: QuantSpec, shape: ModelShape) -> tuple[int, ...]:
 
 
 def check_tensors(scales: KVScales, shape: ModelShape) -> None:
-    """Every layer present, every scale / zero point of the shape its granularity implies."""
-    want = set(range(shape.num_layers))
+    """Every layer with a KV cache present (and no other), every scale / zero point of the shape its
+    granularity implies."""
+    want = set(shape.kv_layers)
     have = set(scales.layers)
     if have != want:
         missing = sorted(want - have)
@@ -152,9 +181,14 @@ def check_tensors(scales: KVScales, shape: ModelShape) -> None:
         if missing:
             parts.append(f"missing layers {listed(missing)}")
         if extra:
-            parts.append(f"layers {listed(extra)} beyond the model's {shape.num_layers}")
+            beyond = [i for i in extra if i >= shape.num_layers]
+            if beyond:
+                parts.append(f"layers {listed(beyond)} beyond the model's {shape.num_layers}")
+            if len(beyond) < len(extra):
+                parts.append(f"layers {listed([i for i in extra if i < shape.num_layers])}, which hold no KV cache")
+        cached = "" if shape.kv.all_layers_cached else f", KV cache in layers {listed(list(shape.kv_layers))}"
         raise UsageError(
-            f"the artifact's layers do not match {shape.source} ({shape.num_layers} layers): " + "; ".join(parts)
+            f"the artifact's layers do not match {shape.source} ({shape.num_layers} layers{cached}): " + "; ".join(parts)
         )
     for i in sorted(scales.layers):
         layer = scales.layers[i]

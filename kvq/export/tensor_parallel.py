@@ -137,6 +137,13 @@ class RankValues:
 def rank_values(req: ExportRequest, export_format: str, allow_replication: bool) -> RankValues:
     """The K and V parameters every rank holds in every layer (one value per rank, ``--reduce max`` applied)."""
     check_tp(req.shape.num_kv_heads, req.tp, export_format, allow_replication)
+    if not req.shape.kv.all_layers_cached:
+        raise UsageError(
+            f"--format {export_format} lists one scale per decoder layer, but only layers "
+            f"{', '.join(map(str, req.shape.kv_layers))} of the model's {req.shape.num_layers} hold a KV cache "
+            "(the others are linear attention / Mamba); kvq has not checked how this engine loads such a model",
+            hint="export --format vllm, which names each attention layer's scales",
+        )
     groups = [heads_of_rank(req.shape.num_kv_heads, req.tp, r) for r in range(req.tp)]
     target = "per TP rank" if req.tp > 1 else "per tensor"
     layers: list[tuple[Grouped, Grouped]] = []

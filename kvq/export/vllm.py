@@ -8,6 +8,11 @@ What vLLM reads (checked in vLLM 0.33.0's source; see docs/engines.md for the ci
 * tensors ``<attention module>.k_scale`` / ``.v_scale`` (``model.layers.{i}.self_attn.k_scale``), which
   ``QuantizationConfig.get_cache_scale_mapper`` renames to ``self_attn.attn.k_scale``: shape (1,) per
   tensor, (num_kv_heads, 1, 1) per head (``attn_head``; vLLM uses it on the FlashAttention backend).
+  The same name serves a fused-QKV model (Phi-3's ``self_attn.qkv_proj``): the rename is by name, and
+  vLLM's Phi3ForCausalLM is a LlamaForCausalLM whose attention keeps its ``Attention`` at ``self_attn.attn``
+  (vllm/model_executor/models/phi3.py, llama.py).
+* only the layers with a KV cache: a hybrid model's linear-attention / Mamba layers (Qwen3-Next,
+  Qwen3.5, Granite 4.0-H) get no scale, as they have no ``self_attn.attn`` in vLLM.
 * the scale is the dequantization multiplier: the cache holds ``k / k_scale`` cast to fp8 e4m3
   (``triton_reshape_and_cache_flash``), so ``k_scale = amax / 448``: kvq's fp8 scale, passed through.
 
@@ -68,6 +73,20 @@ WARN_PER_HEAD = (
 )
 
 
+# Model types whose vLLM loader never hands checkpoint KV scales to the attention layers (they serve fp8
+# at scale 1.0), with the source that says so; export-scales warns for them.
+IGNORED_BY_MODEL_TYPE = {
+    model_type: (
+        f"vLLM ignores KV scales for model type {model_type}: the Qwen3.5 loaders (vllm/model_executor/models/"
+        "qwen3_5.py, Qwen3_5ForCausalLMBase.load_weights -> bare AutoWeightsLoader) never route "
+        "self_attn.k_scale / v_scale to self_attn.attn, so --kv-cache-dtype fp8 runs at scale 1.0 "
+        "(vLLM issue 54623, seen in 0.27.1 and main ae5b8e4a8; fix PR 54624 open): check the log for "
+        "'Using KV cache scaling factor 1.0'"
+    )
+    for model_type in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+}
+
+
 def kv_cache_scheme(strategy: str) -> dict:
     """The compressed-tensors QuantizationArgs of an fp8 e4m3 symmetric static KV cache, as JSON."""
     from compressed_tensors.quantization import QuantizationArgs
@@ -123,8 +142,12 @@ def build(req: ExportRequest) -> ExportPlan:
         # per tensor: (1,); per head: (num_kv_heads,) -> (num_kv_heads, 1, 1) as compressed-tensors stores it
         return f"{module}.{which}_scale", value.reshape(heads, 1, 1) if per_head else value.reshape(1)
 
-    kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place)
+    kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place,
+                           fused_qkv=True)
     notes = list(kv.notes)
+    if not shape.kv.all_layers_cached:
+        notes.append(f"scales for the layers with a KV cache only ({', '.join(map(str, shape.kv_layers))} of "
+                     f"{shape.num_layers} layers); the others keep a recurrent state, which vLLM does not quantize")
     if scales.recipe.query is not None:
         notes.append(query_scales(req, kv, per_head))
     if req.tp != 1:
@@ -139,6 +162,8 @@ def build(req: ExportRequest) -> ExportPlan:
     plan.warnings = [WARN_PER_HEAD, rocm] if per_head else [WARN_FLASHINFER, rocm, WARN_SGLANG_PER_TENSOR]
     if scales.recipe.query is not None:
         plan.warnings.append(WARN_QUERY)
+    if shape.model_type in IGNORED_BY_MODEL_TYPE:
+        plan.warnings.insert(0, IGNORED_BY_MODEL_TYPE[shape.model_type])
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
     if req.skip_layers:
         plan.serve, more = with_skip_layers(plan.serve, req.skip_layers)

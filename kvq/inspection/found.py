@@ -119,8 +119,9 @@ def shape_from_config(config: dict, source: str) -> KVShape:
         text["head_dim"] = text["head_size"]
     heads = text.get("num_attention_heads")
     try:
-        layers, kv_heads, head_dim = kv_shape(SimpleNamespace(**{k: text.get(k) for k in (
+        decoder = kv_shape(SimpleNamespace(**{k: text.get(k) for k in (
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")}))
+        layers, kv_heads, head_dim = decoder.num_layers, decoder.num_kv_heads, decoder.head_dim
     except (UsageError, TypeError, ValueError, ZeroDivisionError):
         # no layers / heads, or no head_dim and no hidden_size: keep what the config does state
         layers, kv_heads, head_dim = text.get("num_hidden_layers"), text.get("num_key_value_heads") or heads, None

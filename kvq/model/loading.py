@@ -69,8 +69,31 @@ def config_hash(config) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder config, as the KV cache holds them."""
+# Layer types (config ``layer_types``) whose layers hold no per-token K/V: transformers caches them as
+# LinearAttentionLayer (a recurrent / convolution state) or DummyLayer (MoE / MLP-only), never through
+# Cache.update (transformers/cache_utils.py DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs @5.23).
+# Hybrid layers ("hybrid", "hybrid_sliding") hold both and are cached.
+NO_KV_LAYER_TYPES = frozenset({"linear_attention", "conv", "moe", "mlp", "mamba", "mamba2", "recurrent", "dummy"})
+
+
+def cached_layers(text) -> tuple[int, ...] | None:
+    """The layers of decoder config ``text`` that hold a KV cache, or None when all do.
+
+    Read from ``layer_types`` (granitemoehybrid's ``layers_block_type`` is the same field); layers
+    that reuse another layer's cache (``kv_sharing_modes`` "reuse") write none of their own.
+    """
+    layers = int(text.num_hidden_layers)
+    types = getattr(text, "layer_types", None)
+    kinds = list(types) if isinstance(types, (list, tuple)) and len(types) == layers else ["attention"] * layers
+    sharing = getattr(text, "kv_sharing_modes", None)
+    if isinstance(sharing, (list, tuple)) and len(sharing) == layers:
+        kinds = ["dummy" if mode == "reuse" else kind for kind, mode in zip(kinds, sharing, strict=True)]
+    cached = tuple(i for i, kind in enumerate(kinds) if kind not in NO_KV_LAYER_TYPES)
+    return None if len(cached) == layers else cached
+
+
+def kv_shape(config) -> KVShape:
+    """The KV cache of a decoder config: layers, KV heads, head_dim, and which layers hold one."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
@@ -82,13 +105,19 @@ def kv_shape(config) -> tuple[int, int, int]:
         )
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return int(layers), int(kv_heads), int(head_dim)
+    cached = cached_layers(text)
+    if cached == ():
+        raise UsageError(
+            f"model type {getattr(text, 'model_type', '?')!r} has no layer with a KV cache (layer_types "
+            f"{sorted(set(text.layer_types))}), so it has nothing to calibrate",
+            hint="kvq calibrates models whose attention layers keep a KV cache",
+        )
+    return KVShape(int(layers), int(kv_heads), int(head_dim), cached)
 
 
 def model_info(model_id: str, config) -> ModelInfo:
     """What the artifacts record about the model ``model_id`` whose config is ``config``."""
-    num_layers, num_kv_heads, head_dim = kv_shape(config)
-    return ModelInfo(model_id, config_hash(config), KVShape(num_layers, num_kv_heads, head_dim), str(config.model_type))
+    return ModelInfo(model_id, config_hash(config), kv_shape(config), str(config.model_type))
 
 
 def check_device(name: str | None) -> torch.device:

@@ -25,7 +25,8 @@ def make_artifact(tmp_path) -> Callable[..., Path]:
             n_layers = int(metadata["num_layers"])
             heads, head_dim = int(metadata["num_kv_heads"]), int(metadata["head_dim"])
             layers = {}
-            for i in range(n_layers):
+            cached = metadata.get("cached_layers")
+            for i in range(n_layers) if cached is None else map(int, cached.split(",")):
                 k, kz = filled(rec.key, heads, head_dim, i, "k")
                 v, vz = filled(rec.value, heads, head_dim, i, "v")
                 layers[i] = LayerScales(k, v, kz, vz)

@@ -22,12 +22,13 @@ def model_metadata(folder: Path) -> dict[str, str]:
     from kvq.model.loading import config_hash, kv_shape
 
     config = AutoConfig.from_pretrained(folder)
-    layers, heads, head_dim = kv_shape(config)
+    shape = kv_shape(config)
     return {
         "model": str(folder),
-        "num_layers": str(layers),
-        "num_kv_heads": str(heads),
-        "head_dim": str(head_dim),
+        "num_layers": str(shape.num_layers),
+        "num_kv_heads": str(shape.num_kv_heads),
+        "head_dim": str(shape.head_dim),
+        "cached_layers": ",".join(map(str, shape.kv_layers)),
         "model_type": str(config.model_type),
         "config_hash": config_hash(config),
     }

@@ -167,13 +167,6 @@ def test_export_of_an_export_is_refused(tiny_llama, make_artifact, tmp_path):
         export_artifact(artifact, "vllm", out=tmp_path / "second", model=str(first))
 
 
-def test_fused_qkv_model_is_refused(tiny_model_factory, make_artifact, tmp_path):
-    phi3 = tiny_model_factory("phi3")
-    artifact = make_artifact(recipe("fp8_e4m3", True, "tensor"), model_metadata(phi3))
-    with pytest.raises(UsageError, match="k_proj"):
-        export_artifact(artifact, "vllm", out=tmp_path / "out", model=str(phi3))
-
-
 def test_smollm2_end_to_end(make_artifact, tmp_path):
     """The default model: export, load with transformers + compressed-tensors, check 30 layers, generate text."""
     from kvq.model.loading import resolve_model

@@ -1,0 +1,177 @@
+"""Hybrid linear-attention models (Qwen3-Next, Qwen3.5, Granite 4.0-H) and fused QKV (Phi-3), end to end.
+
+Small random models from the transformers 5.23 configs, with the SmolLM2 tokenizer. Oracles:
+
+* which layers hold a KV cache, and what they hold: the cache object the model itself returns
+  (``past_key_values`` of a forward with ``use_cache=True``): layers with keys are the cached ones, and
+  the statistics' absmax per (KV head, channel) must equal that of those keys and values exactly;
+* the vllm export's tensor names: vLLM's loaders, read in their source (cited at each golden name);
+* ``kvq eval``'s KV bytes per token: hand arithmetic over the cached layers only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_models
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kvq.artifacts.stats import KVStats
+from kvq.cli import main
+from kvq.data import load_documents, select_samples
+from kvq.export import export_artifact
+
+pytestmark = pytest.mark.timeout(600)
+
+HYBRIDS = sorted(tiny_models.HYBRID_CONFIGS)
+RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
+SAMPLES, SEQLEN = 2, 32
+
+
+def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], object]:
+    """Per layer with a KV cache, the absmax per (KV head, channel) of the K and V the model itself caches
+    over the calibration samples kvq picks (pydoc, seed 0), one sample per forward as ``--batch-size 1``."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
+                            SAMPLES, SEQLEN, 0)
+    absmax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for ids in picked.token_ids:
+            cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+            for i, layer in enumerate(cache.layers):
+                keys = getattr(layer, "keys", None)
+                if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
+                    continue  # a linear-attention / Mamba layer: a recurrent state, no per-token K/V
+                k = layer.keys.abs().amax(dim=(0, 2))  # (1, kv_heads, seq, d) -> (kv_heads, d)
+                v = layer.values.abs().amax(dim=(0, 2))
+                old = absmax.get(i)
+                absmax[i] = (k, v) if old is None else (torch.maximum(old[0], k), torch.maximum(old[1], v))
+    return absmax, model.config
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_factory, tmp_path_factory):
+    """``kvq calibrate`` (the CLI) of each model with each recipe, once; (model folder, out folder)."""
+    done: dict[tuple[str, str], tuple] = {}
+
+    def run(arch: str, recipe: str):
+        if (arch, recipe) not in done:
+            folder = tiny_model_factory(arch)
+            out = tmp_path_factory.mktemp(f"cal-{arch}-{recipe}")
+            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(SAMPLES),
+                         "--seqlen", str(SEQLEN), "--batch-size", "1", "--device", "cpu", "--recipe", RECIPES[recipe],
+                         "--out", str(out), "--force"])
+            assert code == 0
+            done[arch, recipe] = (folder, out)
+        return done[arch, recipe]
+
+    return run
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("arch", [*HYBRIDS, "phi3"])
+def test_statistics_equal_the_models_own_cache_in_every_cached_layer(calibrated, arch, recipe):
+    folder, out = calibrated(arch, recipe)
+    expected, config = own_cache(folder)
+    stats = KVStats.load(out)
+    assert sorted(stats.layers) == sorted(expected)  # exactly the layers the model caches
+    if arch in HYBRIDS:
+        assert len(expected) < config.num_hidden_layers
+    assert stats.metadata["cached_layers"] == ",".join(map(str, sorted(expected)))
+    assert stats.metadata["num_layers"] == str(config.num_hidden_layers)
+    for i, (k, v) in expected.items():
+        assert torch.equal(stats.layers[i].k.absmax, k), f"layer {i} K"
+        assert torch.equal(stats.layers[i].v.absmax, v), f"layer {i} V"
+    scales = json.loads((out / "scales.json").read_text())
+    assert sorted(map(int, scales["layers"])) == sorted(expected)
+    assert scales["metadata"]["cached_layers"] == stats.metadata["cached_layers"]
+
+
+# Golden names, from vLLM's loaders (vllm-project/vllm main, read for issue 21):
+# * vllm/model_executor/layers/quantization/base_config.py `get_cache_scale_mapper`: renames
+#   `.self_attn.k_scale` / `.v_scale` to `.self_attn.attn.k_scale`, applied by AutoWeightsLoader.load_weights
+#   (vllm/model_executor/models/utils.py, since vLLM PR 43167, 0.23.0) to every model whose top module or a
+#   child carries `quant_config`.
+# * qwen3_next.py: `Qwen3NextAttention` builds `self.attn = Attention(..., prefix=f"{prefix}.attn")` only in
+#   the "full_attention" layers (`Qwen3NextDecoderLayer(layer_type=config.layer_types[...])`); the
+#   "linear_attention" layers hold `linear_attn` (QwenGatedDeltaNetAttention), a Mamba-style state.
+# * granitemoehybrid.py: attention layers `self_attn` with their `Attention` at `.attn`; Mamba layers `mamba`.
+# * qwen3_5.py: the same layer split, but the loaders drop the scales (vLLM issue 54623): kvq warns.
+GOLDEN = {
+    "qwen3_next": [1, 3],
+    "granitemoehybrid": [0, 2],
+    "qwen3_5_text": [3],
+}
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_vllm_export_names_only_the_attention_layers(calibrated, arch, tmp_path):
+    folder, out = calibrated(arch, "fp8")
+    result = export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
+    want = {f"model.layers.{i}.self_attn.{w}_scale" for i in GOLDEN[arch] for w in ("k", "v")}
+    assert set(written) == want
+    scales = json.loads((out / "scales.json").read_text())["layers"]
+    for i in GOLDEN[arch]:
+        assert written[f"model.layers.{i}.self_attn.k_scale"].tolist() == [scales[str(i)]["k_scale"]]
+        assert written[f"model.layers.{i}.self_attn.v_scale"].tolist() == [scales[str(i)]["v_scale"]]
+    ignored = [w for w in result.warnings if "ignores KV scales for model type" in w]
+    if arch == "qwen3_5_text":
+        assert len(ignored) == 1 and "qwen3_5.py" in ignored[0] and "54623" in ignored[0]
+    else:
+        assert not ignored
+
+
+def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_path):
+    """vLLM's Phi3ForCausalLM is a LlamaForCausalLM (vllm/model_executor/models/phi3.py: `class
+    Phi3ForCausalLM(LlamaForCausalLM)`) whose LlamaAttention keeps its `Attention` at `self_attn.attn`
+    (llama.py: `self.attn = Attention(..., prefix=f"{prefix}.attn")`); the checkpoint's fused
+    `self_attn.qkv_proj.weight` loads as is. The scale names are those of any Llama:
+    `model.layers.{i}.self_attn.k_scale`, which base_config.py `get_cache_scale_mapper` (and, in loaders
+    that call it, weight_utils.py `maybe_remap_kv_scale_name`: `.k_scale` -> `.attn.k_scale`) maps to
+    `self_attn.attn.k_scale`."""
+    folder, out = calibrated("phi3", "fp8")
+    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
+    assert set(written) == {f"model.layers.{i}.self_attn.{w}_scale" for i in range(3) for w in ("k", "v")}
+    # transformers + compressed-tensors, an independent client, loads them onto the attention modules.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    scales = json.loads((out / "scales.json").read_text())["layers"]
+    for i, layer in enumerate(model.model.layers):
+        assert layer.self_attn.k_scale.tolist() == [scales[str(i)]["k_scale"]]
+        assert layer.self_attn.v_scale.tolist() == [scales[str(i)]["v_scale"]]
+
+
+@pytest.mark.parametrize("arch", [a for a in HYBRIDS if a != "qwen3_5_text"])
+def test_transformers_loads_the_hybrid_export_onto_the_attention_layers(calibrated, arch, tmp_path):
+    folder, out = calibrated(arch, "fp8")
+    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    scales = json.loads((out / "scales.json").read_text())["layers"]
+    for i in GOLDEN[arch]:
+        attn = model.model.layers[i].self_attn
+        assert attn.k_scale.tolist() == [scales[str(i)]["k_scale"]]
+        assert attn.v_scale.tolist() == [scales[str(i)]["v_scale"]]
+
+
+@pytest.mark.parametrize("arch", [*HYBRIDS, "phi3"])
+def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_path):
+    folder, fp8 = calibrated(arch, "fp8")
+    _, int8 = calibrated(arch, "int8")
+    report = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
+                 "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(report.read_text())["rows"]}
+    cached = {"qwen3_next": 2, "granitemoehybrid": 2, "qwen3_5_text": 1, "phi3": 3}[arch]
+    heads, head_dim = (2, 16)  # every tiny model here: 2 KV heads of 16 channels
+    elements = 2 * cached * heads * head_dim  # K and V of each cached layer, per token
+    assert rows["baseline (float32)"]["kv_bytes_per_token"] == elements * 4
+    assert rows["fp8-e4m3-per-tensor"]["kv_bytes_per_token"] == elements  # one byte per code
+    assert rows["int8-asym-per-head"]["kv_bytes_per_token"] == elements
+    per_layer = rows["fp8-e4m3-per-tensor"]["attention_error"]["per_layer"]
+    assert len(per_layer) == cached
