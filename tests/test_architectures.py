@@ -175,3 +175,39 @@ def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_
     assert rows["int8-asym-per-head"]["kv_bytes_per_token"] == elements
     per_layer = rows["fp8-e4m3-per-tensor"]["attention_error"]["per_layer"]
     assert len(per_layer) == cached
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_inspect_finds_no_missing_layer_in_the_artifact_or_its_export(calibrated, arch, tmp_path, capsys):
+    folder, out = calibrated(arch, "fp8")
+    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    for path in (out, tmp_path / "export"):
+        capsys.readouterr()
+        code = main(["inspect", str(path)])
+        text = capsys.readouterr().out
+        assert code == 0 and "no defects" in text, text
+
+
+def test_plan_ranks_only_the_cached_layers_and_counts_their_bytes(calibrated, tmp_path):
+    """qwen3_next caches layers 1 and 3: the plan skips one of them; bytes by hand (2 heads x 16 channels)."""
+    folder, int8 = calibrated("qwen3_next", "int8")
+    code = main(["plan", str(int8), "--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32",
+                 "--device", "cpu", "--skip", "1", "--force"])
+    assert code == 0
+    plan = json.loads((int8 / "plan.json").read_text())
+    assert plan["skip_layers"] in ([1], [3])
+    assert sorted(map(int, plan["sensitivity"]["per_layer"])) == [1, 3]
+    per_layer_elements = 2 * 2 * 16  # K and V x KV heads x head_dim
+    assert plan["kv_bytes_per_token"] == {"plan": per_layer_elements * 4 + per_layer_elements,
+                                          "all_quantized": 2 * per_layer_elements,
+                                          "unquantized": 2 * per_layer_elements * 4}
+
+
+def test_report_refuses_hybrid_statistics_in_one_line(calibrated, tmp_path, capsys):
+    _, out = calibrated("granitemoehybrid", "fp8")
+    target = tmp_path / "report"
+    code = main(["report", str(out), "--out", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kvq: error:") and "hybrid model" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("kvq: error:")]) == 1
+    assert not target.exists()

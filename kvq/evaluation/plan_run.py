@@ -123,11 +123,11 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     def bytes_of(skipped: Sequence[int]) -> float:
         return PartialQuantizer(quantizer, skipped).kv_bytes_per_token(shape, dtype)
 
-    every = tuple(range(info.num_layers))
+    every = info.kv_layers
     if cfg.bytes_per_token is not None:  # before the measuring: the recipe and dtype are known now
         check_bytes_budget(cfg.bytes_per_token, bytes_of(()), bytes_of(every))
     callback = counter(progress, ready.windows.num_windows)
-    sens = measure_sensitivity(ready.loaded.model, ready.windows, quantizer, info.num_layers, cfg.by,
+    sens = measure_sensitivity(ready.loaded.model, ready.windows, quantizer, info.kv_layers, cfg.by,
                                cfg.batch_size, callback)
     if cfg.skip is not None:
         skip = skip_most_sensitive(sens.order(), cfg.skip)

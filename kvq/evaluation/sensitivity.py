@@ -16,7 +16,7 @@ Both also give the mean NLL change with every layer quantized, for scale.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,13 +50,14 @@ class LayerSensitivity:
         return sorted(self.per_layer, key=lambda i: (-self.per_layer[i], i))
 
 
-def measure_sensitivity(model: torch.nn.Module, windows: EvalWindows, quantizer: KVQuantizer, num_layers: int,
-                        by: str = "attention", batch_size: int = 1,
+def measure_sensitivity(model: torch.nn.Module, windows: EvalWindows, quantizer: KVQuantizer,
+                        layers: int | Sequence[int], by: str = "attention", batch_size: int = 1,
                         on_batch: Callable[[int], None] | None = None) -> LayerSensitivity:
-    """Each layer's sensitivity to ``quantizer`` (see the module docstring); ``on_batch`` as in :func:`measure`."""
+    """Each layer's sensitivity to ``quantizer`` (see the module docstring); ``layers``: those with a KV cache
+    (a count: 0..layers-1); ``on_batch`` as in :func:`measure`."""
     if by not in SENSITIVITY_MEASURES:
         raise ValueError(f"unknown sensitivity measure {by!r}; one of {SENSITIVITY_MEASURES}")
-    everything = set(range(num_layers))
+    everything = set(range(layers) if isinstance(layers, int) else layers)
     if by == "attention":
         m = measure(model, windows, [quantizer], batch_size, attention_error=True, on_batch=on_batch)
         if m.unmatched_layers:
@@ -67,11 +68,12 @@ def measure_sensitivity(model: torch.nn.Module, windows: EvalWindows, quantizer:
         # A layer the probe left out had an all-zero attention output: its K/V change nothing downstream.
         per_layer = {i: errors.get(i, 0.0) for i in sorted(everything)}
         return LayerSensitivity(by, per_layer, m.entries[0].mean_nll - m.baseline.mean_nll)
-    only = [PartialQuantizer(quantizer, everything - {i}, name=f"only layer {i}") for i in range(num_layers)]
+    order = sorted(everything)
+    only = [PartialQuantizer(quantizer, everything - {i}, name=f"only layer {i}") for i in order]
     m = measure(model, windows, [quantizer, *only], batch_size, attention_error=False, on_batch=on_batch)
     base = m.baseline.mean_nll
-    per_layer = {i: entry.mean_nll - base for i, entry in enumerate(m.entries[1:])}
-    stderr = {i: m.delta_stderr(entry) for i, entry in enumerate(m.entries[1:])}
+    per_layer = {i: entry.mean_nll - base for i, entry in zip(order, m.entries[1:], strict=True)}
+    stderr = {i: m.delta_stderr(entry) for i, entry in zip(order, m.entries[1:], strict=True)}
     return LayerSensitivity(by, per_layer, m.entries[0].mean_nll - base, stderr)
 
 

@@ -62,7 +62,8 @@ def clipping(found: Found, stats: KVStats, shape: KVShape) -> tuple[list[Clippin
         raise UsageError(f"--stats holds {heads} KV heads x head_dim {head_dim}, but the scales are for "
                          f"{shape.num_kv_heads} x {shape.head_dim} ({shape.source})",
                          hint="pass the stats.safetensors of a calibration of the same model")
-    stat_shape = KVShape(shape.num_layers, heads, head_dim, shape.num_heads, shape.model_type, shape.source)
+    stat_shape = KVShape(shape.num_layers, heads, head_dim, shape.num_heads, shape.model_type, shape.source,
+                         shape.cached_layers)
     rows, defects = [], []
     by_slot: dict[tuple[int, str], list[ScaleEntry]] = {}
     for e in found.entries:

@@ -110,7 +110,7 @@ def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
         sample = next(e for (r, _), layers in slots.items() if r == role for e in layers.values())
         for rank in ranks:
             have = slots.get((role, rank), {})
-            for i in range(num_layers):
+            for i in range(num_layers) if shape.cached_layers is None else shape.cached_layers:
                 if i not in have:
                     where = f" rank {rank}" if rank is not None else ""
                     name = _sibling_name(sample, i, rank)
@@ -227,7 +227,8 @@ def merged_shape(found: Found, model: ModelShape | None) -> KVShape:
                    s.num_kv_heads if s.num_kv_heads is not None else model.num_kv_heads,
                    s.head_dim if s.head_dim is not None else model.head_dim, s.num_heads,
                    s.model_type or model.model_type,
-                   s.source if s.num_layers is not None else model.source)
+                   s.source if s.num_layers is not None else model.source,
+                   s.cached_layers if s.num_layers is not None else model.kv.cached_layers)
 
 
 def find_defects(found: Found, tp: int | None = None, model: ModelShape | None = None) -> list[Defect]:

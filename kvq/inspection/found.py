@@ -72,6 +72,7 @@ class KVShape:
     num_heads: int | None
     model_type: str | None
     source: str
+    cached_layers: tuple[int, ...] | None = None  # the layers with a KV cache (None: all, or not known)
 
 
 @dataclass
@@ -120,13 +121,17 @@ def shape_from_config(config: dict, source: str) -> KVShape:
     heads = text.get("num_attention_heads")
     try:
         decoder = kv_shape(SimpleNamespace(**{k: text.get(k) for k in (
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")}))
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+            "layer_types", "kv_sharing_modes")}))
         layers, kv_heads, head_dim = decoder.num_layers, decoder.num_kv_heads, decoder.head_dim
+        cached = decoder.cached_layers
     except (UsageError, TypeError, ValueError, ZeroDivisionError):
         # no layers / heads, or no head_dim and no hidden_size: keep what the config does state
         layers, kv_heads, head_dim = text.get("num_hidden_layers"), text.get("num_key_value_heads") or heads, None
+        cached = None
     model_type = text.get("model_type") or config.get("model_type")
-    return KVShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source)
+    return KVShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
+                   cached)
 
 
 def _int(value: object) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from kvq.artifacts.files import metadata_int, read_safetensors
 from kvq.errors import UsageError
 from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.inspection.found import KVQ_ARTIFACT, Found, KVShape, ScaleEntry, Scheme
+from kvq.model.model_spec import parse_layers
 from kvq.recipe.schema import KVRecipe
 
 _KEY = re.compile(r"^layers\.(\d+)\.([kv])_(scale|zero_point)$")
@@ -46,6 +48,8 @@ def read_kvq_scales(path: Path) -> Found:
     shape = KVShape(metadata_int(meta, "num_layers", where), metadata_int(meta, "num_kv_heads", where),
                     metadata_int(meta, "head_dim", where), None, meta.get("model_type") or None,
                     f"{path.name} metadata")
+    if shape.num_layers is not None and meta.get("cached_layers") is not None:  # a hybrid model's KV-cache layers
+        shape = replace(shape, cached_layers=parse_layers(meta["cached_layers"], shape.num_layers, where))
     k, v = recipe.key, recipe.value
     text = f"kvq recipe {recipe.name}: K {k.format} per {k.granularity}, V {v.format} per {v.granularity}"
     scheme = Scheme(f"{path.name} metadata recipe", text, k.format if k.format == v.format else None,

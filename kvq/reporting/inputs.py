@@ -64,6 +64,11 @@ def load_inputs(out_dir: str | Path, validation: str | Path | None = None,
         raise UsageError(f"OUT_DIR {out_dir} holds no {STATS_FILE}",
                          hint="pass the output folder of `kvq calibrate`; the report is drawn from its statistics")
     stats = KVStats.load(out_dir / STATS_FILE)
+    if sorted(stats.layers) != list(range(len(stats.layers))):
+        raise UsageError(f"{out_dir / STATS_FILE} holds the KV-cache layers {', '.join(map(str, sorted(stats.layers)))} "
+                         "of a hybrid model (the others keep a recurrent state); kvq report draws every layer 0..N-1 "
+                         "and does not read such statistics yet",
+                         hint="read the statistics with `kvq inspect` or `kvq eval` instead")
     scales = KVScales.load(out_dir / SCALES_FILE) if (out_dir / SCALES_FILE).is_file() else None
     inputs = ReportInputs(out_dir, stats, scales)
     if scales is not None:
