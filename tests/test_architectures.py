@@ -211,3 +211,15 @@ def test_report_refuses_hybrid_statistics_in_one_line(calibrated, tmp_path, caps
     assert code == 2 and err.startswith("kvq: error:") and "hybrid model" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("kvq: error:")]) == 1
     assert not target.exists()
+
+
+@pytest.mark.parametrize("export_format", ["sglang-json", "lmdeploy"])
+def test_per_decoder_layer_formats_refuse_a_hybrid_model_in_one_line(calibrated, tmp_path, capsys, export_format):
+    folder, out = calibrated("qwen3_next", "fp8" if export_format == "sglang-json" else "int8")
+    target = tmp_path / "export"
+    code = main(["export-scales", str(out), "--format", export_format, "--legacy", "--model", str(folder),
+                 "--out", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and "only layers 1, 3 of the model's 4 hold a KV cache" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("kvq: error:")]) == 1
+    assert "Traceback" not in err and not target.exists()
