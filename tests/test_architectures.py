@@ -99,7 +99,11 @@ def test_statistics_equal_the_models_own_cache_in_every_cached_layer(calibrated,
 # * qwen3_next.py: `Qwen3NextAttention` builds `self.attn = Attention(..., prefix=f"{prefix}.attn")` only in
 #   the "full_attention" layers (`Qwen3NextDecoderLayer(layer_type=config.layer_types[...])`); the
 #   "linear_attention" layers hold `linear_attn` (QwenGatedDeltaNetAttention), a Mamba-style state.
-# * granitemoehybrid.py: attention layers `self_attn` with their `Attention` at `.attn`; Mamba layers `mamba`.
+# * granitemoehybrid.py: `GraniteMoeHybridForCausalLM` sets `self.quant_config` and loads through
+#   `AutoWeightsLoader(self)` (so the mapper applies); `GraniteMoeHybridModel.load_weights` loads any name
+#   that is no expert / q,k,v shard as is (`_load(n, p)` into `params_dict[n]`): the attention layers'
+#   `self_attn.attn.k_scale`; Mamba layers (`mamba`) have none. Before 0.23.0 (no mapper) that `_load` of
+#   `self_attn.k_scale` would be a KeyError (not run on a GPU).
 # * qwen3_5.py: the same layer split, but the loaders drop the scales (vLLM issue 54623): kvq warns.
 GOLDEN = {
     "qwen3_next": [1, 3],
@@ -166,8 +170,11 @@ def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_
     code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
                  "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
     assert code == 0
-    rows = {row["name"]: row for row in json.loads(report.read_text())["rows"]}
-    cached = {"qwen3_next": 2, "granitemoehybrid": 2, "qwen3_5_text": 1, "phi3": 3}[arch]
+    table = json.loads(report.read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    layers = {"qwen3_next": [1, 3], "granitemoehybrid": [0, 2], "qwen3_5_text": [3], "phi3": [0, 1, 2]}[arch]
+    assert table["model"]["cached_layers"] == layers
+    cached = len(layers)
     heads, head_dim = (2, 16)  # every tiny model here: 2 KV heads of 16 channels
     elements = 2 * cached * heads * head_dim  # K and V of each cached layer, per token
     assert rows["baseline (float32)"]["kv_bytes_per_token"] == elements * 4
@@ -223,3 +230,46 @@ def test_per_decoder_layer_formats_refuse_a_hybrid_model_in_one_line(calibrated,
     assert code == 2 and "only layers 1, 3 of the model's 4 hold a KV cache" in err, err
     assert len([line for line in err.splitlines() if line.startswith("kvq: error:")]) == 1
     assert "Traceback" not in err and not target.exists()
+
+
+def test_layers_with_a_kv_cache_come_from_layer_types_and_kv_sharing():
+    from types import SimpleNamespace
+
+    from kvq.model.loading import kv_shape
+
+    def config(**extra):
+        return SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               hidden_size=64, **extra)
+
+    assert kv_shape(config()).kv_layers == (0, 1, 2, 3) and kv_shape(config()).cached_layers is None
+    hybrid = kv_shape(config(layer_types=["linear_attention", "full_attention", "sliding_attention", "mamba"]))
+    assert hybrid.kv_layers == (1, 2) and hybrid.elements_per_token == 2 * 2 * 2 * 16
+    shared = kv_shape(config(kv_sharing_modes=["store", "store", "reuse", "reuse"]))
+    assert shared.kv_layers == (0, 1)
+    assert shared.without_layers([1]).kv_layers == (0,) and shared.only_layers([1, 3]).kv_layers == (1,)
+
+
+def test_a_model_without_any_kv_cache_layer_is_refused_before_loading(tmp_path, capsys):
+    folder = tmp_path / "all-mamba"
+    config = tiny_models.HYBRID_CONFIGS["granitemoehybrid"]()
+    config.layer_types = ["linear_attention"] * config.num_hidden_layers
+    config.save_pretrained(folder)  # a config and no weights: refused before any weight is read
+    out = tmp_path / "out"
+    code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", "1", "--seqlen", "16",
+                 "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no layer with a KV cache" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["1,x", "3,1", "1,1", "9", "-1"])
+def test_an_artifact_with_malformed_cached_layers_is_refused(calibrated, tmp_path, bad):
+    from kvq.artifacts.scales import KVScales
+    from kvq.errors import UsageError
+
+    _, out = calibrated("qwen3_next", "fp8")
+    scales = KVScales.load(out)
+    scales.metadata["cached_layers"] = bad
+    scales.save(tmp_path / "bad")
+    with pytest.raises(UsageError, match="cached_layers"):
+        KVScales.load(tmp_path / "bad")
