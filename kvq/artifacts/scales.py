@@ -31,7 +31,7 @@ from kvq.artifacts.files import (
     write_artifact,
 )
 from kvq.errors import UsageError
-from kvq.quant.qparams import INT_RANGE
+from kvq.quant.formats import number_format
 from kvq.recipe.schema import KVRecipe, QuantSpec
 
 _KEY = re.compile(r"^layers\.(\d+)\.([kv]_(?:scale|zero_point)|q_scale)$")
@@ -188,6 +188,7 @@ def _check_layer(parts: dict[str, torch.Tensor], which: str, spec: QuantSpec, wh
     if zp.dtype.is_floating_point or zp.dtype.is_complex or zp.dtype == torch.bool or zp.shape != scale.shape:
         raise UsageError(f"{where} zero point is {str(zp.dtype).removeprefix('torch.')} {tuple(zp.shape)}; it must "
                          f"be an integer tensor of the scale's shape {tuple(scale.shape)}", hint=_HINT)
-    qmin, qmax = INT_RANGE[spec.format]
+    fmt = number_format(spec.format)
+    qmin, qmax = int(fmt.qmin), int(fmt.qmax)
     if ((zp < qmin) | (zp > qmax)).any():
         raise UsageError(f"{where} zero point holds values outside {spec.format}'s range [{qmin}, {qmax}]", hint=_HINT)
