@@ -200,7 +200,9 @@ def link_or_copy(source: Path, target: Path) -> bool:
 def _write_error(path: Path, exc: OSError, option: str) -> KvqError:
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
-        return UsageError(f"cannot write {option} {path}: {reason}", hint=f"choose a writable {option} path")
+        hint = (f"choose a writable {option} path" if option.startswith("--")
+                else f"make {option} writable, or copy it to a writable place and pass the copy")
+        return UsageError(f"cannot write {option} {path}: {reason}", hint=hint)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return KvqError(f"cannot write {option} {path}: {reason}", hint="free some space, or choose another "
                         f"{option} on a disk with room; the previous output is unchanged")
