@@ -121,6 +121,8 @@ def _os_error(exc: OSError) -> Report:
     if code == errno.ENOSPC or code == errno.EDQUOT:
         return Report(f"no space left on the device writing{where}", "free some space, or pass --out on another disk",
                       EXIT_FAILURE)
+    if code == errno.ENAMETOOLONG:  # a name the user chose: bad usage, whichever call met it first
+        return Report(f"{reason}:{where}", "choose a shorter name (at most 255 bytes a name)", EXIT_USAGE)
     if code == errno.EROFS:
         return Report(f"read-only file system:{where}", "pass an --out on a writable disk", EXIT_USAGE)
     if isinstance(exc, FileNotFoundError):

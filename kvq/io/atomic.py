@@ -199,6 +199,9 @@ def link_or_copy(source: Path, target: Path) -> bool:
 
 def _write_error(path: Path, exc: OSError, option: str) -> KvqError:
     reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENAMETOOLONG:
+        return UsageError(f"cannot write {option} {path}: {reason}", hint=f"choose a shorter {option} name "
+                          "(at most 255 bytes a name)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         hint = (f"choose a writable {option} path" if option.startswith("--")
                 else f"make {option} writable, or copy it to a writable place and pass the copy")
