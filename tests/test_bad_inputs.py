@@ -405,3 +405,322 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
     outcome = Outcome(code, *capsys.readouterr())
     assert_contract(outcome, 1, "internal error: RuntimeError: first line")
     assert "second line" not in outcome.stderr
+
+
+# =================================================================================================
+# Issue 20, hostile files (helper b): inspect on crafted checkpoints, paths a checkpoint names, long
+# --out names, plan's messages, tokenization bounded by the sample, a symbolic link as --out.
+# Each fixture writes a small hostile file (a few KB); the oracle is the exit code, one line (or one
+# defect) naming the file and the field, no traceback, --out untouched, and, where a number in the
+# file could make kvq work without bound, the run's time and peak memory.
+# =================================================================================================
+
+import resource  # noqa: E402
+
+from kvq.io.atomic import _HOST, TMP_SUFFIX, temp_stem  # noqa: E402
+
+BOUND_SECONDS = 30.0  # kvq's own work on a file under 1 MB (imports excluded: the machine is shared)
+BOUND_RSS = 1 << 30  # peak resident memory of the whole process, imports included
+_AS_LIMIT = 6 << 30  # address space: a runaway dies here instead of taking the machine
+
+_CHILD = """
+import json, sys, time
+import torch, kvq.api, kvq.cli  # before the clock: the bound is on kvq's work, not on imports
+from kvq.cli import main
+start = time.perf_counter()
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as fh:
+    json.dump({"seconds": time.perf_counter() - start}, fh)
+sys.exit(code)
+"""
+
+
+def _limit_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
+
+
+def run_bounded(argv: list[str], tmp: Path, timeout: float = 240) -> tuple[Outcome, float, int]:
+    """``kvq ARGV`` in a child process: (outcome, seconds of kvq's work, peak RSS in bytes of that child)."""
+    timing, out_path, err_path = tmp / "timing.json", tmp / "stdout.txt", tmp / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
+    env["COLUMNS"] = "250"  # rich wraps at the terminal width; one defect stays on one line
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(timing), *argv], stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_limit_address_space)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                break
+            time.sleep(0.05)
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("inf")
+    outcome = Outcome(proc.returncode, out_path.read_text(), err_path.read_text())
+    return outcome, seconds, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def _assert_bounded(seconds: float, rss: int) -> None:
+    assert seconds < BOUND_SECONDS, f"{seconds:.1f} s"
+    assert rss < BOUND_RSS, f"peak RSS {rss / 2**20:.0f} MiB"
+
+
+def _ct_config(layers: int = 2, **override) -> dict:
+    """A Llama config.json declaring a compressed-tensors FP8 per-tensor KV cache (2 KV heads x head_dim 16)."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": layers,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "hidden_size": 32, "head_dim": 16,
+              "quantization_config": {"quant_method": "compressed-tensors", "kv_cache_scheme": {
+                  "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}}}
+    config.update(override)
+    return config
+
+
+def _kv_tensors(layers: int = 2) -> dict[str, torch.Tensor]:
+    return {f"model.layers.{i}.self_attn.{r}_scale": torch.tensor([0.05 + 0.01 * i]) for i in range(layers)
+            for r in "kv"}
+
+
+def _checkpoint(folder: Path, config: dict | str, index: dict | str | None = None) -> Path:
+    """A checkpoint folder of KV scales: config.json, model.safetensors (or the index given), hand-written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if index is None:
+        save_file(_kv_tensors(), str(folder / "model.safetensors"))
+    else:
+        save_file(_kv_tensors(), str(folder / "scales-00001.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    return folder
+
+
+def _deep_json(levels: int = 100_000) -> str:
+    return "[" * levels + "]" * levels
+
+
+def _sglang_layer_key(tmp: Path) -> list[str]:
+    path = tmp / "scales.json"
+    path.write_text(json.dumps({"model_type": "llama", "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {
+        "0": {"0": 0.05, "999999999999": 0.05}}}}))
+    return [str(path)]
+
+
+def _lmdeploy_rank(tmp: Path) -> list[str]:
+    folder = tmp / "turbomind"
+    folder.mkdir()
+    for rank in (0, 100_000_000):  # [k_scale, k_zp, v_scale, v_zp] as raw little-endian float32
+        (folder / f"layers.0.past_kv_scale.{rank}.weight").write_bytes(
+            torch.tensor([0.05, 0.0, 0.05, 0.0]).numpy().astype("<f4").tobytes())
+    return [str(folder)]
+
+
+def _kvq_billion_layers(tmp: Path, good: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(good / "scales.safetensors"), "pt") as fh:
+        meta = dict(fh.metadata())
+    meta["num_layers"] = str(10**9)
+    path = tmp / "scales.safetensors"
+    save_file(load_file(str(good / "scales.safetensors")), str(path), metadata=meta)
+    return [str(path)]
+
+
+# (id, writer of the hostile input -> inspect argv, the defect's kind, what the one defect must name)
+INSPECT_DEFECTS = [
+    ("sglang-layer-key-1e12", lambda t, g: _sglang_layer_key(t), "missing-layer",
+     ["layers 1..999999999998", "kv_cache.scaling_factor.0.999999999999"]),
+    ("lmdeploy-rank-1e8", lambda t, g: _lmdeploy_rank(t), "config",
+     ["layers.0.past_kv_scale.100000000.weight", "rank 100000000", "2 rank(s)"]),
+    ("kvq-metadata-1e9-layers", _kvq_billion_layers, "missing-layer",
+     ["1000000000 layers", "scales.safetensors metadata num_layers"]),
+]
+
+
+@pytest.mark.parametrize("case_id, write, kind, names", INSPECT_DEFECTS, ids=[c[0] for c in INSPECT_DEFECTS])
+def test_inspect_bounds_its_work_by_what_the_file_holds(case_id, write, kind, names, good_artifact, tmp_path):
+    """A count or index stated in a file is checked against what the file holds: one defect, bounded work."""
+    argv = ["inspect", *write(tmp_path, good_artifact), "--json", str(tmp_path / "report.json")]
+    outcome, seconds, rss = run_bounded(argv, tmp_path)
+    assert outcome.code == 1, outcome.stderr[-2000:]  # inspect: 1 = defects found
+    assert "Traceback" not in outcome.stdout + outcome.stderr
+    _assert_bounded(seconds, rss)
+    defects = json.loads((tmp_path / "report.json").read_text())["defects"]
+    assert len(defects) <= 4, defects
+    hits = [d for d in defects if d["kind"] == kind and all(n in d["message"] for n in names)]
+    assert hits, defects
+    assert len(outcome.stdout.splitlines()) < 80  # the console report is as small as the file
+
+
+def _nested(tmp: Path, good: Path, where: str) -> list[str]:
+    if where == "sglang-json":
+        path = tmp / "scales.json"
+        path.write_text('{"kv_cache": ' + _deep_json() + "}")
+        return [str(path)]
+    if where == "config.json":
+        return [str(_checkpoint(tmp / "ckpt", '{"num_hidden_layers": ' + _deep_json() + "}"))]
+    if where == "index.json":
+        return [str(_checkpoint(tmp / "ckpt", _ct_config(), '{"weight_map": ' + _deep_json() + "}"))]
+    from safetensors import safe_open
+
+    with safe_open(str(good / "scales.safetensors"), "pt") as fh:  # kvq metadata: the recipe
+        meta = dict(fh.metadata())
+    meta["recipe"] = _deep_json()
+    path = tmp / "scales.safetensors"
+    save_file(load_file(str(good / "scales.safetensors")), str(path), metadata=meta)
+    return [str(path)]
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("sglang-json", "scales.json does not parse"), ("config.json", "config.json does not parse"),
+    ("index.json", "model.safetensors.index.json does not parse"), ("kvq-metadata", "recipe metadata does not parse"),
+])
+def test_inspect_deeply_nested_json_does_not_parse(where, expected, good_artifact, tmp_path, capsys):
+    """10^5 levels of nesting: "does not parse", exit 2, not an internal RecursionError."""
+    argv = ["inspect", *_nested(tmp_path, good_artifact, where)]
+    line = assert_contract(run_in_process(argv, capsys), 2, expected)
+    assert "nested too deeply" in line
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "{abs}"], ids=["dotdot", "absolute"])
+def test_inspect_reports_an_index_path_outside_the_checkpoint_and_never_reads_it(target, tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"  # a real file with a KV scale: read, it would show in the report
+    save_file({"model.layers.1.self_attn.v_scale": torch.tensor([123.0])}, str(outside))
+    name = target.format(abs=outside)
+    weight_map = {n: "scales-00001.safetensors" for n in _kv_tensors()}
+    weight_map["model.layers.1.self_attn.v_scale"] = name
+    ckpt = _checkpoint(tmp_path / "ckpt", _ct_config(), {"weight_map": weight_map})
+    outcome = run_in_process(["inspect", str(ckpt), "--json", str(tmp_path / "r.json")], capsys)
+    assert outcome.code == 1 and "Traceback" not in outcome.stdout + outcome.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    outside_defects = [d for d in report["defects"] if "weight_map" in d["message"] and repr(name) in d["message"]]
+    assert [d["tensor"] for d in outside_defects] == ["model.safetensors.index.json"], report["defects"]
+    assert all(t["values"] != [123.0] for t in report["tensors"])  # never opened
+    assert {t["file"] for t in report["tensors"]} == {"scales-00001.safetensors"}
+
+
+def _model_with_index(tiny_llama: Path, folder: Path, target: str) -> Path:
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "model.embed_tokens.weight": target}}))
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export-scales"])
+def test_a_model_whose_index_leaves_its_folder_is_refused(command, tiny_llama, good_artifact, tmp_path, capsys):
+    model = _model_with_index(tiny_llama, tmp_path / "model", "/etc/hostname")
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    if command == "calibrate":
+        argv = ["calibrate", "--model", str(model), "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(out)]
+    else:  # vllm writes a whole checkpoint around the model's files (read through its index): fp8 scales
+        fp8 = tmp_path / "fp8"
+        assert run_in_process(["solve", str(good_artifact), "--recipe", "fp8-e4m3-per-tensor", "--out", str(fp8)],
+                              capsys).code == 0
+        argv = ["export-scales", str(fp8), "--format", "vllm", "--model", str(model), "--out", str(out)]
+    assert_contract(run_in_process(argv, capsys), 2, "weight_map points to '/etc/hostname', outside the")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", -5), ("num_key_value_heads", 0),
+                                        ("head_dim", 2.5), ("num_attention_heads", True)])
+def test_impossible_config_counts_are_a_config_error_naming_the_key(key, value, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "ckpt", _ct_config(**{key: value}))
+    line = assert_contract(run_in_process(["inspect", str(ckpt)], capsys), 2, f"config.json: {key} is {value}")
+    assert "at least 1" in line
+
+
+def test_calibrate_refuses_a_model_config_with_impossible_counts(tiny_llama, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_key_value_heads"] = 0
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = ["calibrate", "--model", str(model), "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(out)]
+    assert_contract(run_in_process(argv, capsys), 2, "num_key_value_heads is 0")
+    assert snapshot(out) is None
+
+
+@pytest.mark.parametrize("name", ["x" * 240, "模" * 80], ids=["240-ascii", "80-cjk"])
+def test_a_long_legal_out_name_works_and_its_stale_temporaries_are_found(name, good_artifact, tmp_path, capsys):
+    """A 240-byte --out name: the temporary name stays within 255 bytes; a killed run's temporary is removed."""
+    assert len(name.encode()) == 240
+    out = tmp_path / name
+    stale = tmp_path / f".{temp_stem(name)}.{_HOST}.999999999.abcd0123.new{TMP_SUFFIX}"
+    stale.mkdir()  # a run with a dead pid left it
+    outcome = run_in_process(["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out", str(out)], capsys)
+    assert outcome.code == 0, outcome.stderr
+    assert (out / "scales.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the stale temporary gone, no new one left
+    assert len(os.fsencode(stale.name)) <= 255
+
+
+def test_a_name_too_long_keeps_the_reason_and_shortens_the_path(good_artifact, tmp_path, capsys):
+    """A 300-byte name is illegal: the one line keeps "File name too long", the path is cut in the middle."""
+    (tmp_path / ("z" * 200)).mkdir()
+    out = tmp_path / ("z" * 200) / ("y" * 300)  # the path alone is longer than the line may be
+    line = assert_contract(run_in_process(["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out",
+                                           str(out)], capsys), 2, "File name too long")
+    assert "..." in line and str(tmp_path)[:20] in line and line.endswith("y")  # the path cut in the middle
+    assert list(out.parent.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_plan_on_a_read_only_artifact_names_the_artifact_not_out(tiny_llama, good_artifact, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Tests run as root here, so the read-only folder is the kernel's answer played back: EACCES on mkdir."""
+    art = tmp_path / "art"
+    shutil.copytree(good_artifact, art)
+    before = snapshot(art)
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(TMP_SUFFIX):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    argv = ["plan", str(art), "--model", str(tiny_llama), "--dataset", "pydoc", "--skip", "1", "--samples", "1",
+            "--seqlen", "16", "--device", "cpu"]
+    outcome = run_in_process(argv, capsys)
+    line = assert_contract(outcome, 2, f"cannot write ARTIFACT {art}")
+    assert "--out" not in outcome.stderr, outcome.stderr
+    assert "Permission denied" in line
+    assert snapshot(art) == before
+
+
+def test_a_ten_megabyte_line_is_tokenized_only_as_far_as_the_sample(tiny_llama, tmp_path):
+    """One 10 MB line (one document) for one 64-token sample: seconds and well under 1 GB, not 73 s and 1.7 GB."""
+    text = tmp_path / "one-line.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 240_000)  # 10.8 MB, no newline
+    out = tmp_path / "out"
+    argv = ["calibrate", "--model", str(tiny_llama), "--dataset", str(text), "--samples", "1", "--seqlen", "64",
+            "--device", "cpu", "--out", str(out)]
+    outcome, seconds, rss = run_bounded(argv, tmp_path)
+    assert outcome.code == 0, outcome.stderr[-2000:]
+    _assert_bounded(seconds, rss)
+    from kvq.artifacts.stats import KVStats
+
+    stats = KVStats.load(out / "stats.safetensors")
+    assert (int(stats.metadata["samples"]), int(stats.metadata["tokens"])) == (1, 64)  # one full 64-token sample
+
+
+def test_a_symbolic_link_as_out_writes_into_its_target_and_says_so(good_artifact, tmp_path, capsys):
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    argv = ["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out", str(link)]
+    outcome = run_in_process(argv, capsys)
+    assert outcome.code == 0, outcome.stderr
+    assert link.is_symlink() and (target / "scales.safetensors").is_file()
+    assert f"written into {target}" in " ".join(outcome.stdout.split())
+    (target / "notes.txt").write_text("mine")  # the target now holds another file: --force means what it means
+    before = snapshot(target)
+    assert_contract(run_in_process(argv, capsys), 2, "notes.txt")
+    assert snapshot(target) == before
+    assert run_in_process([*argv, "--force"], capsys).code == 0
+    assert link.is_symlink() and not (target / "notes.txt").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kvq import __version__
-from kvq.artifacts.files import PLAN_JSON, check_artifact_out, file_sha256, json_bytes, write_artifact
+from kvq.artifacts.files import ARTIFACT_FILES, PLAN_JSON, carried_over, file_sha256, json_bytes
 from kvq.artifacts.layer_plan import (
     PLAN_KIND,
     check_bytes_budget,
@@ -26,10 +26,14 @@ from kvq.errors import UsageError
 from kvq.evaluation.perplexity import EvalWindows, prepare
 from kvq.evaluation.quant_cache import IdentityQuantizer, PartialQuantizer, StaticQuantizer
 from kvq.evaluation.sensitivity import SENSITIVITY_MEASURES, LayerSensitivity, measure_sensitivity
+from kvq.io.atomic import write_folder
+from kvq.io.out_policy import check_folder_out
 from kvq.model.layer_types import FULL, attention_types, sliding_window_layers
 from kvq.model.loading import check_spec
 from kvq.model.model_spec import ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
+
+PLAN_WRITES = "ARTIFACT"  # what messages call the folder plan writes plan.json into (plan has no --out)
 
 
 @dataclass
@@ -133,7 +137,8 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     scales_file = scales_path(cfg.scales)
     quantizer = StaticQuantizer(KVScales.load(scales_file), source=str(cfg.scales))
     budget = _check_budget(cfg, quantizer.scales.num_layers)
-    check_artifact_out(scales_file.parent, [PLAN_JSON], force=cfg.force, inputs=[scales_file])  # before the work
+    check_folder_out(scales_file.parent, ARTIFACT_FILES, force=cfg.force, inputs=[scales_file],  # before the work
+                     carry=carried_over([PLAN_JSON]), option=PLAN_WRITES)
     ready = prepare(cfg.model, cfg.data, cfg.seqlen, cfg.samples, [quantizer])
     info = ready.loaded.info
     shape = info.shape
@@ -166,6 +171,6 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     result = PlanResult(scales_file.parent / PLAN_JSON, scales_file, recipe.name, recipe.key.format,
                         recipe.value.format, info, dtype, ready.dataset, ready.windows, sens, budget, skip, kv_bytes,
                         warnings, types)
-    write_artifact(scales_file.parent, {PLAN_JSON: json_bytes(result.to_json())}, force=cfg.force,
-                   inputs=[scales_file])
+    write_folder(scales_file.parent, {PLAN_JSON: json_bytes(result.to_json())}, kind=ARTIFACT_FILES,
+                 carry=carried_over([PLAN_JSON]), force=cfg.force, inputs=[scales_file], option=PLAN_WRITES)
     return result

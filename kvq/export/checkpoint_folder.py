@@ -26,6 +26,7 @@ from kvq.errors import UsageError
 from kvq.export.model_check import WHICH, ModelFiles, Which
 from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
+from kvq.io.contained import files_outside
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -60,8 +61,14 @@ def read_weights(files: ModelFiles) -> WeightIndex:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = dict(index["weight_map"])
+        except RecursionError as exc:
+            raise UsageError(f"{index_path} does not parse as JSON: nested too deeply") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        outside = files_outside(weight_map)
+        if outside:  # refused before any file is opened: a checkpoint is read only inside its folder
+            raise UsageError(f"{index_path}: weight_map points to {outside[0]!r}, outside the model folder",
+                             hint="kvq reads a checkpoint only inside its folder: fix the index or copy the weights in")
         metadata = dict(index.get("metadata") or {})
         sources = {}
         for name in sorted(set(weight_map.values())):

@@ -43,7 +43,8 @@ def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: in
     full = torch.full((heads, head_dim), float("nan"))
     lo_full, hi_full = full.clone(), full.clone()
     if entry.rank is not None and ranks is not None:
-        rows = heads_of_rank(heads, ranks, entry.rank) if heads % ranks == 0 or ranks % heads == 0 else []
+        splits = (heads % ranks == 0 or ranks % heads == 0) and 0 <= entry.rank < ranks  # a rank beyond: a defect
+        rows = heads_of_rank(heads, ranks, entry.rank) if splits else []
         lo_full[rows], hi_full[rows] = lo.reshape(()), hi.reshape(())  # (1,) or () -> (): one value, the rank's heads
         return lo_full, hi_full
     granularity = inferred_granularity(entry, shape)

@@ -21,7 +21,7 @@ from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.inspection.found import KVQ_ARTIFACT, Found, KVShape, ScaleEntry, Scheme
 from kvq.recipe.schema import KVRecipe
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv])_(scale|zero_point)$")
+_KEY = re.compile(r"^layers\.([0-9]{1,18})\.([kv])_(scale|zero_point)$")
 _HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"
 
 
@@ -40,12 +40,19 @@ def read_kvq_scales(path: Path) -> Found:
     tensors, meta = read_safetensors(path, "scales file", _HINT)
     try:
         recipe = KVRecipe.from_json(json.loads(meta["recipe"]))
-    except (KeyError, json.JSONDecodeError, ValidationError, TypeError) as exc:
+    except RecursionError as exc:
+        raise UsageError(f"scales file {path}: its recipe metadata does not parse: nested too deeply",
+                         hint=_HINT) from exc
+    except (KeyError, ValueError, ValidationError, TypeError) as exc:
         raise UsageError(f"scales file {path}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
     where = f"scales file {path}"
     shape = KVShape(metadata_int(meta, "num_layers", where), metadata_int(meta, "num_kv_heads", where),
                     metadata_int(meta, "head_dim", where), None, meta.get("model_type") or None,
-                    f"{path.name} metadata")
+                    f"{path.name} metadata", "num_layers")
+    for key, value in (("num_layers", shape.num_layers), ("num_kv_heads", shape.num_kv_heads),
+                       ("head_dim", shape.head_dim)):
+        if value is not None and value < 1:
+            raise UsageError(f"{where}: metadata {key}={value} is not a count of at least 1", hint=_HINT)
     k, v = recipe.key, recipe.value
     text = f"kvq recipe {recipe.name}: K {k.format} per {k.granularity}, V {v.format} per {v.granularity}"
     scheme = Scheme(f"{path.name} metadata recipe", text, k.format if k.format == v.format else None,

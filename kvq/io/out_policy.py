@@ -32,6 +32,8 @@ def _within(path: Path, parent: Path) -> bool:
 def _force_hint(option: str) -> str:
     if option == "--out":
         return "pass --force to replace it, or choose another --out"
+    if option == "ARTIFACT":  # kvq plan, which writes plan.json into the artifact it reads
+        return "pass --force to write into it anyway, or pass another ARTIFACT"
     return f"remove it, or choose another {option} path"
 
 
