@@ -28,7 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
+from hostile_files import SECONDS, read, rewrite, write_partial
 from safetensors.torch import load_file, save_file
+
+from kvq.artifacts.files import PARTIAL_FILE
 
 FAST = ["--samples", "2", "--seqlen", "16"]
 
@@ -405,3 +408,82 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
     outcome = Outcome(code, *capsys.readouterr())
     assert_contract(outcome, 1, "internal error: RuntimeError: first line")
     assert "second line" not in outcome.stderr
+
+
+# --- hostile files (issue 20): a partial that kvq did not write as it is, counts and nesting stated in a file ---
+
+PARTIAL_RUN = ("int8-asym-per-head", 6, 16)  # recipe, samples, seqlen of the interrupted run
+
+
+@pytest.fixture(scope="module")
+def good_partial(tiny_llama, tmp_path_factory) -> Path:
+    """An --out holding the partial statistics kvq saves on Ctrl-C after 2 of 6 samples."""
+    recipe, samples, seqlen = PARTIAL_RUN
+    out = tmp_path_factory.mktemp("partial") / "out"
+    write_partial(tiny_llama, out, recipe, samples, seqlen, after=2)
+    return out
+
+
+def _resume(model: Path, out: Path) -> list[str]:
+    recipe, samples, seqlen = PARTIAL_RUN
+    return ["calibrate", "--model", str(model), "--dataset", "pydoc", "--samples", str(samples), "--seqlen",
+            str(seqlen), "--device", "cpu", "--recipe", recipe, "--out", str(out), "--resume"]
+
+
+def _tokens_plus_one(path: Path) -> None:
+    _, meta = read(path)
+    tokens = json.loads(meta["layer_tokens"])
+    rewrite(path, layer_tokens=json.dumps([tokens[0] + 1, *tokens[1:]]))
+
+
+def _edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors, _ = read(path)
+    edit(tensors)
+    rewrite(path, tensors)
+
+
+def _narrower(t: dict[str, torch.Tensor]) -> None:  # every statistic one channel short, consistently
+    for key in t:
+        t[key] = t[key][:, :-1].contiguous()
+
+
+def _half_precision(t: dict[str, torch.Tensor]) -> None:
+    t["layers.0.k.min"] = t["layers.0.k.min"].half()
+
+
+TAMPERED: list[tuple[str, Callable[[Path], object], str]] = [
+    ("done-99", lambda p: rewrite(p, **{"partial.done": "99"}), "partial.done='99' is not a sample count in 1..6"),
+    ("done-negative", lambda p: rewrite(p, **{"partial.done": "-1"}), "partial.done='-1'"),
+    ("done-not-a-number", lambda p: rewrite(p, **{"partial.done": "abc"}), "partial.done='abc'"),
+    ("done-missing", lambda p: rewrite(p, **{"partial.done": None}), "lack the metadata partial.done"),
+    ("done-disagrees-with-tokens", lambda p: rewrite(p, **{"partial.done": "1"}), "layer_tokens gives layer 0"),
+    ("token-count-disagrees", _tokens_plus_one, "layer_tokens gives layer 0"),
+    ("layer-tokens-missing", lambda p: rewrite(p, layer_tokens=None), "lack the metadata layer_tokens"),
+    ("tensor-shape", lambda p: _edit_tensors(p, _narrower), "layers.0.k.min is (2, 15)"),
+    ("tensor-dtype", lambda p: _edit_tensors(p, _half_precision), "layers.0.k.min is float16"),
+    ("layer-missing", lambda p: _edit_tensors(p, _drop_layer), "layer(s) 1 missing"),
+    ("fingerprint-missing", lambda p: rewrite(p, **{"partial.samples": None}), "lack the metadata partial.samples"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+def test_resume_refuses_a_tampered_partial(edit, expected, tiny_llama, good_partial, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    edit(out / PARTIAL_FILE)
+    before = snapshot(out)
+    start = time.perf_counter()
+    line = assert_contract(run_in_process(_resume(tiny_llama, out), capsys), 2, expected)
+    assert str(out / PARTIAL_FILE) in line
+    assert snapshot(out) == before and not (out / "stats.safetensors").exists()  # no artifact from it
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_resume_continues_the_partial_kvq_wrote(tiny_llama, good_partial, tmp_path, capsys):
+    """The checks refuse nothing kvq writes: the untouched partial resumes (tests/calibrate/test_resume.py checks
+    the bytes), and the artifact counts the tokens of all 6 samples."""
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    assert run_in_process(_resume(tiny_llama, out), capsys).code == 0
+    _, meta = read(out / "stats.safetensors")
+    assert meta["samples"] == "6" and not (out / PARTIAL_FILE).exists()
