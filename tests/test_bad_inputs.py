@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
-from hostile_files import SECONDS, read, rewrite, write_partial
+from hostile_files import PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
 from safetensors.torch import load_file, save_file
 
 from kvq.artifacts.files import PARTIAL_FILE
@@ -487,3 +487,52 @@ def test_resume_continues_the_partial_kvq_wrote(tiny_llama, good_partial, tmp_pa
     assert run_in_process(_resume(tiny_llama, out), capsys).code == 0
     _, meta = read(out / "stats.safetensors")
     assert meta["samples"] == "6" and not (out / PARTIAL_FILE).exists()
+
+
+def _moved_layer(t: dict[str, torch.Tensor]) -> None:  # layer 2 renamed layer 999999999 (no num_layers stated)
+    for key in [k for k in t if k.startswith("layers.2.")]:
+        t[key.replace("layers.2.", "layers.999999999.")] = t.pop(key)
+
+
+# (id, file edited in the artifact, its new metadata (None drops a key), tensor edit, text the error line must hold)
+STATED_COUNTS: list[tuple[str, str, dict[str, str | None], Callable | None, str]] = [
+    ("stats-num-layers-1e9", "stats", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is not"),
+    ("stats-num-layers-float", "stats", {"num_layers": "1e9"}, None, "metadata num_layers='1e9' is not a count"),
+    ("stats-num-kv-heads-negative", "stats", {"num_kv_heads": "-4"}, None, "metadata num_kv_heads='-4' is not"),
+    ("stats-head-dim-disagrees", "stats", {"head_dim": "4096"}, None,
+     "metadata head_dim=4096, but layers.0.k.min is (2, 16)"),
+    ("stats-layer-index-1e9", "stats", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+    ("scales-num-layers-1e9", "scales", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is"),
+    ("scales-num-layers-stated-65536", "scales", {"num_layers": "65536"}, None,
+     "layer(s) 3, 4, 5, 6, 7, 8, 9, 10 ... (65533 in all) missing"),
+    ("scales-num-kv-heads-1e9", "scales", {"num_kv_heads": "999999999"}, None, "metadata num_kv_heads='999999999'"),
+    ("scales-head-dim-negative", "scales", {"head_dim": "-128"}, None, "metadata head_dim='-128' is not"),
+    ("scales-num-kv-heads-disagrees", "scales", {"num_kv_heads": "64"}, None,
+     "metadata num_kv_heads=64, but layers.0.k_scale is (2,)"),
+    ("scales-layer-index-1e9", "scales", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+]
+
+
+@pytest.mark.parametrize("which, meta, edit, expected", [c[1:] for c in STATED_COUNTS], ids=[c[0] for c in STATED_COUNTS])
+def test_a_count_stated_in_a_file_bounds_nothing(which, meta, edit, expected, good_artifact, tmp_path):
+    """A few-KB file whose metadata (or a tensor name) states a billion layers, heads or channels: refused by
+    ``solve`` (statistics) and ``export-scales`` (scales) in bounded time and memory, naming the file and field."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(good_artifact, artifact)
+    path = artifact / f"{which}.safetensors"
+    tensors = None
+    if edit is not None:
+        tensors, _ = read(path)
+        edit(tensors)
+    rewrite(path, tensors, **meta)
+    assert path.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    argv = (["solve", str(path), "--recipe", "int8-sym-per-head", "--out", str(out), "--force"] if which == "stats"
+            else ["export-scales", str(artifact), "--format", "sglang-json", "--out", str(out / "x.json")])
+    outcome, peak, _ = run_bounded(argv)
+    line = assert_contract(outcome, 2, expected)
+    assert str(path) in line
+    assert snapshot(out) == before
+    assert peak < PEAK_RSS, peak

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from kvq.artifacts.files import STATS_FILE, read_layers, safetensors_bytes, write_artifact
+from kvq.artifacts.files import STATS_FILE, StatedShape, read_layers, safetensors_bytes, write_artifact
 from kvq.artifacts.reservoir import Reservoir
 from kvq.errors import KvqError, UsageError
 from kvq.quant import histogram as grid
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax|hist)|q\.(?:min|max|absmax)|[qkv]\.rows)$")
+_KEY = re.compile(r"^layers\.(0|[1-9][0-9]{0,8})\.([kv]\.(?:min|max|absmax|hist)|q\.(?:min|max|absmax)|[qkv]\.rows)$")
 _PARTS = ("k.min", "k.max", "k.absmax", "v.min", "v.max", "v.absmax")
 _HINT = "pass the stats.safetensors written by `kvq calibrate`"
 
@@ -212,6 +212,7 @@ class KVStats:
         tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)
         stats = cls(metadata=meta)
         shape = tuple(parts[0]["k.min"].shape)
+        StatedShape.parse(meta, where).check(shape, "layers.0.k.min", where)
         if "reservoir" in meta:
             stats.reservoir = Reservoir.from_file(meta.pop("reservoir"), parts, where)
             for which in ("k", "v"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kvq.artifacts.files import listed, metadata_int
+from kvq.artifacts.files import StatedShape, first_missing, listed
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
 from kvq.recipe.schema import QuantSpec
@@ -42,13 +42,10 @@ class ModelFiles:
     config: dict
 
 
-def _meta_int(scales: KVScales, key: str) -> int | None:
-    return metadata_int(scales.metadata, key, "the artifact")
-
-
 def shape_from_metadata(scales: KVScales) -> ModelShape:
     """The shape the artifact records (what `kvq calibrate` measured)."""
-    values = {key: _meta_int(scales, key) for key in ("num_layers", "num_kv_heads", "head_dim")}
+    stated = StatedShape.parse(scales.metadata, "the artifact")
+    values = {"num_layers": stated.num_layers, "num_kv_heads": stated.num_kv_heads, "head_dim": stated.head_dim}
     missing = [key for key, value in values.items() if value is None]
     if missing:
         raise UsageError(
@@ -103,10 +100,11 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
 
 def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
     """Refuse an artifact calibrated on another model; return notes on what could not be checked."""
+    stated = StatedShape.parse(scales.metadata, "the artifact")
     recorded: dict[str, object] = {
-        "num_layers": _meta_int(scales, "num_layers"),
-        "num_kv_heads": _meta_int(scales, "num_kv_heads"),
-        "head_dim": _meta_int(scales, "head_dim"),
+        "num_layers": stated.num_layers,
+        "num_kv_heads": stated.num_kv_heads,
+        "head_dim": stated.head_dim,
         "model_type": scales.metadata.get("model_type") or None,
         "config_hash": scales.metadata.get("config_hash") or None,
     }
@@ -143,14 +141,12 @@ def expected_shape(spec: QuantSpec, shape: ModelShape) -> tuple[int, ...]:
 
 def check_tensors(scales: KVScales, shape: ModelShape) -> None:
     """Every layer present, every scale / zero point of the shape its granularity implies."""
-    want = set(range(shape.num_layers))
-    have = set(scales.layers)
-    if have != want:
-        missing = sorted(want - have)
-        extra = sorted(have - want)
+    missing, absent = first_missing(scales.layers, shape.num_layers)  # bounded by the layers held, not the count
+    extra = sorted(i for i in scales.layers if not 0 <= i < shape.num_layers)
+    if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing layers {listed(missing)}")
+            parts.append(f"missing layers {listed(missing, absent)}")
         if extra:
             parts.append(f"layers {listed(extra)} beyond the model's {shape.num_layers}")
         raise UsageError(
