@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
-from hostile_files import PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
+from hostile_files import NESTED, PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
 from safetensors.torch import load_file, save_file
 
 from kvq.artifacts.files import PARTIAL_FILE
@@ -462,6 +462,7 @@ TAMPERED: list[tuple[str, Callable[[Path], object], str]] = [
     ("tensor-shape", lambda p: _edit_tensors(p, _narrower), "layers.0.k.min is (2, 15)"),
     ("tensor-dtype", lambda p: _edit_tensors(p, _half_precision), "layers.0.k.min is float16"),
     ("layer-missing", lambda p: _edit_tensors(p, _drop_layer), "layer(s) 1 missing"),
+    ("layer-tokens-nested", lambda p: rewrite(p, layer_tokens=NESTED), "metadata layer_tokens does not parse"),
     ("fingerprint-missing", lambda p: rewrite(p, **{"partial.samples": None}), "lack the metadata partial.samples"),
 ]
 
@@ -536,3 +537,87 @@ def test_a_count_stated_in_a_file_bounds_nothing(which, meta, edit, expected, go
     assert str(path) in line
     assert snapshot(out) == before
     assert peak < PEAK_RSS, peak
+
+
+def _nested_copy(good: Path, tmp: Path, name: str, **meta: str) -> Path:
+    """A copy of the good artifact whose ``name`` file has JSON nested 10^5 deep: the file itself (a JSON file),
+    or the metadata keys ``meta`` (a safetensors file)."""
+    folder = tmp / "nested"
+    shutil.copytree(good, folder)
+    if meta:
+        rewrite(folder / name, **meta)
+    else:
+        (folder / name).write_text(NESTED)
+    return folder
+
+
+def _model_with_nested_config(model: Path, tmp: Path) -> Path:
+    folder = tmp / "model"
+    shutil.copytree(model, folder)
+    (folder / "config.json").write_text(NESTED)
+    return folder
+
+
+# (id, argv built from (model, good artifact, scratch folder, --out), text the error line must hold)
+NESTED_JSON: list[tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]] = [
+    ("stats-layer-tokens", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors",
+                                               layer_tokens=NESTED)), "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata layer_tokens does not parse"),
+    ("stats-reservoir", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors", reservoir=NESTED)),
+                                            "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata reservoir does not parse"),
+    ("scales-recipe-metadata", lambda m, g, t, o: ["export-scales", str(_nested_copy(g, t, "scales.safetensors",
+                                                   recipe=NESTED)), "--format", "sglang-json", "--out", str(o / "x.json")],
+     "metadata recipe does not parse"),
+    ("export-model-config", lambda m, g, t, o: ["export-scales", str(g), "--format", "vllm", "--model",
+                                                str(_model_with_nested_config(m, t)), "--out", str(o / "v")],
+     "its config does not parse"),
+    ("calibrate-model-config", lambda m, g, t, o: ["calibrate", "--model", str(_model_with_nested_config(m, t)),
+                                                   "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(o)],
+     "its config does not parse"),
+    ("report-eval", lambda m, g, t, o: ["report", str(o), "--eval", str(_nested_copy(g, t, "e.json"))],
+     "e.json does not parse"),
+    ("eval-plan", lambda m, g, t, o: ["eval", "--plan", str(_nested_copy(g, t, "plan.json")), "--model", str(m),
+                                      "--dataset", "pydoc", "--device", "cpu", *FAST], "plan.json does not parse"),
+]
+
+
+@pytest.mark.parametrize("argv_of, expected", [c[1:] for c in NESTED_JSON], ids=[c[0] for c in NESTED_JSON])
+def test_deeply_nested_json_is_bad_input(argv_of, expected, tiny_llama, good_artifact, tmp_path, capsys):
+    """JSON nested 10^5 levels deep (200 KB) wherever kvq reads JSON: exit 2 naming the file, not an internal
+    RecursionError."""
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = argv_of(tiny_llama, good_artifact, scratch, out)
+    before = snapshot(out), snapshot(scratch)
+    start = time.perf_counter()
+    assert_contract(run_in_process(argv, capsys), 2, expected)
+    assert (snapshot(out), snapshot(scratch)) == before
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_deeply_nested_json_in_exports_and_metadata(tmp_path):
+    """The readers the CLI cases above do not reach: a TensorRT-LLM checkpoint's config.json, a safetensors
+    index, a ModelOpt hf_quant_config.json (refused, naming the file), and the calibration data record of
+    scales' metadata (only ever a warning's input: it records nothing), an existing --out file (not kvq's)."""
+    from kvq.errors import UsageError
+    from kvq.evaluation.preflight import calibration_files
+    from kvq.export.checkpoint_folder import INDEX, read_weights
+    from kvq.export.model_check import ModelFiles
+    from kvq.export.modelopt import HF_QUANT_CONFIG, _hf_quant_config
+    from kvq.export.trtllm import _checkpoint_config
+    from kvq.io.out_policy import check_file_out
+
+    for name in ("config.json", INDEX, HF_QUANT_CONFIG):
+        (tmp_path / name).write_text(NESTED)
+    files = ModelFiles(tmp_path, {})
+    for name, read_it in (("config.json", lambda: _checkpoint_config(tmp_path, None, 1)),
+                          (INDEX, lambda: read_weights(files)), (HF_QUANT_CONFIG, lambda: _hf_quant_config(files, "FP8"))):
+        with pytest.raises(UsageError, match="does not parse") as err:
+            read_it()
+        assert name in err.value.message
+    assert calibration_files({"data_files": NESTED}) == [] and calibration_files({"data_files": "5"}) == []
+    with pytest.raises(UsageError, match="existing file of another kind"):  # an --out file: not a kvq JSON
+        check_file_out(tmp_path / "config.json", b'{"kvq_version": "x"}', False, "--out")

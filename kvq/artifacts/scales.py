@@ -32,6 +32,7 @@ from kvq.artifacts.files import (
     write_artifact,
 )
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 from kvq.quant.qparams import INT_RANGE
 from kvq.recipe.schema import KVRecipe, QuantSpec
 
@@ -131,9 +132,10 @@ class KVScales:
         where = f"scales file {path}"
         if "recipe" not in meta:
             raise UsageError(f"{where} has no recipe in its metadata; was it written by kvq?", hint=_HINT)
+        recipe_json = parse_json(meta.pop("recipe"), f"{where}: metadata recipe", _HINT)
         try:
-            recipe = KVRecipe.from_json(json.loads(meta.pop("recipe")))
-        except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+            recipe = KVRecipe.from_json(recipe_json)
+        except (ValidationError, TypeError, RecursionError) as exc:
             raise UsageError(f"{where}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
         meta.pop("kvq_version", None)
         layers = {}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from kvq.artifacts.files import StatedShape, file_sha256
 from kvq.artifacts.scales import KVScales
 from kvq.data import LoadedDataset
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 from kvq.model.model_spec import ModelInfo
 
 
@@ -62,10 +61,10 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
 def calibration_files(metadata: dict[str, str]) -> list[dict[str, str]]:
     """The calibration data files the metadata records ({path, sha256} each); [] when none."""
     try:
-        files = json.loads(metadata.get("data_files", "[]"))
-    except json.JSONDecodeError:
+        files = parse_json(metadata.get("data_files", "[]"), "metadata data_files")
+    except UsageError:  # a record of where the data came from, for a warning: unreadable, it records nothing
         return []
-    return [f for f in files if isinstance(f, dict) and "sha256" in f]
+    return [f for f in files if isinstance(f, dict) and "sha256" in f] if isinstance(files, list) else []
 
 
 def same_data_warning(metadata: dict[str, str], dataset: LoadedDataset, source: str) -> str | None:

@@ -10,7 +10,6 @@ name or the scales would never be read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from kvq.errors import UsageError
 from kvq.export.model_check import WHICH, ModelFiles, Which
 from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
+from kvq.io.parse import parse_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -58,7 +58,7 @@ def read_weights(files: ModelFiles) -> WeightIndex:
                 hint=f"remove the stale one from the model folder (transformers reads {SINGLE}, vLLM the index)",
             )
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = parse_json(index_path.read_bytes(), str(index_path))
             weight_map = dict(index["weight_map"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{index_path} is not a valid safetensors index: {exc}") from exc

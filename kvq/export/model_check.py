@@ -6,7 +6,6 @@ config hash recorded at calibration) and refuses what the format cannot express.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Literal
 from kvq.artifacts.files import StatedShape, first_missing, listed
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 from kvq.recipe.schema import QuantSpec
 
 Which = Literal["k", "v"]
@@ -77,6 +77,8 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
         )
     try:
         config = AutoConfig.from_pretrained(source)
+    except RecursionError as exc:  # a config.json nested deeper than the JSON parser's limit
+        raise UsageError(f"model {model_id}: its config does not parse: its JSON is nested too deeply") from exc
     except (OSError, ValueError) as exc:
         raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from exc
     num_layers, num_kv_heads, head_dim = kv_shape(config)
@@ -92,9 +94,13 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
     if folder is not None and need_files:
         config_path = folder / "config.json"
         try:
-            files = ModelFiles(folder=folder, config=json.loads(config_path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
+            text = config_path.read_bytes()
+        except OSError as exc:
             raise UsageError(f"model {model_id}: cannot read {config_path}: {exc}") from exc
+        config_json = parse_json(text, f"model {model_id}: {config_path}")
+        if not isinstance(config_json, dict):
+            raise UsageError(f"model {model_id}: {config_path} is not a JSON object")
+        files = ModelFiles(folder=folder, config=config_json)
     return shape, files
 
 

@@ -267,6 +267,8 @@ def load_model(
     model_id, source, folder = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except RecursionError as exc:  # a config.json nested deeper than the JSON parser's limit
+        raise UsageError(f"model {model_id}: its config does not parse: its JSON is nested too deeply") from exc
     except (OSError, ValueError) as exc:
         if folder is None:
             raise UsageError(
