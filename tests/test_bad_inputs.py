@@ -575,7 +575,7 @@ NESTED_JSON: list[tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]
     ("calibrate-model-config", lambda m, g, t, o: ["calibrate", "--model", str(_model_with_nested_config(m, t)),
                                                    "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(o)],
      "its config does not parse"),
-    ("report-eval", lambda m, g, t, o: ["report", str(o), "--eval", str(_nested_copy(g, t, "e.json"))],
+    ("report-eval", lambda m, g, t, o: ["report", str(o), "--eval", str(_nested_copy(g, t, "e.json") / "e.json")],
      "e.json does not parse"),
     ("eval-plan", lambda m, g, t, o: ["eval", "--plan", str(_nested_copy(g, t, "plan.json")), "--model", str(m),
                                       "--dataset", "pydoc", "--device", "cpu", *FAST], "plan.json does not parse"),
