@@ -568,7 +568,7 @@ NESTED_JSON: list[tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]
      "metadata reservoir does not parse"),
     ("scales-recipe-metadata", lambda m, g, t, o: ["export-scales", str(_nested_copy(g, t, "scales.safetensors",
                                                    recipe=NESTED)), "--format", "sglang-json", "--out", str(o / "x.json")],
-     "metadata recipe does not parse"),
+     "its recipe metadata is not a valid kvq recipe"),
     ("export-model-config", lambda m, g, t, o: ["export-scales", str(g), "--format", "vllm", "--model",
                                                 str(_model_with_nested_config(m, t)), "--out", str(o / "v")],
      "its config does not parse"),

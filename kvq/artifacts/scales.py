@@ -132,10 +132,9 @@ class KVScales:
         where = f"scales file {path}"
         if "recipe" not in meta:
             raise UsageError(f"{where} has no recipe in its metadata; was it written by kvq?", hint=_HINT)
-        recipe_json = parse_json(meta.pop("recipe"), f"{where}: metadata recipe", _HINT)
         try:
-            recipe = KVRecipe.from_json(recipe_json)
-        except (ValidationError, TypeError, RecursionError) as exc:
+            recipe = KVRecipe.from_json(parse_json(meta.pop("recipe"), "the recipe metadata"))
+        except (UsageError, ValidationError, TypeError, RecursionError) as exc:
             raise UsageError(f"{where}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
         meta.pop("kvq_version", None)
         layers = {}
