@@ -28,7 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
+from hostile_files import NESTED, PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
 from safetensors.torch import load_file, save_file
+
+from kvq.artifacts.files import PARTIAL_FILE
 
 FAST = ["--samples", "2", "--seqlen", "16"]
 
@@ -407,7 +410,9 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
     assert "second line" not in outcome.stderr
 
 
-# =================================================================================================
+# ==========================================================================================
+
+
 # Issue 20, hostile files (helper b): inspect on crafted checkpoints, paths a checkpoint names, long
 # --out names, plan's messages, tokenization bounded by the sample, a symbolic link as --out.
 # Each fixture writes a small hostile file (a few KB); the oracle is the exit code, one line (or one
@@ -439,7 +444,7 @@ def _limit_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
 
 
-def run_bounded(argv: list[str], tmp: Path, timeout: float = 240) -> tuple[Outcome, float, int]:
+def run_in_child(argv: list[str], tmp: Path, timeout: float = 240) -> tuple[Outcome, float, int]:
     """``kvq ARGV`` in a child process: (outcome, seconds of kvq's work, peak RSS in bytes of that child)."""
     timing, out_path, err_path = tmp / "timing.json", tmp / "stdout.txt", tmp / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
@@ -542,7 +547,7 @@ INSPECT_DEFECTS = [
 def test_inspect_bounds_its_work_by_what_the_file_holds(case_id, write, kind, names, good_artifact, tmp_path):
     """A count or index stated in a file is checked against what the file holds: one defect, bounded work."""
     argv = ["inspect", *write(tmp_path, good_artifact), "--json", str(tmp_path / "report.json")]
-    outcome, seconds, rss = run_bounded(argv, tmp_path)
+    outcome, seconds, rss = run_in_child(argv, tmp_path)
     assert outcome.code == 1, outcome.stderr[-2000:]  # inspect: 1 = defects found
     assert "Traceback" not in outcome.stdout + outcome.stderr
     _assert_bounded(seconds, rss)
@@ -699,7 +704,7 @@ def test_a_ten_megabyte_line_is_tokenized_only_as_far_as_the_sample(tiny_llama, 
     out = tmp_path / "out"
     argv = ["calibrate", "--model", str(tiny_llama), "--dataset", str(text), "--samples", "1", "--seqlen", "64",
             "--device", "cpu", "--out", str(out)]
-    outcome, seconds, rss = run_bounded(argv, tmp_path)
+    outcome, seconds, rss = run_in_child(argv, tmp_path)
     assert outcome.code == 0, outcome.stderr[-2000:]
     _assert_bounded(seconds, rss)
     from kvq.artifacts.stats import KVStats
@@ -724,3 +729,214 @@ def test_a_symbolic_link_as_out_writes_into_its_target_and_says_so(good_artifact
     assert snapshot(target) == before
     assert run_in_process([*argv, "--force"], capsys).code == 0
     assert link.is_symlink() and not (target / "notes.txt").exists()
+# --- hostile files (issue 20): a partial that kvq did not write as it is, counts and nesting stated in a file ---
+
+PARTIAL_RUN = ("int8-asym-per-head", 6, 16)  # recipe, samples, seqlen of the interrupted run
+
+
+@pytest.fixture(scope="module")
+def good_partial(tiny_llama, tmp_path_factory) -> Path:
+    """An --out holding the partial statistics kvq saves on Ctrl-C after 2 of 6 samples."""
+    recipe, samples, seqlen = PARTIAL_RUN
+    out = tmp_path_factory.mktemp("partial") / "out"
+    write_partial(tiny_llama, out, recipe, samples, seqlen, after=2)
+    return out
+
+
+def _resume(model: Path, out: Path) -> list[str]:
+    recipe, samples, seqlen = PARTIAL_RUN
+    return ["calibrate", "--model", str(model), "--dataset", "pydoc", "--samples", str(samples), "--seqlen",
+            str(seqlen), "--device", "cpu", "--recipe", recipe, "--out", str(out), "--resume"]
+
+
+def _tokens_plus_one(path: Path) -> None:
+    _, meta = read(path)
+    tokens = json.loads(meta["layer_tokens"])
+    rewrite(path, layer_tokens=json.dumps([tokens[0] + 1, *tokens[1:]]))
+
+
+def _edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors, _ = read(path)
+    edit(tensors)
+    rewrite(path, tensors)
+
+
+def _narrower(t: dict[str, torch.Tensor]) -> None:  # every statistic one channel short, consistently
+    for key in t:
+        t[key] = t[key][:, :-1].contiguous()
+
+
+def _half_precision(t: dict[str, torch.Tensor]) -> None:
+    t["layers.0.k.min"] = t["layers.0.k.min"].half()
+
+
+TAMPERED: list[tuple[str, Callable[[Path], object], str]] = [
+    ("done-99", lambda p: rewrite(p, **{"partial.done": "99"}), "partial.done='99' is not a sample count in 1..6"),
+    ("done-negative", lambda p: rewrite(p, **{"partial.done": "-1"}), "partial.done='-1'"),
+    ("done-not-a-number", lambda p: rewrite(p, **{"partial.done": "abc"}), "partial.done='abc'"),
+    ("done-missing", lambda p: rewrite(p, **{"partial.done": None}), "lack the metadata partial.done"),
+    ("done-disagrees-with-tokens", lambda p: rewrite(p, **{"partial.done": "1"}), "layer_tokens gives layer 0"),
+    ("token-count-disagrees", _tokens_plus_one, "layer_tokens gives layer 0"),
+    ("layer-tokens-missing", lambda p: rewrite(p, layer_tokens=None), "lack the metadata layer_tokens"),
+    ("tensor-shape", lambda p: _edit_tensors(p, _narrower), "layers.0.k.min is (2, 15)"),
+    ("tensor-dtype", lambda p: _edit_tensors(p, _half_precision), "layers.0.k.min is float16"),
+    ("layer-missing", lambda p: _edit_tensors(p, _drop_layer), "layer(s) 1 missing"),
+    ("layer-tokens-nested", lambda p: rewrite(p, layer_tokens=NESTED), "metadata layer_tokens does not parse"),
+    ("fingerprint-missing", lambda p: rewrite(p, **{"partial.samples": None}), "lack the metadata partial.samples"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+def test_resume_refuses_a_tampered_partial(edit, expected, tiny_llama, good_partial, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    edit(out / PARTIAL_FILE)
+    before = snapshot(out)
+    start = time.perf_counter()
+    line = assert_contract(run_in_process(_resume(tiny_llama, out), capsys), 2, expected)
+    assert str(out / PARTIAL_FILE) in line
+    assert snapshot(out) == before and not (out / "stats.safetensors").exists()  # no artifact from it
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_resume_continues_the_partial_kvq_wrote(tiny_llama, good_partial, tmp_path, capsys):
+    """The checks refuse nothing kvq writes: the untouched partial resumes (tests/calibrate/test_resume.py checks
+    the bytes), and the artifact counts the tokens of all 6 samples."""
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    assert run_in_process(_resume(tiny_llama, out), capsys).code == 0
+    _, meta = read(out / "stats.safetensors")
+    assert meta["samples"] == "6" and not (out / PARTIAL_FILE).exists()
+
+
+def _moved_layer(t: dict[str, torch.Tensor]) -> None:  # layer 2 renamed layer 999999999 (no num_layers stated)
+    for key in [k for k in t if k.startswith("layers.2.")]:
+        t[key.replace("layers.2.", "layers.999999999.")] = t.pop(key)
+
+
+# (id, file edited in the artifact, its new metadata (None drops a key), tensor edit, text the error line must hold)
+STATED_COUNTS: list[tuple[str, str, dict[str, str | None], Callable | None, str]] = [
+    ("stats-num-layers-1e9", "stats", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is not"),
+    ("stats-num-layers-float", "stats", {"num_layers": "1e9"}, None, "metadata num_layers='1e9' is not a count"),
+    ("stats-num-kv-heads-negative", "stats", {"num_kv_heads": "-4"}, None, "metadata num_kv_heads='-4' is not"),
+    ("stats-head-dim-disagrees", "stats", {"head_dim": "4096"}, None,
+     "metadata head_dim=4096, but layers.0.k.min is (2, 16)"),
+    ("stats-layer-index-1e9", "stats", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+    ("scales-num-layers-1e9", "scales", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is"),
+    ("scales-num-layers-stated-65536", "scales", {"num_layers": "65536"}, None,
+     "layer(s) 3, 4, 5, 6, 7, 8, 9, 10 ... (65533 in all) missing"),
+    ("scales-num-kv-heads-1e9", "scales", {"num_kv_heads": "999999999"}, None, "metadata num_kv_heads='999999999'"),
+    ("scales-head-dim-negative", "scales", {"head_dim": "-128"}, None, "metadata head_dim='-128' is not"),
+    ("scales-num-kv-heads-disagrees", "scales", {"num_kv_heads": "64"}, None,
+     "metadata num_kv_heads=64, but layers.0.k_scale is (2,)"),
+    ("scales-layer-index-1e9", "scales", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+]
+
+
+@pytest.mark.parametrize("which, meta, edit, expected", [c[1:] for c in STATED_COUNTS], ids=[c[0] for c in STATED_COUNTS])
+def test_a_count_stated_in_a_file_bounds_nothing(which, meta, edit, expected, good_artifact, tmp_path):
+    """A few-KB file whose metadata (or a tensor name) states a billion layers, heads or channels: refused by
+    ``solve`` (statistics) and ``export-scales`` (scales) in bounded time and memory, naming the file and field."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(good_artifact, artifact)
+    path = artifact / f"{which}.safetensors"
+    tensors = None
+    if edit is not None:
+        tensors, _ = read(path)
+        edit(tensors)
+    rewrite(path, tensors, **meta)
+    assert path.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    argv = (["solve", str(path), "--recipe", "int8-sym-per-head", "--out", str(out), "--force"] if which == "stats"
+            else ["export-scales", str(artifact), "--format", "sglang-json", "--out", str(out / "x.json")])
+    outcome, peak, _ = run_bounded(argv)
+    line = assert_contract(outcome, 2, expected)
+    assert str(path) in line
+    assert snapshot(out) == before
+    assert peak < PEAK_RSS, peak
+
+
+def _nested_copy(good: Path, tmp: Path, name: str, **meta: str) -> Path:
+    """A copy of the good artifact whose ``name`` file has JSON nested 10^5 deep: the file itself (a JSON file),
+    or the metadata keys ``meta`` (a safetensors file)."""
+    folder = tmp / "nested"
+    shutil.copytree(good, folder)
+    if meta:
+        rewrite(folder / name, **meta)
+    else:
+        (folder / name).write_text(NESTED)
+    return folder
+
+
+def _model_with_nested_config(model: Path, tmp: Path) -> Path:
+    folder = tmp / "model"
+    shutil.copytree(model, folder)
+    (folder / "config.json").write_text(NESTED)
+    return folder
+
+
+# (id, argv built from (model, good artifact, scratch folder, --out), text the error line must hold)
+NESTED_JSON: list[tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]] = [
+    ("stats-layer-tokens", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors",
+                                               layer_tokens=NESTED)), "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata layer_tokens does not parse"),
+    ("stats-reservoir", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors", reservoir=NESTED)),
+                                            "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata reservoir does not parse"),
+    ("scales-recipe-metadata", lambda m, g, t, o: ["export-scales", str(_nested_copy(g, t, "scales.safetensors",
+                                                   recipe=NESTED)), "--format", "sglang-json", "--out", str(o / "x.json")],
+     "its recipe metadata is not a valid kvq recipe"),
+    ("export-model-config", lambda m, g, t, o: ["export-scales", str(g), "--format", "vllm", "--model",
+                                                str(_model_with_nested_config(m, t)), "--out", str(o / "v")],
+     "its config does not parse"),
+    ("calibrate-model-config", lambda m, g, t, o: ["calibrate", "--model", str(_model_with_nested_config(m, t)),
+                                                   "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(o)],
+     "its config does not parse"),
+    ("report-eval", lambda m, g, t, o: ["report", str(o), "--eval", str(_nested_copy(g, t, "e.json") / "e.json")],
+     "e.json does not parse"),
+    ("eval-plan", lambda m, g, t, o: ["eval", "--plan", str(_nested_copy(g, t, "plan.json")), "--model", str(m),
+                                      "--dataset", "pydoc", "--device", "cpu", *FAST], "plan.json does not parse"),
+]
+
+
+@pytest.mark.parametrize("argv_of, expected", [c[1:] for c in NESTED_JSON], ids=[c[0] for c in NESTED_JSON])
+def test_deeply_nested_json_is_bad_input(argv_of, expected, tiny_llama, good_artifact, tmp_path, capsys):
+    """JSON nested 10^5 levels deep (200 KB) wherever kvq reads JSON: exit 2 naming the file, not an internal
+    RecursionError."""
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = argv_of(tiny_llama, good_artifact, scratch, out)
+    before = snapshot(out), snapshot(scratch)
+    start = time.perf_counter()
+    assert_contract(run_in_process(argv, capsys), 2, expected)
+    assert (snapshot(out), snapshot(scratch)) == before
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_deeply_nested_json_in_exports_and_metadata(tmp_path):
+    """The readers the CLI cases above do not reach: a TensorRT-LLM checkpoint's config.json, a safetensors
+    index, a ModelOpt hf_quant_config.json (refused, naming the file), and the calibration data record of
+    scales' metadata (only ever a warning's input: it records nothing), an existing --out file (not kvq's)."""
+    from kvq.errors import UsageError
+    from kvq.evaluation.preflight import calibration_files
+    from kvq.export.checkpoint_folder import INDEX, read_weights
+    from kvq.export.model_check import ModelFiles
+    from kvq.export.modelopt import HF_QUANT_CONFIG, _hf_quant_config
+    from kvq.export.trtllm import _checkpoint_config
+    from kvq.io.out_policy import check_file_out
+
+    for name in ("config.json", INDEX, HF_QUANT_CONFIG):
+        (tmp_path / name).write_text(NESTED)
+    files = ModelFiles(tmp_path, {})
+    for name, read_it in (("config.json", lambda: _checkpoint_config(tmp_path, None, 1)),
+                          (INDEX, lambda: read_weights(files)), (HF_QUANT_CONFIG, lambda: _hf_quant_config(files, "FP8"))):
+        with pytest.raises(UsageError, match="does not parse") as err:
+            read_it()
+        assert name in err.value.message
+    assert calibration_files({"data_files": NESTED}) == [] and calibration_files({"data_files": "5"}) == []
+    with pytest.raises(UsageError, match="existing file of another kind"):  # an --out file: not a kvq JSON
+        check_file_out(tmp_path / "config.json", b'{"kvq_version": "x"}', False, "--out")

@@ -10,7 +10,6 @@ name or the scales would never be read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from kvq.export.model_check import WHICH, ModelFiles, Which
 from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
 from kvq.io.contained import files_outside
+from kvq.io.parse import parse_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -59,7 +59,7 @@ def read_weights(files: ModelFiles) -> WeightIndex:
                 hint=f"remove the stale one from the model folder (transformers reads {SINGLE}, vLLM the index)",
             )
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = parse_json(index_path.read_bytes(), str(index_path))
             weight_map = dict(index["weight_map"])
         except RecursionError as exc:
             raise UsageError(f"{index_path} does not parse as JSON: nested too deeply") from exc
