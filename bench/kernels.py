@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from kvq.kernels import roundtrip_error_reference, triton_kernels
-from kvq.quant.qparams import FP8_MAX, INT_RANGE
+from kvq.quant.formats import FORMATS
 
 TARGET_FRACTION_OF_COPY = 0.80
 TARGET_SPEEDUP = 5.0
@@ -55,7 +55,7 @@ def make_inputs(
     x = torch.randn(shape, generator=gen) * (torch.rand(1, h, 1, d, generator=gen) + 0.5)
     x[..., ::16] *= 4.0
     qshape = {"tensor": (), "head": (h,), "channel": (h, d)}[granularity]
-    top = FP8_MAX[fmt] if fmt in FP8_MAX else INT_RANGE[fmt][1]
+    top = FORMATS[fmt].qmax
     scale = torch.full(qshape, 4.0 / top)
     zp = None if symmetric else torch.zeros(qshape, dtype=torch.int32)
     return x.to(dtype=dtype, device=device), scale.to(device), None if zp is None else zp.to(device)
@@ -117,7 +117,7 @@ def main() -> None:
                    f" {'fq GPU ms':>9} {'fq GB/s':>7} {'fq %':>5}  targets")
     print(header)
     for fmt in args.formats:
-        symmetric = fmt in FP8_MAX or not args.asymmetric
+        symmetric = FORMATS[fmt].symmetric_only or not args.asymmetric
         for gran in args.granularities:
             x, scale, zp = make_inputs(shape, dtype, fmt, gran, symmetric, device)
             ref_ms = time_ms(partial(roundtrip_error_reference, x, scale, zp, fmt), cuda, args.cpu_reps)

@@ -36,7 +36,7 @@ from kvq.calibration import collect_stats  # noqa: E402
 from kvq.data import batches  # noqa: E402
 from kvq.evaluation import StaticQuantizer, eval_windows, measure  # noqa: E402
 from kvq.evaluation.perplexity import paired_stderr  # noqa: E402
-from kvq.quant.qparams import INT_RANGE, choose_qparams  # noqa: E402
+from kvq.quant.qparams import choose_qparams, qrange  # noqa: E402
 from kvq.recipe.schema import QuantSpec, parse_recipe  # noqa: E402
 from kvq.solving.attention import fake_quantize_range  # noqa: E402
 from kvq.solving.observers import observed_range  # noqa: E402
@@ -61,7 +61,7 @@ def round_trip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantS
     if keep_clipped:
         scale, zp = choose_qparams(lo, hi, spec)
         scale, zp = scale[None, :, None, :], zp[None, :, None, :]  # (h, d) -> (1, h, 1, d)
-        qmin, qmax = INT_RANGE[spec.format]
+        qmin, qmax = qrange(spec.format)
         low, high = (qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale  # the codes' reach, half a step beyond
         back = torch.where((x < low) | (x > high), x.float(), back)
     return back.to(x.dtype)

@@ -28,7 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
+from hostile_files import NESTED, PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
 from safetensors.torch import load_file, save_file
+
+from kvq.artifacts.files import PARTIAL_FILE
 
 FAST = ["--samples", "2", "--seqlen", "16"]
 
@@ -405,3 +408,535 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
     outcome = Outcome(code, *capsys.readouterr())
     assert_contract(outcome, 1, "internal error: RuntimeError: first line")
     assert "second line" not in outcome.stderr
+
+
+# ==========================================================================================
+
+
+# Issue 20, hostile files (helper b): inspect on crafted checkpoints, paths a checkpoint names, long
+# --out names, plan's messages, tokenization bounded by the sample, a symbolic link as --out.
+# Each fixture writes a small hostile file (a few KB); the oracle is the exit code, one line (or one
+# defect) naming the file and the field, no traceback, --out untouched, and, where a number in the
+# file could make kvq work without bound, the run's time and peak memory.
+# =================================================================================================
+
+import resource  # noqa: E402
+
+from kvq.io.atomic import _HOST, TMP_SUFFIX, temp_stem  # noqa: E402
+
+BOUND_SECONDS = 30.0  # kvq's own work on a file under 1 MB (imports excluded: the machine is shared)
+BOUND_RSS = 1 << 30  # peak resident memory of the whole process, imports included
+_AS_LIMIT = 6 << 30  # address space: a runaway dies here instead of taking the machine
+
+_CHILD = """
+import json, sys, time
+import torch, kvq.api, kvq.cli  # before the clock: the bound is on kvq's work, not on imports
+from kvq.cli import main
+start = time.perf_counter()
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as fh:
+    json.dump({"seconds": time.perf_counter() - start}, fh)
+sys.exit(code)
+"""
+
+
+def _limit_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
+
+
+def run_in_child(argv: list[str], tmp: Path, timeout: float = 240) -> tuple[Outcome, float, int]:
+    """``kvq ARGV`` in a child process: (outcome, seconds of kvq's work, peak RSS in bytes of that child)."""
+    timing, out_path, err_path = tmp / "timing.json", tmp / "stdout.txt", tmp / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
+    env["COLUMNS"] = "250"  # rich wraps at the terminal width; one defect stays on one line
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(timing), *argv], stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_limit_address_space)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                break
+            time.sleep(0.05)
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("inf")
+    outcome = Outcome(proc.returncode, out_path.read_text(), err_path.read_text())
+    return outcome, seconds, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def _assert_bounded(seconds: float, rss: int) -> None:
+    assert seconds < BOUND_SECONDS, f"{seconds:.1f} s"
+    assert rss < BOUND_RSS, f"peak RSS {rss / 2**20:.0f} MiB"
+
+
+def _ct_config(layers: int = 2, **override) -> dict:
+    """A Llama config.json declaring a compressed-tensors FP8 per-tensor KV cache (2 KV heads x head_dim 16)."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": layers,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "hidden_size": 32, "head_dim": 16,
+              "quantization_config": {"quant_method": "compressed-tensors", "kv_cache_scheme": {
+                  "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}}}
+    config.update(override)
+    return config
+
+
+def _kv_tensors(layers: int = 2) -> dict[str, torch.Tensor]:
+    return {f"model.layers.{i}.self_attn.{r}_scale": torch.tensor([0.05 + 0.01 * i]) for i in range(layers)
+            for r in "kv"}
+
+
+def _checkpoint(folder: Path, config: dict | str, index: dict | str | None = None) -> Path:
+    """A checkpoint folder of KV scales: config.json, model.safetensors (or the index given), hand-written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if index is None:
+        save_file(_kv_tensors(), str(folder / "model.safetensors"))
+    else:
+        save_file(_kv_tensors(), str(folder / "scales-00001.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    return folder
+
+
+def _deep_json(levels: int = 100_000) -> str:
+    return "[" * levels + "]" * levels
+
+
+def _sglang_layer_key(tmp: Path) -> list[str]:
+    path = tmp / "scales.json"
+    path.write_text(json.dumps({"model_type": "llama", "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {
+        "0": {"0": 0.05, "999999999999": 0.05}}}}))
+    return [str(path)]
+
+
+def _lmdeploy_rank(tmp: Path) -> list[str]:
+    folder = tmp / "turbomind"
+    folder.mkdir()
+    for rank in (0, 100_000_000):  # [k_scale, k_zp, v_scale, v_zp] as raw little-endian float32
+        (folder / f"layers.0.past_kv_scale.{rank}.weight").write_bytes(
+            torch.tensor([0.05, 0.0, 0.05, 0.0]).numpy().astype("<f4").tobytes())
+    return [str(folder)]
+
+
+def _kvq_billion_layers(tmp: Path, good: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(good / "scales.safetensors"), "pt") as fh:
+        meta = dict(fh.metadata())
+    meta["num_layers"] = str(10**9)
+    path = tmp / "scales.safetensors"
+    save_file(load_file(str(good / "scales.safetensors")), str(path), metadata=meta)
+    return [str(path)]
+
+
+# (id, writer of the hostile input -> inspect argv, the defect's kind, what the one defect must name)
+INSPECT_DEFECTS = [
+    ("sglang-layer-key-1e12", lambda t, g: _sglang_layer_key(t), "missing-layer",
+     ["layers 1..999999999998", "kv_cache.scaling_factor.0.999999999999"]),
+    ("lmdeploy-rank-1e8", lambda t, g: _lmdeploy_rank(t), "config",
+     ["layers.0.past_kv_scale.100000000.weight", "rank 100000000", "2 rank(s)"]),
+    ("kvq-metadata-1e9-layers", _kvq_billion_layers, "missing-layer",
+     ["1000000000 layers", "scales.safetensors metadata num_layers"]),
+]
+
+
+@pytest.mark.parametrize("case_id, write, kind, names", INSPECT_DEFECTS, ids=[c[0] for c in INSPECT_DEFECTS])
+def test_inspect_bounds_its_work_by_what_the_file_holds(case_id, write, kind, names, good_artifact, tmp_path):
+    """A count or index stated in a file is checked against what the file holds: one defect, bounded work."""
+    argv = ["inspect", *write(tmp_path, good_artifact), "--json", str(tmp_path / "report.json")]
+    outcome, seconds, rss = run_in_child(argv, tmp_path)
+    assert outcome.code == 1, outcome.stderr[-2000:]  # inspect: 1 = defects found
+    assert "Traceback" not in outcome.stdout + outcome.stderr
+    _assert_bounded(seconds, rss)
+    defects = json.loads((tmp_path / "report.json").read_text())["defects"]
+    assert len(defects) <= 4, defects
+    hits = [d for d in defects if d["kind"] == kind and all(n in d["message"] for n in names)]
+    assert hits, defects
+    assert len(outcome.stdout.splitlines()) < 80  # the console report is as small as the file
+
+
+def _nested(tmp: Path, good: Path, where: str) -> list[str]:
+    if where == "sglang-json":
+        path = tmp / "scales.json"
+        path.write_text('{"kv_cache": ' + _deep_json() + "}")
+        return [str(path)]
+    if where == "config.json":
+        return [str(_checkpoint(tmp / "ckpt", '{"num_hidden_layers": ' + _deep_json() + "}"))]
+    if where == "index.json":
+        return [str(_checkpoint(tmp / "ckpt", _ct_config(), '{"weight_map": ' + _deep_json() + "}"))]
+    from safetensors import safe_open
+
+    with safe_open(str(good / "scales.safetensors"), "pt") as fh:  # kvq metadata: the recipe
+        meta = dict(fh.metadata())
+    meta["recipe"] = _deep_json()
+    path = tmp / "scales.safetensors"
+    save_file(load_file(str(good / "scales.safetensors")), str(path), metadata=meta)
+    return [str(path)]
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("sglang-json", "scales.json does not parse"), ("config.json", "config.json does not parse"),
+    ("index.json", "model.safetensors.index.json does not parse"), ("kvq-metadata", "recipe metadata does not parse"),
+])
+def test_inspect_deeply_nested_json_does_not_parse(where, expected, good_artifact, tmp_path, capsys):
+    """10^5 levels of nesting: "does not parse", exit 2, not an internal RecursionError."""
+    argv = ["inspect", *_nested(tmp_path, good_artifact, where)]
+    line = assert_contract(run_in_process(argv, capsys), 2, expected)
+    assert "nested too deeply" in line
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "{abs}"], ids=["dotdot", "absolute"])
+def test_inspect_reports_an_index_path_outside_the_checkpoint_and_never_reads_it(target, tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"  # a real file with a KV scale: read, it would show in the report
+    save_file({"model.layers.1.self_attn.v_scale": torch.tensor([123.0])}, str(outside))
+    name = target.format(abs=outside)
+    weight_map = {n: "scales-00001.safetensors" for n in _kv_tensors()}
+    weight_map["model.layers.1.self_attn.v_scale"] = name
+    ckpt = _checkpoint(tmp_path / "ckpt", _ct_config(), {"weight_map": weight_map})
+    outcome = run_in_process(["inspect", str(ckpt), "--json", str(tmp_path / "r.json")], capsys)
+    assert outcome.code == 1 and "Traceback" not in outcome.stdout + outcome.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    outside_defects = [d for d in report["defects"] if "weight_map" in d["message"] and repr(name) in d["message"]]
+    assert [d["tensor"] for d in outside_defects] == ["model.safetensors.index.json"], report["defects"]
+    assert all(t["values"] != [123.0] for t in report["tensors"])  # never opened
+    assert {t["file"] for t in report["tensors"]} == {"scales-00001.safetensors"}
+
+
+def _model_with_index(tiny_llama: Path, folder: Path, target: str) -> Path:
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "model.embed_tokens.weight": target}}))
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export-scales"])
+def test_a_model_whose_index_leaves_its_folder_is_refused(command, tiny_llama, good_artifact, tmp_path, capsys):
+    model = _model_with_index(tiny_llama, tmp_path / "model", "/etc/hostname")
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    if command == "calibrate":
+        argv = ["calibrate", "--model", str(model), "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(out)]
+    else:  # vllm writes a whole checkpoint around the model's files (read through its index): fp8 scales
+        fp8 = tmp_path / "fp8"
+        assert run_in_process(["solve", str(good_artifact), "--recipe", "fp8-e4m3-per-tensor", "--out", str(fp8)],
+                              capsys).code == 0
+        argv = ["export-scales", str(fp8), "--format", "vllm", "--model", str(model), "--out", str(out)]
+    assert_contract(run_in_process(argv, capsys), 2, "weight_map points to '/etc/hostname', outside the")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", -5), ("num_key_value_heads", 0),
+                                        ("head_dim", 2.5), ("num_attention_heads", True)])
+def test_impossible_config_counts_are_a_config_error_naming_the_key(key, value, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "ckpt", _ct_config(**{key: value}))
+    line = assert_contract(run_in_process(["inspect", str(ckpt)], capsys), 2, f"config.json: {key} is {value}")
+    assert "at least 1" in line
+
+
+def test_calibrate_refuses_a_model_config_with_impossible_counts(tiny_llama, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_key_value_heads"] = 0
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = ["calibrate", "--model", str(model), "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(out)]
+    assert_contract(run_in_process(argv, capsys), 2, "num_key_value_heads is 0")
+    assert snapshot(out) is None
+
+
+@pytest.mark.parametrize("name", ["x" * 240, "模" * 80], ids=["240-ascii", "80-cjk"])
+def test_a_long_legal_out_name_works_and_its_stale_temporaries_are_found(name, good_artifact, tmp_path, capsys):
+    """A 240-byte --out name: the temporary name stays within 255 bytes; a killed run's temporary is removed."""
+    assert len(name.encode()) == 240
+    out = tmp_path / name
+    stale = tmp_path / f".{temp_stem(name)}.{_HOST}.999999999.abcd0123.new{TMP_SUFFIX}"
+    stale.mkdir()  # a run with a dead pid left it
+    outcome = run_in_process(["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out", str(out)], capsys)
+    assert outcome.code == 0, outcome.stderr
+    assert (out / "scales.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the stale temporary gone, no new one left
+    assert len(os.fsencode(stale.name)) <= 255
+
+
+def test_a_name_too_long_keeps_the_reason_and_shortens_the_path(good_artifact, tmp_path, capsys):
+    """A 300-byte name is illegal: the one line keeps "File name too long", the path is cut in the middle."""
+    (tmp_path / ("z" * 200)).mkdir()
+    out = tmp_path / ("z" * 200) / ("y" * 300)  # the path alone is longer than the line may be
+    line = assert_contract(run_in_process(["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out",
+                                           str(out)], capsys), 2, "File name too long")
+    assert "..." in line and str(tmp_path)[:20] in line and line.endswith("y")  # the path cut in the middle
+    assert list(out.parent.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_plan_on_a_read_only_artifact_names_the_artifact_not_out(tiny_llama, good_artifact, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Tests run as root here, so the read-only folder is the kernel's answer played back: EACCES on mkdir."""
+    art = tmp_path / "art"
+    shutil.copytree(good_artifact, art)
+    before = snapshot(art)
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(TMP_SUFFIX):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    argv = ["plan", str(art), "--model", str(tiny_llama), "--dataset", "pydoc", "--skip", "1", "--samples", "1",
+            "--seqlen", "16", "--device", "cpu"]
+    outcome = run_in_process(argv, capsys)
+    line = assert_contract(outcome, 2, f"cannot write ARTIFACT {art}")
+    assert "--out" not in outcome.stderr, outcome.stderr
+    assert "Permission denied" in line
+    assert snapshot(art) == before
+
+
+def test_a_ten_megabyte_line_is_tokenized_only_as_far_as_the_sample(tiny_llama, tmp_path):
+    """One 10 MB line (one document) for one 64-token sample: seconds and well under 1 GB, not 73 s and 1.7 GB."""
+    text = tmp_path / "one-line.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 240_000)  # 10.8 MB, no newline
+    out = tmp_path / "out"
+    argv = ["calibrate", "--model", str(tiny_llama), "--dataset", str(text), "--samples", "1", "--seqlen", "64",
+            "--device", "cpu", "--out", str(out)]
+    outcome, seconds, rss = run_in_child(argv, tmp_path)
+    assert outcome.code == 0, outcome.stderr[-2000:]
+    _assert_bounded(seconds, rss)
+    from kvq.artifacts.stats import KVStats
+
+    stats = KVStats.load(out / "stats.safetensors")
+    assert (int(stats.metadata["samples"]), int(stats.metadata["tokens"])) == (1, 64)  # one full 64-token sample
+
+
+def test_a_symbolic_link_as_out_writes_into_its_target_and_says_so(good_artifact, tmp_path, capsys):
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    argv = ["solve", str(good_artifact), "--recipe", "int8-sym-per-head", "--out", str(link)]
+    outcome = run_in_process(argv, capsys)
+    assert outcome.code == 0, outcome.stderr
+    assert link.is_symlink() and (target / "scales.safetensors").is_file()
+    assert f"written into {target}" in " ".join(outcome.stdout.split())
+    (target / "notes.txt").write_text("mine")  # the target now holds another file: --force means what it means
+    before = snapshot(target)
+    assert_contract(run_in_process(argv, capsys), 2, "notes.txt")
+    assert snapshot(target) == before
+    assert run_in_process([*argv, "--force"], capsys).code == 0
+    assert link.is_symlink() and not (target / "notes.txt").exists()
+# --- hostile files (issue 20): a partial that kvq did not write as it is, counts and nesting stated in a file ---
+
+PARTIAL_RUN = ("int8-asym-per-head", 6, 16)  # recipe, samples, seqlen of the interrupted run
+
+
+@pytest.fixture(scope="module")
+def good_partial(tiny_llama, tmp_path_factory) -> Path:
+    """An --out holding the partial statistics kvq saves on Ctrl-C after 2 of 6 samples."""
+    recipe, samples, seqlen = PARTIAL_RUN
+    out = tmp_path_factory.mktemp("partial") / "out"
+    write_partial(tiny_llama, out, recipe, samples, seqlen, after=2)
+    return out
+
+
+def _resume(model: Path, out: Path) -> list[str]:
+    recipe, samples, seqlen = PARTIAL_RUN
+    return ["calibrate", "--model", str(model), "--dataset", "pydoc", "--samples", str(samples), "--seqlen",
+            str(seqlen), "--device", "cpu", "--recipe", recipe, "--out", str(out), "--resume"]
+
+
+def _tokens_plus_one(path: Path) -> None:
+    _, meta = read(path)
+    tokens = json.loads(meta["layer_tokens"])
+    rewrite(path, layer_tokens=json.dumps([tokens[0] + 1, *tokens[1:]]))
+
+
+def _edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors, _ = read(path)
+    edit(tensors)
+    rewrite(path, tensors)
+
+
+def _narrower(t: dict[str, torch.Tensor]) -> None:  # every statistic one channel short, consistently
+    for key in t:
+        t[key] = t[key][:, :-1].contiguous()
+
+
+def _half_precision(t: dict[str, torch.Tensor]) -> None:
+    t["layers.0.k.min"] = t["layers.0.k.min"].half()
+
+
+TAMPERED: list[tuple[str, Callable[[Path], object], str]] = [
+    ("done-99", lambda p: rewrite(p, **{"partial.done": "99"}), "partial.done='99' is not a sample count in 1..6"),
+    ("done-negative", lambda p: rewrite(p, **{"partial.done": "-1"}), "partial.done='-1'"),
+    ("done-not-a-number", lambda p: rewrite(p, **{"partial.done": "abc"}), "partial.done='abc'"),
+    ("done-missing", lambda p: rewrite(p, **{"partial.done": None}), "lack the metadata partial.done"),
+    ("done-disagrees-with-tokens", lambda p: rewrite(p, **{"partial.done": "1"}), "layer_tokens gives layer 0"),
+    ("token-count-disagrees", _tokens_plus_one, "layer_tokens gives layer 0"),
+    ("layer-tokens-missing", lambda p: rewrite(p, layer_tokens=None), "lack the metadata layer_tokens"),
+    ("tensor-shape", lambda p: _edit_tensors(p, _narrower), "layers.0.k.min is (2, 15)"),
+    ("tensor-dtype", lambda p: _edit_tensors(p, _half_precision), "layers.0.k.min is float16"),
+    ("layer-missing", lambda p: _edit_tensors(p, _drop_layer), "layer(s) 1 missing"),
+    ("layer-tokens-nested", lambda p: rewrite(p, layer_tokens=NESTED), "metadata layer_tokens does not parse"),
+    ("fingerprint-missing", lambda p: rewrite(p, **{"partial.samples": None}), "lack the metadata partial.samples"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+def test_resume_refuses_a_tampered_partial(edit, expected, tiny_llama, good_partial, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    edit(out / PARTIAL_FILE)
+    before = snapshot(out)
+    start = time.perf_counter()
+    line = assert_contract(run_in_process(_resume(tiny_llama, out), capsys), 2, expected)
+    assert str(out / PARTIAL_FILE) in line
+    assert snapshot(out) == before and not (out / "stats.safetensors").exists()  # no artifact from it
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_resume_continues_the_partial_kvq_wrote(tiny_llama, good_partial, tmp_path, capsys):
+    """The checks refuse nothing kvq writes: the untouched partial resumes (tests/calibrate/test_resume.py checks
+    the bytes), and the artifact counts the tokens of all 6 samples."""
+    out = tmp_path / "out"
+    shutil.copytree(good_partial, out)
+    assert run_in_process(_resume(tiny_llama, out), capsys).code == 0
+    _, meta = read(out / "stats.safetensors")
+    assert meta["samples"] == "6" and not (out / PARTIAL_FILE).exists()
+
+
+def _moved_layer(t: dict[str, torch.Tensor]) -> None:  # layer 2 renamed layer 999999999 (no num_layers stated)
+    for key in [k for k in t if k.startswith("layers.2.")]:
+        t[key.replace("layers.2.", "layers.999999999.")] = t.pop(key)
+
+
+# (id, file edited in the artifact, its new metadata (None drops a key), tensor edit, text the error line must hold)
+STATED_COUNTS: list[tuple[str, str, dict[str, str | None], Callable | None, str]] = [
+    ("stats-num-layers-1e9", "stats", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is not"),
+    ("stats-num-layers-float", "stats", {"num_layers": "1e9"}, None, "metadata num_layers='1e9' is not a count"),
+    ("stats-num-kv-heads-negative", "stats", {"num_kv_heads": "-4"}, None, "metadata num_kv_heads='-4' is not"),
+    ("stats-head-dim-disagrees", "stats", {"head_dim": "4096"}, None,
+     "metadata head_dim=4096, but layers.0.k.min is (2, 16)"),
+    ("stats-layer-index-1e9", "stats", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+    ("scales-num-layers-1e9", "scales", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is"),
+    ("scales-num-layers-stated-65536", "scales", {"num_layers": "65536"}, None,
+     "layer(s) 3, 4, 5, 6, 7, 8, 9, 10 ... (65533 in all) missing"),
+    ("scales-num-kv-heads-1e9", "scales", {"num_kv_heads": "999999999"}, None, "metadata num_kv_heads='999999999'"),
+    ("scales-head-dim-negative", "scales", {"head_dim": "-128"}, None, "metadata head_dim='-128' is not"),
+    ("scales-num-kv-heads-disagrees", "scales", {"num_kv_heads": "64"}, None,
+     "metadata num_kv_heads=64, but layers.0.k_scale is (2,)"),
+    ("scales-layer-index-1e9", "scales", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
+]
+
+
+@pytest.mark.parametrize("which, meta, edit, expected", [c[1:] for c in STATED_COUNTS], ids=[c[0] for c in STATED_COUNTS])
+def test_a_count_stated_in_a_file_bounds_nothing(which, meta, edit, expected, good_artifact, tmp_path):
+    """A few-KB file whose metadata (or a tensor name) states a billion layers, heads or channels: refused by
+    ``solve`` (statistics) and ``export-scales`` (scales) in bounded time and memory, naming the file and field."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(good_artifact, artifact)
+    path = artifact / f"{which}.safetensors"
+    tensors = None
+    if edit is not None:
+        tensors, _ = read(path)
+        edit(tensors)
+    rewrite(path, tensors, **meta)
+    assert path.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    before = snapshot(out)
+    argv = (["solve", str(path), "--recipe", "int8-sym-per-head", "--out", str(out), "--force"] if which == "stats"
+            else ["export-scales", str(artifact), "--format", "sglang-json", "--out", str(out / "x.json")])
+    outcome, peak, _ = run_bounded(argv)
+    line = assert_contract(outcome, 2, expected)
+    assert str(path) in line
+    assert snapshot(out) == before
+    assert peak < PEAK_RSS, peak
+
+
+def _nested_copy(good: Path, tmp: Path, name: str, **meta: str) -> Path:
+    """A copy of the good artifact whose ``name`` file has JSON nested 10^5 deep: the file itself (a JSON file),
+    or the metadata keys ``meta`` (a safetensors file)."""
+    folder = tmp / "nested"
+    shutil.copytree(good, folder)
+    if meta:
+        rewrite(folder / name, **meta)
+    else:
+        (folder / name).write_text(NESTED)
+    return folder
+
+
+def _model_with_nested_config(model: Path, tmp: Path) -> Path:
+    folder = tmp / "model"
+    shutil.copytree(model, folder)
+    (folder / "config.json").write_text(NESTED)
+    return folder
+
+
+# (id, argv built from (model, good artifact, scratch folder, --out), text the error line must hold)
+NESTED_JSON: list[tuple[str, Callable[[Path, Path, Path, Path], list[str]], str]] = [
+    ("stats-layer-tokens", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors",
+                                               layer_tokens=NESTED)), "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata layer_tokens does not parse"),
+    ("stats-reservoir", lambda m, g, t, o: ["solve", str(_nested_copy(g, t, "stats.safetensors", reservoir=NESTED)),
+                                            "--recipe", "int8-sym-per-head", "--out", str(o)],
+     "metadata reservoir does not parse"),
+    ("scales-recipe-metadata", lambda m, g, t, o: ["export-scales", str(_nested_copy(g, t, "scales.safetensors",
+                                                   recipe=NESTED)), "--format", "sglang-json", "--out", str(o / "x.json")],
+     "its recipe metadata is not a valid kvq recipe"),
+    ("export-model-config", lambda m, g, t, o: ["export-scales", str(g), "--format", "vllm", "--model",
+                                                str(_model_with_nested_config(m, t)), "--out", str(o / "v")],
+     "its config does not parse"),
+    ("calibrate-model-config", lambda m, g, t, o: ["calibrate", "--model", str(_model_with_nested_config(m, t)),
+                                                   "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(o)],
+     "its config does not parse"),
+    ("report-eval", lambda m, g, t, o: ["report", str(o), "--eval", str(_nested_copy(g, t, "e.json") / "e.json")],
+     "e.json does not parse"),
+    ("eval-plan", lambda m, g, t, o: ["eval", "--plan", str(_nested_copy(g, t, "plan.json")), "--model", str(m),
+                                      "--dataset", "pydoc", "--device", "cpu", *FAST], "plan.json does not parse"),
+]
+
+
+@pytest.mark.parametrize("argv_of, expected", [c[1:] for c in NESTED_JSON], ids=[c[0] for c in NESTED_JSON])
+def test_deeply_nested_json_is_bad_input(argv_of, expected, tiny_llama, good_artifact, tmp_path, capsys):
+    """JSON nested 10^5 levels deep (200 KB) wherever kvq reads JSON: exit 2 naming the file, not an internal
+    RecursionError."""
+    out = tmp_path / "out"
+    shutil.copytree(good_artifact, out)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = argv_of(tiny_llama, good_artifact, scratch, out)
+    before = snapshot(out), snapshot(scratch)
+    start = time.perf_counter()
+    assert_contract(run_in_process(argv, capsys), 2, expected)
+    assert (snapshot(out), snapshot(scratch)) == before
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_deeply_nested_json_in_exports_and_metadata(tmp_path):
+    """The readers the CLI cases above do not reach: a TensorRT-LLM checkpoint's config.json, a safetensors
+    index, a ModelOpt hf_quant_config.json (refused, naming the file), and the calibration data record of
+    scales' metadata (only ever a warning's input: it records nothing), an existing --out file (not kvq's)."""
+    from kvq.errors import UsageError
+    from kvq.evaluation.preflight import calibration_files
+    from kvq.export.checkpoint_folder import INDEX, read_weights
+    from kvq.export.model_check import ModelFiles
+    from kvq.export.modelopt import HF_QUANT_CONFIG, _hf_quant_config
+    from kvq.export.trtllm import _checkpoint_config
+    from kvq.io.out_policy import check_file_out
+
+    for name in ("config.json", INDEX, HF_QUANT_CONFIG):
+        (tmp_path / name).write_text(NESTED)
+    files = ModelFiles(tmp_path, {})
+    for name, read_it in (("config.json", lambda: _checkpoint_config(tmp_path, None, 1)),
+                          (INDEX, lambda: read_weights(files)), (HF_QUANT_CONFIG, lambda: _hf_quant_config(files, "FP8"))):
+        with pytest.raises(UsageError, match="does not parse") as err:
+            read_it()
+        assert name in err.value.message
+    assert calibration_files({"data_files": NESTED}) == [] and calibration_files({"data_files": "5"}) == []
+    with pytest.raises(UsageError, match="existing file of another kind"):  # an --out file: not a kvq JSON
+        check_file_out(tmp_path / "config.json", b'{"kvq_version": "x"}', False, "--out")

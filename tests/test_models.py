@@ -60,3 +60,14 @@ def test_bad_placement_is_one_line_and_writes_nothing(tiny_llama, tmp_path, caps
             "--out", str(out), *flags]
     assert_contract(run_in_process(argv, capsys), 2, expected)
     assert snapshot(out) is None
+
+
+def test_attention_types_read_from_each_kind_of_config():
+    import tiny_models
+
+    from kvq.model.layer_types import attention_types, sliding_window_layers
+
+    assert attention_types(tiny_models.CONFIGS["llama"]()) == ("full_attention",) * 3
+    assert attention_types(tiny_models.CONFIGS["mistral"]()) == ("sliding_attention",) * 3  # one window for all
+    assert sliding_window_layers(tiny_models.CONFIGS["gemma2"]()) == (0, 2)
+    assert sliding_window_layers(tiny_models.CONFIGS["qwen2"]()) == ()  # use_sliding_window false

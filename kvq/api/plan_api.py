@@ -26,6 +26,7 @@ def plan(
     data_files: Sequence[str | Path] | str | Path | None = None,
     skip: int | None = None,
     bytes_per_token: float | None = None,
+    keep_sliding_window: bool = False,
     by: Literal["attention", "perplexity"] = "attention",
     samples: int = 8,
     seqlen: int = 512,
@@ -43,7 +44,8 @@ def plan(
         model: the model path or id the scales were calibrated on (None: the embedded SmolLM2-135M-Instruct).
         dataset, data_files: the evaluation text (named sets load their evaluation split).
         skip: keep this many of the most sensitive layers unquantized; or ``bytes_per_token``: as many as fit
-            in this KV-cache budget (exactly one of the two).
+            in this KV-cache budget; or ``keep_sliding_window``: every sliding-window layer of the model (its
+            config's ``layer_types``). Exactly one of the three.
         by: ``attention`` (relative attention-output error, one forward) or ``perplexity`` (NLL change with only
             that layer quantized, one forward per layer).
         samples: windows (>= 1); ``seqlen`` tokens per window; ``batch_size`` windows per forward pass.
@@ -58,5 +60,6 @@ def plan(
     check_choice("by", by, SENSITIVITY_MEASURES)
     cfg = PlanConfig(model=ModelSpec(model_name(model, None), **loading), scales=str(scales),
                      data=DataSpec(dataset, path_list(data_files) or None), samples=samples, seqlen=seqlen, batch_size=batch_size,
-                     by=by, skip=skip, bytes_per_token=bytes_per_token, force=force)
+                     by=by, skip=skip, bytes_per_token=bytes_per_token,
+                     keep_sliding_window=keep_sliding_window, force=force)
     return run_plan(cfg, progress)

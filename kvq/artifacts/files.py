@@ -14,6 +14,7 @@ import json
 import re
 import struct
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -170,14 +171,52 @@ def read_safetensors(path: Path, what: str, hint: str | None = None) -> tuple[di
 
 
 def metadata_int(meta: Mapping[str, str], key: str, where: str) -> int | None:
-    """The integer metadata ``key`` (None when absent or empty); a UsageError naming ``where`` if malformed."""
+    """The integer metadata ``key`` (None when absent or empty); a UsageError naming ``where`` if malformed.
+
+    Kept for kvq.inspection's artifact reader; every other reader of an artifact's counts uses
+    :class:`StatedShape`, which also bounds them."""
     raw = meta.get(key)
     if raw is None or raw == "":
         return None
     try:
         return int(raw)
     except ValueError as exc:
-        raise UsageError(f"{where}: metadata {key}={raw!r} is not an integer") from exc
+        raise UsageError(f"{where}: metadata {key}={raw[:40]!r} is not an integer") from exc
+
+
+MAX_COUNT = 1 << 16  # layers, KV heads, head_dim: no model comes near; a file stating more is refused
+
+
+@dataclass(frozen=True)
+class StatedShape:
+    """The KV-cache shape an artifact's metadata states (each None where it records none): the one reader of
+    these str -> str metadata. :meth:`parse` refuses anything but a count in 1..MAX_COUNT, so no number
+    written in a file makes kvq allocate or loop beyond that; :meth:`check` holds them against the tensors."""
+
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+
+    @classmethod
+    def parse(cls, meta: Mapping[str, str], where: str) -> StatedShape:
+        return cls(**{f.name: _count(meta.get(f.name), f.name, where) for f in fields(cls)})
+
+    def check(self, shape: tuple[int, ...], tensor: str, where: str) -> None:
+        """A tensor of (kv_heads[, head_dim]) ``shape`` against the stated num_kv_heads and head_dim."""
+        for key, stated, held in zip(("num_kv_heads", "head_dim"), (self.num_kv_heads, self.head_dim), shape,
+                                     strict=False):
+            if stated is not None and stated != held:
+                raise UsageError(f"{where}: metadata {key}={stated}, but {tensor} is {tuple(shape)} "
+                                 "(kv_heads, head_dim)", hint="pass the file as kvq wrote it")
+
+
+def _count(raw: str | None, key: str, where: str) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", raw) or not 1 <= int(raw) <= MAX_COUNT:
+        raise UsageError(f"{where}: metadata {key}={raw[:40]!r} is not a count in 1..{MAX_COUNT}",
+                         hint="pass the file as kvq wrote it")
+    return int(raw)
 
 
 def read_layers(
@@ -199,15 +238,23 @@ def read_layers(
         parts.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
     if not parts:
         raise UsageError(f"{where} holds no layers", hint=hint)
-    num_layers = metadata_int(meta, "num_layers", where)
-    n = max(parts) + 1 if num_layers is None else num_layers
-    cached = meta.get("cached_layers") if num_layers is not None else None
-    want = range(n) if cached is None else parse_layers(cached, n, where)  # a hybrid model: its KV-cache layers
-    missing = [i for i in want if i not in parts]
+    stated = StatedShape.parse(meta, where).num_layers
+    n = max(parts) + 1 if stated is None else stated
+    cached = meta.get("cached_layers") if stated is not None else None
+    if cached is None:
+        missing, absent = first_missing(parts, n)
+        every = f"layers 0..{n - 1} must all be present"
+        want: Collection[int] = range(n)
+    else:  # a hybrid model: its KV-cache layers only
+        want = parse_layers(cached, n, where)
+        missing = [i for i in want if i not in parts]
+        absent = len(missing)
+        every = f"its KV-cache layers {listed(list(want))} must all be present"
     if missing:
-        every = f"layers 0..{n - 1}" if cached is None else f"its KV-cache layers {listed(list(want))}"
-        raise UsageError(f"{where}: layer(s) {listed(missing)} missing ({every} must all be present)", hint=hint)
-    extra = sorted(i for i in parts if i >= n or i not in want)
+        said = "" if stated is None else f" by its metadata num_layers={stated}"
+        raise UsageError(f"{where}: layer(s) {listed(missing, absent)} missing ({every}){said}", hint=hint)
+    kept = set(want) if cached is not None else None
+    extra = sorted(i for i in parts if i >= n or (kept is not None and i not in kept))
     if extra:
         why = f"beyond its num_layers {n}" if cached is None else f"outside its KV-cache layers {listed(list(want))}"
         raise UsageError(f"{where}: layer(s) {listed(extra)} {why}", hint=hint)
@@ -218,5 +265,21 @@ def read_layers(
     return parts, meta
 
 
-def listed(values: Sequence[int]) -> str:
-    return ", ".join(map(str, values[:8])) + (f" ... ({len(values)} in all)" if len(values) > 8 else "")
+def first_missing(present: Collection[int], n: int, show: int = 8) -> tuple[list[int], int]:
+    """The first ``show`` of 0..n-1 not in ``present`` and how many are missing in all; the work is bounded by
+    ``len(present) + show``, never by ``n`` (a number a file may state)."""
+    found = set(present)
+    absent = n - sum(1 for i in found if 0 <= i < n)
+    shown: list[int] = []
+    i = 0
+    while len(shown) < min(show, absent):
+        if i not in found:
+            shown.append(i)
+        i += 1
+    return shown, absent
+
+
+def listed(values: Sequence[int], total: int | None = None) -> str:
+    """The first 8 of ``values`` (``total`` of them in all, default their number), for one line."""
+    total = len(values) if total is None else total
+    return ", ".join(map(str, values[:8])) + (f" ... ({total} in all)" if total > 8 else "")

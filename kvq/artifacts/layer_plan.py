@@ -29,7 +29,6 @@ read in their source:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from kvq.artifacts.files import PLAN_JSON, SCALES_FILE, file_sha256, listed, require_file
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 
 PLAN_KIND = "skip-layers"
 VLLM_SKIP_FLAG = "--kv-cache-dtype-skip-layers"
@@ -145,10 +145,7 @@ def read_plan(path: str | Path) -> ReadPlan:
     """Read and check a plan.json: its layers, and that the scales beside it are the ones it was made for."""
     file = require_file(plan_path(path), "plan file", hint=_HINT)
     where = f"plan file {file}"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{where} is not JSON ({exc})", hint=_HINT) from exc
+    data = parse_json(file.read_bytes(), where, _HINT)
     if not isinstance(data, dict) or data.get("plan") != PLAN_KIND:
         raise UsageError(f"{where} is not a kvq plan (no \"plan\": \"{PLAN_KIND}\")", hint=_HINT)
     num_layers = _field(data, "num_layers", int, where)

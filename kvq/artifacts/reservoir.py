@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 
 CHUNKS = 4
 TOKENS = 128
@@ -92,8 +93,8 @@ class Reservoir:
     @classmethod
     def from_file(cls, raw: str, parts: dict[int, dict[str, torch.Tensor]], where: str) -> Reservoir:
         """The reservoir of a loaded statistics file (``raw``: its ``reservoir`` metadata), checked."""
+        meta = parse_json(raw, f"{where}: metadata reservoir", "calibrate again")
         try:
-            meta = json.loads(raw)
             res = cls(chunks=int(meta["chunks"]), tokens=int(meta["tokens"]), seed=int(meta["seed"]),
                       seen=int(meta["seen"]), scaling={int(i): float(s) for i, s in meta["scaling"].items()})
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

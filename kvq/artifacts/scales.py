@@ -25,16 +25,18 @@ from kvq import __version__
 from kvq.artifacts.files import (
     SCALES_FILE,
     SCALES_JSON,
+    StatedShape,
     json_bytes,
     read_layers,
     safetensors_bytes,
     write_artifact,
 )
 from kvq.errors import UsageError
-from kvq.quant.qparams import INT_RANGE
+from kvq.io.parse import parse_json
+from kvq.quant.formats import number_format
 from kvq.recipe.schema import KVRecipe, QuantSpec
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]_(?:scale|zero_point)|q_scale)$")
+_KEY = re.compile(r"^layers\.(0|[1-9][0-9]{0,8})\.([kv]_(?:scale|zero_point)|q_scale)$")
 _HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"
 _RANK = {"tensor": 0, "head": 1, "channel": 2}  # the number of dimensions of a scale per granularity
 
@@ -131,8 +133,8 @@ class KVScales:
         if "recipe" not in meta:
             raise UsageError(f"{where} has no recipe in its metadata; was it written by kvq?", hint=_HINT)
         try:
-            recipe = KVRecipe.from_json(json.loads(meta.pop("recipe")))
-        except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+            recipe = KVRecipe.from_json(parse_json(meta.pop("recipe"), "the recipe metadata"))
+        except (UsageError, ValidationError, TypeError, RecursionError) as exc:
             raise UsageError(f"{where}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
         meta.pop("kvq_version", None)
         layers = {}
@@ -156,6 +158,11 @@ class KVScales:
         if len(heads) > 1:
             raise UsageError(f"{where}: the layers' scales disagree on the number of KV heads ({sorted(heads)})",
                              hint=_HINT)
+        stated = StatedShape.parse(meta, where)
+        for i, layer in sorted(layers.items()):
+            for which in ("k", "v"):
+                if layer.scale(which).dim():
+                    stated.check(tuple(layer.scale(which).shape), f"layers.{i}.{which}_scale", where)
         return cls(recipe=recipe, layers=layers, metadata=meta)
 
 
@@ -188,6 +195,7 @@ def _check_layer(parts: dict[str, torch.Tensor], which: str, spec: QuantSpec, wh
     if zp.dtype.is_floating_point or zp.dtype.is_complex or zp.dtype == torch.bool or zp.shape != scale.shape:
         raise UsageError(f"{where} zero point is {str(zp.dtype).removeprefix('torch.')} {tuple(zp.shape)}; it must "
                          f"be an integer tensor of the scale's shape {tuple(scale.shape)}", hint=_HINT)
-    qmin, qmax = INT_RANGE[spec.format]
+    fmt = number_format(spec.format)
+    qmin, qmax = int(fmt.qmin), int(fmt.qmax)
     if ((zp < qmin) | (zp > qmax)).any():
         raise UsageError(f"{where} zero point holds values outside {spec.format}'s range [{qmin}, {qmax}]", hint=_HINT)

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from kvq.artifacts.files import STATS_FILE, read_layers, safetensors_bytes, write_artifact
+from kvq.artifacts.files import STATS_FILE, StatedShape, read_layers, safetensors_bytes, write_artifact
 from kvq.artifacts.reservoir import Reservoir
 from kvq.errors import KvqError, UsageError
+from kvq.io.parse import parse_json
 from kvq.quant import histogram as grid
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv]\.(?:min|max|absmax|hist)|q\.(?:min|max|absmax)|[qkv]\.rows)$")
+_KEY = re.compile(r"^layers\.(0|[1-9][0-9]{0,8})\.([kv]\.(?:min|max|absmax|hist)|q\.(?:min|max|absmax)|[qkv]\.rows)$")
 _PARTS = ("k.min", "k.max", "k.absmax", "v.min", "v.max", "v.absmax")
 _HINT = "pass the stats.safetensors written by `kvq calibrate`"
 
@@ -219,7 +220,9 @@ class KVStats:
         if tokens is not None:
             tokens = dict(zip(sorted(parts), tokens, strict=True))
         stats = cls(metadata=meta)
-        shape = tuple(parts[min(parts)]["k.min"].shape)
+        first = min(parts)
+        shape = tuple(parts[first]["k.min"].shape)
+        StatedShape.parse(meta, where).check(shape, f"layers.{first}.k.min", where)
         if "reservoir" in meta:
             stats.reservoir = Reservoir.from_file(meta.pop("reservoir"), parts, where)
             for which in ("k", "v"):
@@ -267,10 +270,7 @@ def _layer_tokens(raw: str | None, num_layers: int, where: str) -> list[int] | N
     """The per-layer token counts of the metadata (None when absent); refuses a malformed list."""
     if raw is None:
         return None
-    try:
-        tokens = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where}: metadata layer_tokens is not JSON ({exc.msg})", hint=_HINT) from exc
+    tokens = parse_json(raw, f"{where}: metadata layer_tokens", _HINT)
     if not (isinstance(tokens, list) and len(tokens) == num_layers
             and all(isinstance(t, int) and t >= 0 for t in tokens)):
         raise UsageError(f"{where}: metadata layer_tokens is not a list of {num_layers} token counts", hint=_HINT)

@@ -25,7 +25,7 @@ from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats
 from kvq.calibration.consumer import StatsConsumer
 from kvq.calibration.distributed import World, agree, rank_max_memory, reduce_stats, shard, world
-from kvq.calibration.resume import PartialSaver, fingerprint, resume_from
+from kvq.calibration.resume import PartialSaver, ResumeCheck, fingerprint, resume_from
 from kvq.capture import capture_batches, input_device
 from kvq.data import Batch, batches, load_documents, select_samples
 from kvq.data.data_spec import DataSpec
@@ -225,7 +225,8 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: Progress 
                          json.dumps(recipe.to_json(), sort_keys=True) + (record.weights_hash if record else "")
                          + (f" histograms {level}" if level else ""))
     fresh = KVStats(reservoir=Reservoir(tokens=min(TOKENS, cfg.seqlen), seed=cfg.seed) if recipe.needs_rows else None)
-    stats, done = resume_from(out_dir, print_) if cfg.resume else (fresh, 0)
+    check = ResumeCheck(mine, info.shape, level, recipe.query is not None, fresh.reservoir)
+    stats, done = resume_from(out_dir, print_, check) if cfg.resume else (fresh, 0)
     saver = PartialSaver(out_dir, print_, cfg.save_every) if w.size == 1 and out_dir is not None else None
     count = [done]
     advance = counter(progress if w.is_writer else None, len(mine), done)

@@ -100,6 +100,7 @@ def calibrate_command(
                            progress=ProgressBar(stack, "calibrating", "samples"))
     if result.files:  # under torchrun only rank 0 writes, and reports
         print_summary(result)
+        _print_link_note(out)
         if report:
             from kvq import api
 
@@ -127,7 +128,19 @@ def solve_command(
     scales = solve(stats, recipe, out=out, force=force)
     Console().print(f"recipe [bold]{escape(scales.recipe.name)}[/] on {scales.num_layers} layers: wrote "
                     + escape(", ".join(str(Path(out) / name) for name in sorted(scales.to_files()))))
+    _print_link_note(out)
     return 0
+
+
+def _print_link_note(out: str | Path) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from kvq.cli.console import link_note
+
+    note = link_note(out)
+    if note is not None:
+        Console().print(f"  note: {escape(note)}")
 
 
 # --- validate -----------------------------------------------------------------------------------
@@ -290,6 +303,7 @@ def export_scales_command(
     copied = f", {result.copied} copied" if result.copied else ""
     console.print(f"[bold]{result.export_format}[/]: wrote {escape(str(result.out))} "
                   f"({len(result.written)} new file(s){linked}{copied})")
+    _print_link_note(result.out)
     for note in result.notes:
         console.print(f"  note: {escape(note)}")
     for warning in result.warnings:

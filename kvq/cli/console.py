@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -50,3 +52,14 @@ def summary_table(title: str) -> Table:
     table.add_column(style="bold")
     table.add_column()
     return table
+
+
+def link_note(out: str | Path, option: str = "--out") -> str | None:
+    """A line saying where kvq wrote when ``out`` (or a folder above it) is a symbolic link; None otherwise.
+
+    kvq writes into the folder the link points to (docs/artifacts.md), so the resolved path is printed.
+    """
+    resolved = os.path.realpath(out)
+    if resolved == os.path.abspath(out):
+        return None
+    return f"{option} {out} is a symbolic link: written into {resolved}"

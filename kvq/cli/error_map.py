@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -49,9 +50,34 @@ class Report:
     quiet: bool = False  # nothing to print: the reader of kvq's output went away
 
 
+_LONG_WORD = re.compile(r"[^\s'\"(),]*/[^\s'\"(),]*|[^\s'\"(),]{60,}")  # a path, or any 60+ character word
+_MIDDLE = "..."
+_KEPT = 40  # characters a shortened path keeps at least (its start and its end, the file name)
+
+
+def _shorter_paths(line: str, limit: int) -> str:
+    """``line`` with its longest paths (and long words) cut in the middle until it fits ``limit``, if it can."""
+    for word in sorted(set(_LONG_WORD.findall(line)), key=len, reverse=True):
+        excess = len(line) - limit
+        if excess <= 0:
+            break
+        keep = max(len(word) - excess - len(_MIDDLE), _KEPT)
+        if keep + len(_MIDDLE) >= len(word):
+            continue
+        head = keep // 3  # the end of a path names the file: keep more of it
+        line = line.replace(word, word[:head] + _MIDDLE + word[len(word) - (keep - head):])
+    return line
+
+
 def one_line(text: object, limit: int = MAX_LINE) -> str:
-    """``text`` as one line of at most ``limit`` characters: lines joined, whitespace collapsed."""
+    """``text`` as one line of at most ``limit`` characters: lines joined, whitespace collapsed.
+
+    A line too long has its paths shortened in the middle first (the message around them is what says
+    what is wrong); only what still does not fit is cut at the end.
+    """
     line = " ".join(str(text).split())
+    if len(line) > limit:
+        line = _shorter_paths(line, limit)
     return line if len(line) <= limit else line[: limit - len(_ELLIPSIS)] + _ELLIPSIS
 
 
@@ -95,6 +121,8 @@ def _os_error(exc: OSError) -> Report:
     if code == errno.ENOSPC or code == errno.EDQUOT:
         return Report(f"no space left on the device writing{where}", "free some space, or pass --out on another disk",
                       EXIT_FAILURE)
+    if code == errno.ENAMETOOLONG:  # a name the user chose: bad usage, whichever call met it first
+        return Report(f"{reason}:{where}", "choose a shorter name (at most 255 bytes a name)", EXIT_USAGE)
     if code == errno.EROFS:
         return Report(f"read-only file system:{where}", "pass an --out on a writable disk", EXIT_USAGE)
     if isinstance(exc, FileNotFoundError):

@@ -127,7 +127,8 @@ def print_plan(result: PlanResult, console: Console | None = None) -> None:
     summary.add_row("model", f"{info.model_id} ({info.num_layers} layers)")
     summary.add_row("data", f"{result.dataset.name} ({result.dataset.origin}), {w.num_windows} windows x {w.seqlen} tokens")
     summary.add_row("sensitivity", f"by {sens.by}: {sens.description}")
-    summary.add_row("budget", ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in result.budget.items()))
+    summary.add_row("budget", ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:g}")
+                                        for k, v in result.budget.items()))
     summary.add_row("skip layers", ", ".join(map(str, result.skip_layers)) or "none")
     summary.add_row("KV bytes/token", f"{_fmt_bytes(b['plan'])} (every layer quantized: {_fmt_bytes(b['all_quantized'])}, "
                     f"unquantized {dtype}: {_fmt_bytes(b['unquantized'])})")

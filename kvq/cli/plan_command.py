@@ -24,6 +24,9 @@ def plan_command(
     bytes_per_token: Annotated[float | None, option(
         "--bytes-per-token", metavar="B", help="instead of --skip: keep the most sensitive layers unquantized "
         "while the KV cache takes at most B bytes per token (skipped layers at the model dtype)")] = None,
+    keep_sliding_window: Annotated[bool, option(
+        "--keep-sliding-window", help="instead of --skip: keep every sliding-window layer unquantized (the "
+        "model config's layer_types; their cache is bounded by the window)")] = False,
     by: Annotated[Literal["attention", "perplexity"], option(
         "--by", help="sensitivity measure: attention (relative attention-output error of each layer, one "
         "forward; default) or perplexity (NLL change with only that layer quantized, one forward per layer)")
@@ -36,7 +39,7 @@ def plan_command(
 ) -> int:
     """Measure, on evaluation windows, how much each layer's quantized KV cache costs with only that
     layer quantized (attention-output error, or perplexity with --by perplexity), choose the layers to
-    keep unquantized for the budget (--skip N, or --bytes-per-token B), write plan.json into the
+    keep unquantized for the budget (--skip N, --bytes-per-token B, or --keep-sliding-window), write plan.json into the
     artifact and print the engine flags that apply it (vLLM: --kv-cache-dtype-skip-layers).
     `kvq eval --plan ARTIFACT` evaluates the plan. docs/plan.md."""
     flags.check_device()
@@ -46,8 +49,8 @@ def plan_command(
 
     with ExitStack() as stack:
         result = plan(scales, flags.model, dataset=dataset, data_files=flags.data_files, skip=skip,
-                      bytes_per_token=bytes_per_token, by=by, samples=samples, seqlen=seqlen, batch_size=batch_size,
-                      force=force, device=flags.device, dtype=flags.dtype, trust_remote_code=flags.trust_remote_code,
+                      bytes_per_token=bytes_per_token, keep_sliding_window=keep_sliding_window, by=by,
+                      samples=samples, seqlen=seqlen, batch_size=batch_size, force=force, device=flags.device, dtype=flags.dtype, trust_remote_code=flags.trust_remote_code,
                       **flags.placement(), progress=ProgressBar(stack, f"measuring ({by})", "windows"))
     print_plan(result, report_console())
     return 0

@@ -44,15 +44,36 @@ class Samples:
 
 def encode_document(doc: Document, tokenizer, where: str = "a document") -> list[int]:
     """Token ids of ``doc`` (chat conversations through the chat template); ``where`` names it in errors."""
+    return encode_prefix(doc, tokenizer, None, where)[0]
+
+
+CHARS_PER_TOKEN = 8  # a first guess of the text a token takes (English averages about 4); grown when short
+MARGIN_TOKENS = 64  # tokens past the ones needed: where a cut text may tokenize differently, dropped
+
+
+def encode_prefix(doc: Document, tokenizer, need: int | None, where: str = "a document") -> tuple[list[int], bool]:
+    """(token ids, whether they are the whole document): at least the first ``need`` tokens of ``doc`` as the
+    whole document encodes them (all of them for ``need`` None, or a document short enough).
+
+    A long document is encoded a character prefix at a time, the prefix doubled until it holds ``need`` +
+    :data:`MARGIN_TOKENS` tokens; the tokens of the margin, where the cut can change how text tokenizes (a
+    word cut in two, an end-of-text token), are dropped. Work is bounded by the sample, not the document.
+    """
     if doc.messages is not None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise KvqError("this dataset holds chat conversations but the model's tokenizer has no chat template",
                            hint="use a plain-text dataset (c4, wikitext2, pile, or files with a 'text' field)")
-        text = tokenizer.apply_chat_template(list(doc.messages), tokenize=False)
-        _check_encodable(text, where)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    _check_encodable(doc.text, where)
-    return list(tokenizer(doc.text)["input_ids"])
+        text, special = tokenizer.apply_chat_template(list(doc.messages), tokenize=False), False
+    else:
+        text, special = doc.text, True
+    _check_encodable(text, where)
+    size = len(text) if need is None else (need + MARGIN_TOKENS) * CHARS_PER_TOKEN + 1024
+    while size < len(text):
+        ids = tokenizer(text[:size], add_special_tokens=special)["input_ids"]
+        if len(ids) >= need + MARGIN_TOKENS:
+            return list(ids[:need]), False
+        size *= 2
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"]), True
 
 
 def _check_encodable(text: str, where: str) -> None:
@@ -70,16 +91,18 @@ def select_samples(
     if not order:
         raise KvqError("the dataset holds no non-empty documents")
     random.Random(seed).shuffle(order)
-    encoded: dict[int, list[int]] = {}
+    encoded: dict[int, tuple[list[int], bool]] = {}  # document -> (its first tokens, whether all of them)
     picked: list[list[int]] = []
     used: set[int] = set()
     chunk = 0
     while len(picked) < samples:
         took_any = False
         for i in order:
-            if i not in encoded:
-                encoded[i] = encode_document(documents[i], tokenizer, f"document {i + 1} of {len(documents)}")
-            ids = encoded[i]
+            need = (chunk + 1) * seqlen  # a document is encoded only as far as its next sample reaches
+            if i not in encoded or (not encoded[i][1] and len(encoded[i][0]) < need):
+                need = max(need, 2 * len(encoded[i][0])) if i in encoded else need  # growing: twice as far
+                encoded[i] = encode_prefix(documents[i], tokenizer, need, f"document {i + 1} of {len(documents)}")
+            ids = encoded[i][0]
             piece = ids[chunk * seqlen : (chunk + 1) * seqlen]
             if not piece:
                 continue

@@ -25,7 +25,7 @@ from kvq.errors import UsageError
 from kvq.evaluation.quant_cache import Which, describe_spec
 from kvq.kernels import fake_quantize, qdq_dynamic_per_token_head
 from kvq.model.model_spec import KVShape
-from kvq.quant.qparams import BITS
+from kvq.quant.formats import FORMATS
 from kvq.recipe.schema import KVRecipe, QuantSpec, builtin_recipe_names
 
 PARAM_BYTES = 2  # a 16-bit float per per-token quantization parameter (LMDeploy: the cache dtype)
@@ -71,7 +71,7 @@ class DynamicQuantizer:
         return qdq_dynamic_per_token_head(x, self.recipe.format, self.recipe.symmetric)
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
-        codes = shape.elements_per_token * BITS[self.recipe.format] / 8
+        codes = shape.elements_per_token * FORMATS[self.recipe.format].bits / 8
         params_per_token_head = 1 if self.recipe.symmetric else 2  # scale (and zero)
         token_heads = 2 * len(shape.kv_layers) * shape.num_kv_heads  # K and V of every cached layer
         return codes + token_heads * params_per_token_head * PARAM_BYTES
@@ -112,7 +112,7 @@ class UnitScaleQuantizer:
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
-        return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
+        return per_tensor * (FORMATS[self.recipe.key.format].bits + FORMATS[self.recipe.value.format].bits) / 8
 
 
 def unit_scale_name(key_format: str, value_format: str, query: bool = False) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from kvq import __version__
-from kvq.artifacts.files import PLAN_JSON, check_artifact_out, file_sha256, json_bytes, write_artifact
+from kvq.artifacts.files import ARTIFACT_FILES, PLAN_JSON, carried_over, file_sha256, json_bytes
 from kvq.artifacts.layer_plan import (
     PLAN_KIND,
     check_bytes_budget,
@@ -26,9 +26,14 @@ from kvq.errors import UsageError
 from kvq.evaluation.perplexity import EvalWindows, prepare
 from kvq.evaluation.quant_cache import IdentityQuantizer, PartialQuantizer, StaticQuantizer
 from kvq.evaluation.sensitivity import SENSITIVITY_MEASURES, LayerSensitivity, measure_sensitivity
+from kvq.io.atomic import write_folder
+from kvq.io.out_policy import check_folder_out
+from kvq.model.layer_types import FULL, attention_types, sliding_window_layers
 from kvq.model.loading import check_spec
 from kvq.model.model_spec import ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
+
+PLAN_WRITES = "ARTIFACT"  # what messages call the folder plan writes plan.json into (plan has no --out)
 
 
 @dataclass
@@ -42,6 +47,7 @@ class PlanConfig:
     by: str = "attention"  # one of SENSITIVITY_MEASURES
     skip: int | None = None  # keep this many of the most sensitive layers unquantized
     bytes_per_token: float | None = None  # ... or as many as fit in this KV bytes per token
+    keep_sliding_window: bool = False  # ... or every sliding-window layer (the config's layer_types)
     force: bool = False  # write plan.json into a folder holding files other than a kvq artifact's
 
 
@@ -61,6 +67,7 @@ class PlanResult:
     skip_layers: tuple[int, ...]
     kv_bytes_per_token: dict[str, float]  # plan, all_quantized, unquantized
     warnings: list[str]
+    layer_types: tuple[str, ...] = ()  # each layer's attention type, recorded where not all full attention
 
     @property
     def engines(self) -> dict[str, dict]:
@@ -79,6 +86,7 @@ class PlanResult:
                       "head_dim": info.head_dim, "dtype": str(self.model_dtype).removeprefix("torch.")},
             "num_layers": info.num_layers,
             "skip_layers": list(self.skip_layers),
+            **({"layer_types": list(self.layer_types)} if any(t != FULL for t in self.layer_types) else {}),
             "budget": self.budget,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "sensitivity": {
@@ -98,14 +106,29 @@ def _check_budget(cfg: PlanConfig, num_layers: int) -> dict:
     """The budget, checked before any data or model is loaded, as plan.json records it."""
     if cfg.by not in SENSITIVITY_MEASURES:
         raise UsageError(f"--by {cfg.by!r}: use one of {', '.join(SENSITIVITY_MEASURES)}")
-    if (cfg.skip is None) == (cfg.bytes_per_token is None):
-        raise UsageError("give one budget: --skip N (layers kept unquantized) or --bytes-per-token B",
-                         hint="e.g. kvq plan ARTIFACT --dataset wikitext2 --skip 2")
+    if sum((cfg.skip is not None, cfg.bytes_per_token is not None, cfg.keep_sliding_window)) != 1:
+        raise UsageError("give one budget: --skip N (layers kept unquantized), --bytes-per-token B or "
+                         "--keep-sliding-window", hint="e.g. kvq plan ARTIFACT --dataset wikitext2 --skip 2")
+    if cfg.keep_sliding_window:
+        return {"keep_sliding_window": True}
     if cfg.skip is not None:
         check_skip_count(cfg.skip, num_layers)
         return {"skip": cfg.skip}
     check_bytes_budget(cfg.bytes_per_token)
     return {"bytes_per_token": cfg.bytes_per_token}
+
+
+def _sliding_skip(config, model_id: str) -> tuple[int, ...]:
+    """--keep-sliding-window: every sliding-window layer, leaving at least one layer quantized."""
+    skip = sliding_window_layers(config)
+    layers = config.get_text_config().num_hidden_layers
+    if not skip:
+        raise UsageError(f"--keep-sliding-window: model {model_id} has no sliding-window layer (its config's "
+                         "layer_types / sliding_window)", hint="use --skip N or --bytes-per-token B")
+    if len(skip) == layers:
+        raise UsageError(f"--keep-sliding-window: every layer of model {model_id} is sliding-window; a plan "
+                         "quantizes at least one layer", hint="use --skip N or --bytes-per-token B")
+    return skip
 
 
 def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
@@ -114,7 +137,8 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     scales_file = scales_path(cfg.scales)
     quantizer = StaticQuantizer(KVScales.load(scales_file), source=str(cfg.scales))
     budget = _check_budget(cfg, quantizer.scales.num_layers)
-    check_artifact_out(scales_file.parent, [PLAN_JSON], force=cfg.force, inputs=[scales_file])  # before the work
+    check_folder_out(scales_file.parent, ARTIFACT_FILES, force=cfg.force, inputs=[scales_file],  # before the work
+                     carry=carried_over([PLAN_JSON]), option=PLAN_WRITES)
     ready = prepare(cfg.model, cfg.data, cfg.seqlen, cfg.samples, [quantizer])
     info = ready.loaded.info
     shape = info.shape
@@ -129,7 +153,10 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     callback = counter(progress, ready.windows.num_windows)
     sens = measure_sensitivity(ready.loaded.model, ready.windows, quantizer, info.kv_layers, cfg.by,
                                cfg.batch_size, callback)
-    if cfg.skip is not None:
+    types = attention_types(ready.loaded.model.config)
+    if cfg.keep_sliding_window:
+        skip = _sliding_skip(ready.loaded.model.config, info.model_id)
+    elif cfg.skip is not None:
         skip = skip_most_sensitive(sens.order(), cfg.skip)
     else:
         skip = skip_within_bytes(sens.order(), bytes_of, cfg.bytes_per_token)
@@ -143,7 +170,7 @@ def run_plan(cfg: PlanConfig, progress: Progress | None = None) -> PlanResult:
     recipe = quantizer.recipe
     result = PlanResult(scales_file.parent / PLAN_JSON, scales_file, recipe.name, recipe.key.format,
                         recipe.value.format, info, dtype, ready.dataset, ready.windows, sens, budget, skip, kv_bytes,
-                        warnings)
-    write_artifact(scales_file.parent, {PLAN_JSON: json_bytes(result.to_json())}, force=cfg.force,
-                   inputs=[scales_file])
+                        warnings, types)
+    write_folder(scales_file.parent, {PLAN_JSON: json_bytes(result.to_json())}, kind=ARTIFACT_FILES,
+                 carry=carried_over([PLAN_JSON]), force=cfg.force, inputs=[scales_file], option=PLAN_WRITES)
     return result

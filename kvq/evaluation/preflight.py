@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
-from kvq.artifacts.files import file_sha256, listed
+from kvq.artifacts.files import StatedShape, file_sha256, listed
 from kvq.artifacts.scales import KVScales
 from kvq.data import LoadedDataset
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 from kvq.model.model_spec import ModelInfo
-
-
-def _meta_int(metadata: dict[str, str], key: str) -> int | None:
-    try:
-        return int(metadata[key])
-    except (KeyError, ValueError):
-        return None
 
 
 def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[str]:
@@ -28,13 +20,11 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
     """
     meta = scales.metadata
     calibrated_for = meta.get("model", "an unnamed model")
-    expected = {"num_layers": info.num_layers, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim}
-    labels = {"num_layers": "layers", "num_kv_heads": "KV heads", "head_dim": "head_dim"}
-    wrong = [
-        f"{labels[key]} {_meta_int(meta, key)} vs {value}"
-        for key, value in expected.items()
-        if _meta_int(meta, key) is not None and _meta_int(meta, key) != value
-    ]
+    stated = StatedShape.parse(meta, f"scales {source}")
+    compared = {"layers": (stated.num_layers, info.num_layers), "KV heads": (stated.num_kv_heads, info.num_kv_heads),
+                "head_dim": (stated.head_dim, info.head_dim)}
+    wrong = [f"{label} {ours} vs {theirs}" for label, (ours, theirs) in compared.items()
+             if ours is not None and ours != theirs]
     if wrong:
         raise UsageError(
             f"scales {source} were calibrated for {calibrated_for}, which does not fit model {info.model_id}: "
@@ -72,10 +62,10 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
 def calibration_files(metadata: dict[str, str]) -> list[dict[str, str]]:
     """The calibration data files the metadata records ({path, sha256} each); [] when none."""
     try:
-        files = json.loads(metadata.get("data_files", "[]"))
-    except json.JSONDecodeError:
+        files = parse_json(metadata.get("data_files", "[]"), "metadata data_files")
+    except UsageError:  # a record of where the data came from, for a warning: unreadable, it records nothing
         return []
-    return [f for f in files if isinstance(f, dict) and "sha256" in f]
+    return [f for f in files if isinstance(f, dict) and "sha256" in f] if isinstance(files, list) else []
 
 
 def same_data_warning(metadata: dict[str, str], dataset: LoadedDataset, source: str) -> str | None:

@@ -27,7 +27,7 @@ from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import KvqError
 from kvq.kernels import fake_quantize
 from kvq.model.model_spec import KVShape
-from kvq.quant.qparams import BITS
+from kvq.quant.formats import FORMATS
 from kvq.recipe.schema import QuantSpec
 
 Which = Literal["k", "v"]
@@ -135,7 +135,7 @@ class StaticQuantizer:
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
-        return per_tensor * (BITS[self.recipe.key.format] + BITS[self.recipe.value.format]) / 8
+        return per_tensor * (FORMATS[self.recipe.key.format].bits + FORMATS[self.recipe.value.format].bits) / 8
 
 
 def layers_text(layers: Collection[int]) -> str:

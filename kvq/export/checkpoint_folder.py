@@ -10,7 +10,6 @@ name or the scales would never be read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -26,6 +25,8 @@ from kvq.errors import UsageError
 from kvq.export.model_check import WHICH, ModelFiles, Which
 from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
+from kvq.io.contained import files_outside
+from kvq.io.parse import parse_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -58,10 +59,16 @@ def read_weights(files: ModelFiles) -> WeightIndex:
                 hint=f"remove the stale one from the model folder (transformers reads {SINGLE}, vLLM the index)",
             )
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = parse_json(index_path.read_bytes(), str(index_path))
             weight_map = dict(index["weight_map"])
+        except RecursionError as exc:
+            raise UsageError(f"{index_path} does not parse as JSON: nested too deeply") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        outside = files_outside(weight_map)
+        if outside:  # refused before any file is opened: a checkpoint is read only inside its folder
+            raise UsageError(f"{index_path}: weight_map points to {outside[0]!r}, outside the model folder",
+                             hint="kvq reads a checkpoint only inside its folder: fix the index or copy the weights in")
         metadata = dict(index.get("metadata") or {})
         sources = {}
         for name in sorted(set(weight_map.values())):

@@ -6,15 +6,15 @@ config hash recorded at calibration) and refuses what the format cannot express.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kvq.artifacts.files import listed, metadata_int
+from kvq.artifacts.files import StatedShape, first_missing, listed
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 from kvq.model.model_spec import KVShape, parse_layers
 from kvq.recipe.schema import QuantSpec
 
@@ -58,13 +58,10 @@ class ModelFiles:
     config: dict
 
 
-def _meta_int(scales: KVScales, key: str) -> int | None:
-    return metadata_int(scales.metadata, key, "the artifact")
-
-
 def shape_from_metadata(scales: KVScales) -> ModelShape:
     """The shape the artifact records (what `kvq calibrate` measured)."""
-    values = {key: _meta_int(scales, key) for key in ("num_layers", "num_kv_heads", "head_dim")}
+    stated = StatedShape.parse(scales.metadata, "the artifact")
+    values = {"num_layers": stated.num_layers, "num_kv_heads": stated.num_kv_heads, "head_dim": stated.head_dim}
     missing = [key for key, value in values.items() if value is None]
     if missing:
         raise UsageError(
@@ -95,6 +92,8 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
         )
     try:
         config = AutoConfig.from_pretrained(source)
+    except RecursionError as exc:  # a config.json nested deeper than the JSON parser's limit
+        raise UsageError(f"model {model_id}: its config does not parse: its JSON is nested too deeply") from exc
     except (OSError, ValueError) as exc:
         raise UsageError(f"model {model_id}: cannot read its config: {str(exc).splitlines()[0]}") from exc
     shape = ModelShape(
@@ -107,16 +106,20 @@ def model_shape_and_files(name: str | None, need_files: bool, export_format: str
     if folder is not None and need_files:
         config_path = folder / "config.json"
         try:
-            files = ModelFiles(folder=folder, config=json.loads(config_path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
+            text = config_path.read_bytes()
+        except OSError as exc:
             raise UsageError(f"model {model_id}: cannot read {config_path}: {exc}") from exc
+        config_json = parse_json(text, f"model {model_id}: {config_path}")
+        if not isinstance(config_json, dict):
+            raise UsageError(f"model {model_id}: {config_path} is not a JSON object")
+        files = ModelFiles(folder=folder, config=config_json)
     return shape, files
 
 
 def recorded_cached_layers(scales: KVScales) -> tuple[int, ...] | None:
     """The layers the artifact records as holding a KV cache (None: not recorded, so every layer)."""
     text = scales.metadata.get("cached_layers")
-    num_layers = _meta_int(scales, "num_layers")
+    num_layers = StatedShape.parse(scales.metadata, "the artifact").num_layers
     if text is None or num_layers is None:
         return None
     return parse_layers(text, num_layers, "the artifact's metadata")
@@ -124,10 +127,11 @@ def recorded_cached_layers(scales: KVScales) -> tuple[int, ...] | None:
 
 def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
     """Refuse an artifact calibrated on another model; return notes on what could not be checked."""
+    stated = StatedShape.parse(scales.metadata, "the artifact")
     recorded: dict[str, object] = {
-        "num_layers": _meta_int(scales, "num_layers"),
-        "num_kv_heads": _meta_int(scales, "num_kv_heads"),
-        "head_dim": _meta_int(scales, "head_dim"),
+        "num_layers": stated.num_layers,
+        "num_kv_heads": stated.num_kv_heads,
+        "head_dim": stated.head_dim,
         "model_type": scales.metadata.get("model_type") or None,
         "config_hash": scales.metadata.get("config_hash") or None,
     }
@@ -172,14 +176,17 @@ def expected_shape(spec: QuantSpec, shape: ModelShape) -> tuple[int, ...]:
 def check_tensors(scales: KVScales, shape: ModelShape) -> None:
     """Every layer with a KV cache present (and no other), every scale / zero point of the shape its
     granularity implies."""
-    want = set(shape.kv_layers)
-    have = set(scales.layers)
-    if have != want:
-        missing = sorted(want - have)
-        extra = sorted(have - want)
+    if shape.kv.all_layers_cached:
+        missing, absent = first_missing(scales.layers, shape.num_layers)  # bounded by the layers held, not the count
+        extra = sorted(i for i in scales.layers if not 0 <= i < shape.num_layers)
+    else:  # a hybrid model: its KV-cache layers, as many as its config (or the artifact) names
+        missing = sorted(set(shape.kv_layers) - set(scales.layers))
+        absent = len(missing)
+        extra = sorted(set(scales.layers) - set(shape.kv_layers))
+    if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing layers {listed(missing)}")
+            parts.append(f"missing layers {listed(missing, absent)}")
         if extra:
             beyond = [i for i in extra if i >= shape.num_layers]
             if beyond:

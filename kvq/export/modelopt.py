@@ -27,8 +27,6 @@ refused for a model that is not a ModelOpt checkpoint: ``--format vllm`` is the 
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from kvq.artifacts.files import json_bytes
@@ -36,6 +34,7 @@ from kvq.errors import UsageError
 from kvq.export.checkpoint_folder import checkpoint_plan, checkpoint_scales
 from kvq.export.model_check import ModelFiles, refuse_format
 from kvq.export.request import Exporter, ExportPlan, ExportRequest
+from kvq.io.parse import parse_json
 
 EXPORT_FORMAT = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -61,7 +60,7 @@ def _hf_quant_config(files: ModelFiles, algo: str) -> dict:
             "--format modelopt with a ModelOpt FP8 checkpoint",
         )
     try:
-        existing = json.loads(path.read_text(encoding="utf-8"))
+        existing = parse_json(path.read_bytes(), str(path))
         quantization = dict(existing["quantization"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is not a ModelOpt quantization config: {exc}") from exc

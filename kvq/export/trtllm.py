@@ -26,7 +26,6 @@ Layout kvq writes at ``--out``:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from kvq.errors import UsageError
 from kvq.export.model_check import ModelShape, refuse_format
 from kvq.export.request import Exporter, ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import rank_values
+from kvq.io.parse import parse_json
 
 EXPORT_FORMAT = "trtllm"
 ALGO = {"fp8_e4m3": "FP8", "int8": "INT8"}
@@ -46,9 +46,10 @@ SCALE_NAME = "transformer.layers.{i}.attention.kv_cache_scaling_factor"
 def _checkpoint_config(ckpt: Path, shape: ModelShape, tp: int) -> dict:
     path = ckpt / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = path.read_bytes()
+    except OSError as exc:
         raise UsageError(f"--trtllm-checkpoint {ckpt}: cannot read config.json: {exc}") from exc
+    config = parse_json(text, f"--trtllm-checkpoint {ckpt}: config.json")
     if not isinstance(config, dict) or "architecture" not in config:
         raise UsageError(f"--trtllm-checkpoint {ckpt}: config.json has no 'architecture'; "
                          "is it a TensorRT-LLM checkpoint (from convert_checkpoint.py)?")

@@ -10,7 +10,7 @@ scales). The figures are the share of ranges that reach beyond it and the worst 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,7 +43,8 @@ def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: in
     full = torch.full((heads, head_dim), float("nan"))
     lo_full, hi_full = full.clone(), full.clone()
     if entry.rank is not None and ranks is not None:
-        rows = heads_of_rank(heads, ranks, entry.rank) if heads % ranks == 0 or ranks % heads == 0 else []
+        splits = (heads % ranks == 0 or ranks % heads == 0) and 0 <= entry.rank < ranks  # a rank beyond: a defect
+        rows = heads_of_rank(heads, ranks, entry.rank) if splits else []
         lo_full[rows], hi_full[rows] = lo.reshape(()), hi.reshape(())  # (1,) or () -> (): one value, the rank's heads
         return lo_full, hi_full
     granularity = inferred_granularity(entry, shape)
@@ -62,8 +63,7 @@ def clipping(found: Found, stats: KVStats, shape: KVShape) -> tuple[list[Clippin
         raise UsageError(f"--stats holds {heads} KV heads x head_dim {head_dim}, but the scales are for "
                          f"{shape.num_kv_heads} x {shape.head_dim} ({shape.source})",
                          hint="pass the stats.safetensors of a calibration of the same model")
-    stat_shape = KVShape(shape.num_layers, heads, head_dim, shape.num_heads, shape.model_type, shape.source,
-                         shape.cached_layers)
+    stat_shape = replace(shape, num_kv_heads=heads, head_dim=head_dim, layers_key="")
     rows, defects = [], []
     by_slot: dict[tuple[int, str], list[ScaleEntry]] = {}
     for e in found.entries:

@@ -88,8 +88,25 @@ def _sibling_name(entry: ScaleEntry, layer: int, rank: int | None) -> str:
     return name if rank is None else re.sub(r"past_kv_scale\.\d+\.", f"past_kv_scale.{rank}.", name)
 
 
+LISTED_RUN = 4  # missing layers in a row named one by one; a longer run is one defect (work bounded by the file)
+
+
+def _missing_runs(have: set[int], num_layers: int) -> list[tuple[int, int]]:
+    """The [first, last] runs of layers in 0..num_layers-1 absent from ``have``, found in O(len(have)) steps."""
+    runs, start = [], 0
+    for i in sorted(i for i in have if 0 <= i < num_layers) + [num_layers]:
+        if i > start:
+            runs.append((start, i - 1))
+        start = i + 1
+    return runs
+
+
 def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
-    """Every layer (and rank) holds each role the file uses; nothing beyond the model's layers; no duplicates."""
+    """Every layer (and rank) holds each role the file uses; nothing beyond the model's layers; no duplicates.
+
+    Work is bounded by the number of entries the file holds, never by a layer count or index it states:
+    a long run of missing layers is one defect.
+    """
     out = []
     slots: dict[tuple[str, int | None], dict[int, ScaleEntry]] = defaultdict(dict)
     for e in found.entries:
@@ -100,22 +117,37 @@ def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
         seen[e.layer] = e
     if not slots:
         return out
-    top = max(e.layer for e in found.entries) + 1
-    num_layers = shape.num_layers if shape.num_layers is not None else top
+    last = max(found.entries, key=lambda e: e.layer)
+    num_layers = shape.num_layers if shape.num_layers is not None else last.layer + 1
+    source = (f"{shape.source} {shape.layers_key}".rstrip() if shape.num_layers is not None
+              else f"as {last.name} implies")
     roles = {role for role, _ in slots}
     ranks = sorted({rank for _, rank in slots}, key=lambda r: -1 if r is None else r)
     if found.ranks is not None:
-        ranks = list(range(found.ranks))
+        ranks = list(range(found.ranks))  # found.ranks counts the ranks the input holds (readers check it)
     for role in sorted(roles):
         sample = next(e for (r, _), layers in slots.items() if r == role for e in layers.values())
         for rank in ranks:
             have = slots.get((role, rank), {})
-            for i in range(num_layers) if shape.cached_layers is None else shape.cached_layers:
-                if i not in have:
-                    where = f" rank {rank}" if rank is not None else ""
+            where = f" rank {rank}" if rank is not None else ""
+            if shape.cached_layers is not None:  # a hybrid model: only its KV-cache layers hold scales
+                for i in (i for i in shape.cached_layers if i not in have):
                     name = _sibling_name(sample, i, rank)
                     out.append(Defect("missing-layer", i, name, f"layer {i}{where} has no {ROLE_NAME[role]} scale "
-                                      f"({name} is absent; the model has {num_layers} layers)"))
+                                      f"({name} is absent; the model has a KV cache in layers "
+                                      f"{', '.join(map(str, shape.cached_layers))}, {source})"))
+                continue
+            for first, end in _missing_runs(set(have), num_layers):
+                if end - first < LISTED_RUN:
+                    for i in range(first, end + 1):
+                        name = _sibling_name(sample, i, rank)
+                        out.append(Defect("missing-layer", i, name, f"layer {i}{where} has no {ROLE_NAME[role]} "
+                                          f"scale ({name} is absent; the model has {num_layers} layers, {source})"))
+                    continue
+                name = _sibling_name(sample, first, rank)
+                out.append(Defect("missing-layer", first, name, f"layers {first}..{end}{where} ({end - first + 1} "
+                                  f"layers) have no {ROLE_NAME[role]} scale ({name} and on are absent; the model "
+                                  f"has {num_layers} layers, {source})"))
             for i in sorted(i for i in have if i >= num_layers):
                 out.append(Defect("extra-layer", i, have[i].name, f"layer {i} {ROLE_NAME[role]} scale "
                                   f"{have[i].name} is beyond the model's {num_layers} layers ({shape.source})"))
@@ -228,6 +260,7 @@ def merged_shape(found: Found, model: ModelShape | None) -> KVShape:
                    s.head_dim if s.head_dim is not None else model.head_dim, s.num_heads,
                    s.model_type or model.model_type,
                    s.source if s.num_layers is not None else model.source,
+                   s.layers_key if s.num_layers is not None else "num_hidden_layers",
                    s.cached_layers if s.num_layers is not None else model.kv.cached_layers)
 
 

@@ -31,8 +31,9 @@ from kvq.inspection.found import (
 )
 from kvq.inspection.hf_checkpoint import kv_role, open_safetensors, read_json
 
-RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
-LMDEPLOY_FILE = re.compile(r"^layers\.(\d+)\.past_kv_scale\.(\d+)\.weight$")
+RANK_FILE = re.compile(r"^rank([0-9]{1,18})\.safetensors$")
+LMDEPLOY_FILE = re.compile(r"^layers\.([0-9]{1,18})\.past_kv_scale\.([0-9]{1,18})\.weight$")
+_NUMBER = re.compile(r"[0-9]{1,18}")  # a layer or rank number as a JSON key (ASCII digits; int() of it is cheap)
 _TRT_ALGO = {"FP8": "fp8_e4m3", "INT8": "int8"}
 _JSON_DTYPE = {"float8_e4m3fn": "fp8_e4m3", "float8_e4m3fnuz": "fp8_e4m3", "float8_e5m2": "fp8_e5m2"}
 
@@ -63,7 +64,8 @@ def read_trtllm(folder: Path) -> Found:
         found.conflicts.append(("config.json", f"mapping.tp_size {declared_tp} (pp_size "
                                 f"{mapping.get('pp_size', 1)}) but the folder holds {len(ranks)} rank file(s)"))
     if ranks != list(range(len(ranks))):
-        found.conflicts.append((f"rank{ranks[-1]}.safetensors", f"rank files {ranks} are not 0..{len(ranks) - 1}"))
+        found.conflicts.append((f"rank{ranks[-1]}.safetensors", f"rank files {_listed(ranks)} are not "
+                                f"0..{len(ranks) - 1}"))
     if shape is UNKNOWN_SHAPE:
         found.notes.append("config.json states no num_hidden_layers (a kvq scales-only fragment?): pass --model "
                            "to check layers and heads")
@@ -84,21 +86,32 @@ def read_sglang_json(path: Path) -> Found:
     if model_type is not None:
         found.shape = KVShape(None, None, None, None, str(model_type), f"{path.name} model_type")
     for rank_key, layers in kv["scaling_factor"].items():
-        if not (str(rank_key).isdigit() and isinstance(layers, dict)):
+        if not (_NUMBER.fullmatch(str(rank_key)) and isinstance(layers, dict)):
             found.conflicts.append((f"scaling_factor[{rank_key!r}]", "is not a rank number holding {layer: value}"))
             continue
         for layer_key, value in layers.items():
             name = f"kv_cache.scaling_factor.{rank_key}.{layer_key}"
-            if not str(layer_key).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not _NUMBER.fullmatch(str(layer_key)) or isinstance(value, bool) or not isinstance(value, (int, float)):
                 found.conflicts.append((name, "is not a layer number holding a number"))
                 continue
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float: JSON integers have no size limit
+                found.conflicts.append((name, "holds a number beyond the float range"))
+                continue
             entries.append(ScaleEntry(layer=int(layer_key), role="kv", name=name, file=path.name,
-                                      values=torch.tensor(float(value), dtype=torch.float32), rank=int(rank_key)))
+                                      values=torch.tensor(number, dtype=torch.float32), rank=int(rank_key)))
     found.ranks = len(kv["scaling_factor"]) or None
-    if found.ranks and sorted({e.rank for e in entries}) != list(range(found.ranks)):
-        found.conflicts.append(("kv_cache.scaling_factor", f"ranks {sorted(kv['scaling_factor'])} are not "
-                                f"0..{found.ranks - 1}"))
+    held = sorted({e.rank for e in entries})
+    if found.ranks and held != list(range(found.ranks)):
+        found.conflicts.append(("kv_cache.scaling_factor", f"ranks {_listed(held)} are not 0..{found.ranks - 1} "
+                                f"(the file holds {found.ranks} rank(s))"))
     return found
+
+
+def _listed(numbers: list[int], shown: int = 8) -> str:
+    """At most ``shown`` numbers of a list, for a message whose length must not grow with the input."""
+    return str(numbers) if len(numbers) <= shown else f"[{', '.join(map(str, numbers[:shown]))}, ... ({len(numbers)})]"
 
 
 def lmdeploy_files(folder: Path) -> list[tuple[int, int, Path]]:
@@ -112,14 +125,20 @@ def read_lmdeploy(folder: Path) -> Found:
     scheme = Scheme("file format (layers.N.past_kv_scale.R.weight)", "TurboMind offline int8 KV parameters "
                     "(quant_policy 4)", "int8", "rank", None)
     found = Found(path=folder, kind=LMDEPLOY, scheme=scheme, entries=[], shape=UNKNOWN_SHAPE)
-    found.ranks = max(r for _, r, _ in files) + 1
+    ranks = sorted({r for _, r, _ in files})
+    found.ranks = len(ranks)  # what the folder holds: a rank number in a file name is checked against it
+    if ranks != list(range(len(ranks))):
+        bad = next(p for _, r, p in files if r == ranks[-1])
+        found.conflicts.append((bad.name, f"rank {ranks[-1]}: the folder holds files of {len(ranks)} rank(s), "
+                                f"numbered {_listed(ranks)} instead of 0..{len(ranks) - 1}"))
     found.notes.append("TurboMind parameter files record no model: pass --model to check layers and heads")
     for layer, rank, path in files:
-        raw = path.read_bytes()
-        if len(raw) not in (8, 16):
-            found.conflicts.append((path.name, f"holds {len(raw)} bytes; TurboMind reads 16 ([k_scale, k_zp, "
+        size = path.stat().st_size
+        if size not in (8, 16):  # checked before reading: a file of any size is never read whole
+            found.conflicts.append((path.name, f"holds {size} bytes; TurboMind reads 16 ([k_scale, k_zp, "
                                     "v_scale, v_zp], float32) or, before 0.0.4, 8"))
             continue
+        raw = path.read_bytes()
         # raw little-endian float32, as TurboMind's loadArrayFromBin reads it: (4,) or, before 0.0.4, (2,)
         values = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
         if values.numel() == 4:

@@ -72,6 +72,7 @@ class KVShape:
     num_heads: int | None
     model_type: str | None
     source: str
+    layers_key: str = ""  # the key of ``source`` stating num_layers (named when a count is wrong)
     cached_layers: tuple[int, ...] | None = None  # the layers with a KV cache (None: all, or not known)
 
 
@@ -113,11 +114,12 @@ def text_config(config: dict) -> dict:
 
 def shape_from_config(config: dict, source: str) -> KVShape:
     """The KV-cache shape a config.json states (transformers or TensorRT-LLM keys); UNKNOWN fields as None."""
-    from kvq.model.loading import kv_shape
+    from kvq.model.loading import check_config_counts, kv_shape
 
     text = dict(text_config(config))
     if "head_dim" not in text and "head_size" in text:  # TensorRT-LLM's name
         text["head_dim"] = text["head_size"]
+    check_config_counts(text, source)  # num_hidden_layers -5, num_key_value_heads 0: a config error, exit 2
     heads = text.get("num_attention_heads")
     try:
         decoder = kv_shape(SimpleNamespace(**{k: text.get(k) for k in (
@@ -131,7 +133,7 @@ def shape_from_config(config: dict, source: str) -> KVShape:
         cached = None
     model_type = text.get("model_type") or config.get("model_type")
     return KVShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
-                   cached)
+                   "num_hidden_layers", cached)
 
 
 def _int(value: object) -> int | None:

@@ -36,8 +36,9 @@ from kvq.inspection.found import (
     Scheme,
     shape_from_config,
 )
+from kvq.io.contained import leaves_folder
 
-_SCALE = re.compile(r"^(?:.*\.)?layers\.(?P<i>\d+)\.(?P<rest>.+)$")
+_SCALE = re.compile(r"^(?:.*\.)?layers\.(?P<i>[0-9]{1,18})\.(?P<rest>.+)$")
 _ROLE_SUFFIXES = (  # (name ending, role), longest first where one ends another
     (".kv_cache_scaling_factor", "kv"), (".kv_scale", "kv"),
     (".k_proj.output_scale", "k"), (".v_proj.output_scale", "v"),
@@ -62,9 +63,12 @@ def kv_role(name: str) -> tuple[int, str] | None:
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not readable JSON: {exc}", hint="pass a checkpoint folder whose "
-                         "config.json parses") from exc
+    except RecursionError as exc:  # nesting deeper than the parser goes: as unreadable as a syntax error
+        raise UsageError(f"{path} does not parse as JSON: nested too deeply", hint="pass a checkpoint folder "
+                         "whose JSON files parse") from exc
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise UsageError(f"{path} does not parse as JSON: {exc}", hint="pass a checkpoint folder whose "
+                         "JSON files parse") from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path} does not hold a JSON object")
     return data
@@ -96,9 +100,14 @@ def open_safetensors(path: Path, read):
         raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def _scale_entries(folder: Path) -> list[ScaleEntry]:
-    entries = []
+def _scale_entries(folder: Path) -> tuple[list[ScaleEntry], list[tuple[str, str]]]:
+    """The KV-scale tensors, and a conflict for each file the index names outside the folder (never opened)."""
+    entries, outside = [], []
     for file, names in sorted(_weight_files(folder).items()):
+        if leaves_folder(file):
+            outside.append((INDEX, f"weight_map points to {file!r}, outside the checkpoint folder: kvq does not "
+                            "read it, and a loader that does reads a file the checkpoint does not hold"))
+            continue
         wanted = sorted((n, kv_role(n)) for n in names if kv_role(n) is not None)
         if not wanted:
             continue
@@ -111,7 +120,7 @@ def _scale_entries(folder: Path) -> list[ScaleEntry]:
                     for n, (i, role) in wanted]
 
         entries += open_safetensors(path, read)
-    return entries
+    return entries, outside
 
 
 def _ct_scheme(qc: dict) -> Scheme | None:
@@ -169,8 +178,9 @@ def read_checkpoint(folder: Path) -> Found:
     hf_quant = read_json(folder / HF_QUANT_CONFIG) if (folder / HF_QUANT_CONFIG).is_file() else None
     qc = _dict(config.get("quantization_config"))
     method = str(qc.get("quant_method", ""))
-    found = Found(path=folder, kind=HF_CHECKPOINT, scheme=None, entries=_scale_entries(folder),
-                  shape=shape_from_config(config, f"{folder / 'config.json'}"))
+    entries, outside = _scale_entries(folder)
+    found = Found(path=folder, kind=HF_CHECKPOINT, scheme=None, entries=entries,
+                  shape=shape_from_config(config, f"{folder / 'config.json'}"), conflicts=outside)
     if not config:
         found.notes.append("no config.json: the model's layers and heads are unknown (pass --model)")
     from_hf = _modelopt_scheme(_dict(_dict(hf_quant).get("quantization")).get("kv_cache_quant_algo"),

@@ -23,7 +23,7 @@ from kvq.inspection.found import KVQ_ARTIFACT, Found, KVShape, ScaleEntry, Schem
 from kvq.model.model_spec import parse_layers
 from kvq.recipe.schema import KVRecipe
 
-_KEY = re.compile(r"^layers\.(\d+)\.([kv])_(scale|zero_point)$")
+_KEY = re.compile(r"^layers\.([0-9]{1,18})\.([kv])_(scale|zero_point)$")
 _HINT = "pass the scales.safetensors (or its folder) from `kvq calibrate` or `kvq solve`"
 
 
@@ -42,12 +42,19 @@ def read_kvq_scales(path: Path) -> Found:
     tensors, meta = read_safetensors(path, "scales file", _HINT)
     try:
         recipe = KVRecipe.from_json(json.loads(meta["recipe"]))
-    except (KeyError, json.JSONDecodeError, ValidationError, TypeError) as exc:
+    except RecursionError as exc:
+        raise UsageError(f"scales file {path}: its recipe metadata does not parse: nested too deeply",
+                         hint=_HINT) from exc
+    except (KeyError, ValueError, ValidationError, TypeError) as exc:
         raise UsageError(f"scales file {path}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
     where = f"scales file {path}"
     shape = KVShape(metadata_int(meta, "num_layers", where), metadata_int(meta, "num_kv_heads", where),
                     metadata_int(meta, "head_dim", where), None, meta.get("model_type") or None,
-                    f"{path.name} metadata")
+                    f"{path.name} metadata", "num_layers")
+    for key, value in (("num_layers", shape.num_layers), ("num_kv_heads", shape.num_kv_heads),
+                       ("head_dim", shape.head_dim)):
+        if value is not None and value < 1:
+            raise UsageError(f"{where}: metadata {key}={value} is not a count of at least 1", hint=_HINT)
     if shape.num_layers is not None and meta.get("cached_layers") is not None:  # a hybrid model's KV-cache layers
         shape = replace(shape, cached_layers=parse_layers(meta["cached_layers"], shape.num_layers, where))
     k, v = recipe.key, recipe.value

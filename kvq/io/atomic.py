@@ -6,7 +6,10 @@ renameat2(RENAME_EXCHANGE), so at every instant the output path holds the comple
 complete new set; the old set (now at the temporary name) is deleted afterwards. A single file is
 written to a temporary name beside it, fsynced and renamed over it. Temporaries are named
 ``.NAME.HOST.PID.TOKEN.new.kvq-tmp``; a later write removes those whose process is dead (on this
-host), so a killed run leaves nothing behind for long. Files of the kind that the new set does not
+host), so a killed run leaves nothing behind for long. A NAME too long for that to stay within the
+file system's 255-byte limit is cut (on a character boundary) and followed by ``~`` and 8 hex digits
+of its hash, the same for every run, so that any legal output name works and its temporaries are
+still found. Files of the kind that the new set does not
 write (``carry``) are carried over into it (hard link, copy where the filesystem cannot link).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -30,6 +34,8 @@ from kvq.io.out_policy import check_file_out, check_folder_out, check_reads, pre
 
 TMP_SUFFIX = ".kvq-tmp"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+_NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs, ...)
+_NAME_BUDGET = _NAME_MAX - len(f"..{_HOST}.{9 ** 10}.{'f' * 8}.new{TMP_SUFFIX}")  # what NAME may take
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -46,9 +52,26 @@ class Written:
 # --- temporaries ---------------------------------------------------------------------------------
 
 
+def temp_stem(name: str) -> str:
+    """``name`` as the temporaries of an output called ``name`` start: itself, or, where it is too long for
+    the file system's name limit with the rest of the temporary name, its first characters (up to a byte
+    budget, never a character cut in two) + ``~`` + 8 hex digits of the whole name's sha256."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_BUDGET:
+        return name
+    kept, size = [], 0
+    for ch in name:
+        size += len(os.fsencode(ch))  # 1 to 4 bytes (a byte that is not UTF-8 is one escaped character)
+        if size > _NAME_BUDGET - 9:
+            break
+        kept.append(ch)
+    return "".join(kept) + "~" + hashlib.sha256(raw).hexdigest()[:8]
+
+
 def _temp_path(target: Path, role: str = "new") -> Path:
     """A temporary sibling of ``target``: ``new`` holds a set being written, ``old`` one moved aside."""
-    return target.parent / f".{target.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.{role}{TMP_SUFFIX}"
+    stem = temp_stem(target.name)
+    return target.parent / f".{stem}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.{role}{TMP_SUFFIX}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -76,7 +99,7 @@ def remove_stale_temporaries(target: Path) -> None:
     A set moved aside (``old``) by a run killed before it put the new set in place is moved back.
     """
     pattern = re.compile(
-        rf"^\.{re.escape(target.name)}\.{re.escape(_HOST)}\.(?P<pid>\d+)\.[0-9a-f]+\.(?P<role>new|old)"
+        rf"^\.{re.escape(temp_stem(target.name))}\.{re.escape(_HOST)}\.(?P<pid>\d+)\.[0-9a-f]+\.(?P<role>new|old)"
         rf"{re.escape(TMP_SUFFIX)}$"
     )
     try:
@@ -176,8 +199,13 @@ def link_or_copy(source: Path, target: Path) -> bool:
 
 def _write_error(path: Path, exc: OSError, option: str) -> KvqError:
     reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENAMETOOLONG:
+        return UsageError(f"cannot write {option} {path}: {reason}", hint=f"choose a shorter {option} name "
+                          "(at most 255 bytes a name)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
-        return UsageError(f"cannot write {option} {path}: {reason}", hint=f"choose a writable {option} path")
+        hint = (f"choose a writable {option} path" if option.startswith("--")
+                else f"make {option} writable, or copy it to a writable place and pass the copy")
+        return UsageError(f"cannot write {option} {path}: {reason}", hint=hint)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return KvqError(f"cannot write {option} {path}: {reason}", hint="free some space, or choose another "
                         f"{option} on a disk with room; the previous output is unchanged")

@@ -15,12 +15,12 @@ d. anything else (other files, a file where a folder goes, a folder where a file
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 
 _MAX_JSON = 64 << 20  # an existing file larger than this is not compared as JSON
 
@@ -32,6 +32,8 @@ def _within(path: Path, parent: Path) -> bool:
 def _force_hint(option: str) -> str:
     if option == "--out":
         return "pass --force to replace it, or choose another --out"
+    if option == "ARTIFACT":  # kvq plan, which writes plan.json into the artifact it reads
+        return "pass --force to write into it anyway, or pass another ARTIFACT"
     return f"remove it, or choose another {option} path"
 
 
@@ -78,8 +80,8 @@ def _check_folder_state(out: Path, kind: Collection[str], force: bool, option: s
 
 def _json_keys(data: bytes) -> set[str] | None:
     try:
-        parsed = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        parsed = parse_json(data, "the file")
+    except UsageError:  # not JSON: no keys to compare
         return None
     return set(parsed) if isinstance(parsed, dict) else None
 

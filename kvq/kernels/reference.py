@@ -43,14 +43,9 @@ from dataclasses import dataclass
 import torch
 
 from kvq.quant import nvfp4
-from kvq.quant.qparams import FP8_DTYPES, FP8_MAX, INT_RANGE, SCALE_FLOOR, dequantize, qrange, quantize
-from kvq.recipe.schema import NUMBER_FORMATS
+from kvq.quant.formats import FORMATS
+from kvq.quant.qparams import SCALE_FLOOR, dequantize, qrange, quantize
 
-# fp8 overflow of |x / scale| without the clamp: (threshold, whether the threshold itself overflows)
-# (e4m3fn: 464 lies between 448 = 1.75 * 2**8, an even code, and 480: a tie rounds down; e4m3fnuz, clamped at
-# 224 = 1.75 * 2**7, an even code: 232 lies between it and 240 and rounds down)
-FP8_OVERFLOW: dict[str, tuple[float, bool]] = {"fp8_e4m3": (464.0, False), "fp8_e5m2": (61440.0, True),
-                                               "fp8_e4m3fnuz": (232.0, False)}
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -122,8 +117,8 @@ def check_kv(x: torch.Tensor, number_format: str) -> None:
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"K/V tensor dtype {x.dtype} is not supported: use float32, bfloat16 or float16")
-    if number_format not in NUMBER_FORMATS:
-        raise ValueError(f"unknown format {number_format!r}: use one of {', '.join(NUMBER_FORMATS)}")
+    if number_format not in FORMATS:
+        raise ValueError(f"unknown format {number_format!r}: use one of {', '.join(FORMATS)}")
     if x.shape[1] == 0 or x.shape[3] == 0:
         raise ValueError(f"K/V tensor of shape {tuple(x.shape)} has no KV head or a head_dim of 0")
 
@@ -152,7 +147,7 @@ def check_qparams(
     """Refuse static qparams that do not fit ``x`` (see :func:`check_kv`) in ``number_format``."""
     check_kv(x, number_format)
     _, heads, _, head_dim = x.shape
-    if (number_format in FP8_DTYPES or number_format == "nvfp4") and zero_point is not None:
+    if FORMATS[number_format].symmetric_only and zero_point is not None:
         raise ValueError(f"format {number_format} is symmetric: pass zero_point=None")
     if not scale.is_floating_point():
         raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
@@ -196,10 +191,11 @@ def _clipped(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, number_fo
 
 def _clip_mask(y: torch.Tensor, z: torch.Tensor | None, number_format: str) -> torch.Tensor:
     """Where the rounded value of ``y = x / scale`` (float32) is outside the format's range."""
-    if number_format in FP8_OVERFLOW:
-        threshold, inclusive = FP8_OVERFLOW[number_format]
+    record = FORMATS[number_format]
+    if record.overflow is not None:
+        threshold, inclusive = record.overflow
         return y.abs() >= threshold if inclusive else y.abs() > threshold
-    qmin, qmax = INT_RANGE[number_format]
+    qmin, qmax = record.qmin, record.qmax
     r = torch.round(y)
     if z is not None:
         r = r + z.to(torch.float32)
@@ -242,9 +238,9 @@ def qdq_dynamic_per_token_head(x: torch.Tensor, number_format: str, symmetric: b
         scale = torch.clamp_min(absmax / top, SCALE_FLOOR)
         q = quantize(xf, scale, None, number_format)
         return dequantize(q, scale, None, number_format).to(x.dtype)
-    if number_format in FP8_MAX:
+    if FORMATS[number_format].symmetric_only:
         raise ValueError(f"format {number_format} is symmetric by construction: pass symmetric=True")
-    qmin, qmax = INT_RANGE[number_format]
+    qmin, qmax = qrange(number_format)
     lo = xf.amin(dim=-1, keepdim=True)  # (b, h, t, d) -> (b, h, t, 1)
     hi = xf.amax(dim=-1, keepdim=True)  # (b, h, t, d) -> (b, h, t, 1)
     scale = torch.clamp_min((hi - lo) / float(qmax - qmin), SCALE_FLOOR)

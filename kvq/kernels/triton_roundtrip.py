@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kvq.kernels.reference import FP8_OVERFLOW, RoundTripError, check_qparams
+from kvq.kernels.reference import RoundTripError, check_qparams
 from kvq.kernels.triton_jit import reduce_partials_kernel, roundtrip_tile_kernel
-from kvq.quant.qparams import FP8_MAX, INT_RANGE
+from kvq.quant.formats import FORMATS
 
 TILE_ELEMENTS = 8192  # elements of x per program (BLOCK_T * BLOCK_D) unless told otherwise
 REDUCE_BLOCK = 1024  # partials per step of the per-head reduction
@@ -65,16 +65,15 @@ def _format_constants(number_format: str) -> dict[str, float | bool]:
     if number_format == "nvfp4":
         return {"QMIN": -6.0, "QMAX": 6.0, "CLIP_AT": 7.0, "CLIP_INCLUSIVE": True, "IS_FP8": False, "FP8_KIND": -1,
                 "IS_NVFP4": True}
-    if number_format in FP8_MAX:
-        clip_at, inclusive = FP8_OVERFLOW[number_format]
-        fmax = FP8_MAX[number_format]
+    record = FORMATS[number_format]
+    if record.overflow is not None:
+        clip_at, inclusive = record.overflow
         return {
-            "QMIN": -fmax, "QMAX": fmax, "CLIP_AT": clip_at, "CLIP_INCLUSIVE": inclusive,
+            "QMIN": record.qmin, "QMAX": record.qmax, "CLIP_AT": clip_at, "CLIP_INCLUSIVE": inclusive,
             "IS_FP8": True, "FP8_KIND": FP8_KINDS[number_format], "IS_NVFP4": False,
         }  # fmt: skip
-    qmin, qmax = INT_RANGE[number_format]
     return {
-        "QMIN": float(qmin), "QMAX": float(qmax), "CLIP_AT": 0.0, "CLIP_INCLUSIVE": False,
+        "QMIN": record.qmin, "QMAX": record.qmax, "CLIP_AT": 0.0, "CLIP_INCLUSIVE": False,
         "IS_FP8": False, "FP8_KIND": -1, "IS_NVFP4": False,
     }  # fmt: skip
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from kvq.errors import KvqError, UsageError, first_line
+from kvq.io.contained import files_outside
 from kvq.model.gguf import convert_gguf, smollm2_gguf
 from kvq.model.model_spec import KVShape, LoadedModel, ModelInfo, ModelSpec
 
@@ -92,9 +93,29 @@ def cached_layers(text) -> tuple[int, ...] | None:
     return None if len(cached) == layers else cached
 
 
-def kv_shape(config) -> KVShape:
+CONFIG_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+
+
+def check_config_counts(values: dict, source: str) -> None:
+    """Refuse a config whose layer / head / size counts are not whole numbers >= 1 (absent or null is fine).
+
+    ``num_hidden_layers: -5`` or ``num_key_value_heads: 0`` describe no model: a UsageError naming the key.
+    """
+    for key in CONFIG_COUNTS:
+        value = values.get(key)
+        if value is None:
+            continue
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 1:
+            raise UsageError(f"{source}: {key} is {str(value)[:40]}, but a model's {key} is a whole number of at "
+                             "least 1", hint="the config is damaged or not a transformer's: fix the key or pass "
+                             "another checkpoint")
+
+
+def kv_shape(config, source: str = "the model's config") -> KVShape:
     """The KV cache of a decoder config: layers, KV heads, head_dim, and which layers hold one."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    check_config_counts({key: getattr(text, key, None) for key in CONFIG_COUNTS}, source)
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
     if layers is None or heads is None:
@@ -207,6 +228,23 @@ def _weight_files(folder: Path | None) -> str:
     return shown or "model.safetensors"
 
 
+def check_index_paths(folder: Path) -> None:
+    """Refuse a checkpoint whose safetensors index lists a weight file outside its folder (before any is opened)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except RecursionError as exc:
+        raise UsageError(f"{index} does not parse as JSON: nested too deeply") from exc
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{index} does not parse as a safetensors index: {first_line(exc)}") from exc
+    outside = files_outside(weight_map) if isinstance(weight_map, dict) else []
+    if outside:
+        raise UsageError(f"{index}: weight_map points to {outside[0]!r}, outside the checkpoint folder",
+                         hint="kvq reads a checkpoint only inside its folder: fix the index or copy the weights in")
+
+
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -296,6 +334,8 @@ def load_model(
     model_id, source, folder = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except RecursionError as exc:
+        raise UsageError(f"model {model_id}: its config.json does not parse: nested too deeply") from exc
     except (OSError, ValueError) as exc:
         if folder is None:
             raise UsageError(
@@ -304,7 +344,9 @@ def load_model(
                 hint="offline, pass a local checkpoint folder or .gguf file with --model",
             ) from exc
         raise UsageError(f"model {model_id}: cannot read its config: {first_line(exc)}") from exc
-    kv_shape(config)  # a model without attention layers is refused before its weights load
+    kv_shape(config, f"model {model_id} config")  # no attention layers, or impossible counts: refused before
+    if folder is not None:  # the weights load
+        check_index_paths(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype or "auto", trust_remote_code=trust_remote_code, **placement

@@ -62,7 +62,7 @@ def parse_layers(text: str, num_layers: int, where: str) -> tuple[int, ...]:
     """The layer list of :func:`layers_text`: indices below ``num_layers``, ascending, no repeats; refused
     (UsageError naming ``where``) otherwise."""
     parts = [part.strip() for part in text.split(",")] if text.strip() else []
-    layers = tuple(int(part) for part in parts if part.isdigit())
+    layers = tuple(int(part) for part in parts if part.isdigit() and len(part) <= 9)
     if len(layers) != len(parts) or list(layers) != sorted(set(layers)) or any(i >= num_layers for i in layers):
         raise UsageError(f"{where}: cached_layers {text!r} is not an ascending list of layer indices below {num_layers}",
                          hint="pass the artifact written by `kvq calibrate`")

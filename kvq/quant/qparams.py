@@ -27,26 +27,16 @@ from __future__ import annotations
 import torch
 
 from kvq.quant import nvfp4
+from kvq.quant.formats import number_format
 from kvq.recipe.schema import QuantSpec
 
-FP8_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-                                      "fp8_e4m3fnuz": torch.float8_e4m3fnuz}
-# e4m3fnuz's largest value is 240, but the engines saturate at 224 (vLLM's get_fp8_min_max on ROCm): kvq does too
-FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp8_e4m3fnuz": 224.0}
-INT_RANGE: dict[str, tuple[int, int]] = {"int8": (-128, 127), "int4": (-8, 7)}
-# bits per stored element (nvfp4: a 4-bit value plus an 8-bit scale per block of 16)
-BITS: dict[str, float] = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp8_e4m3fnuz": 8, "int8": 8, "int4": 4, "nvfp4": 4.5}
 SCALE_FLOOR: float = torch.finfo(torch.float32).eps
 
 
 def qrange(fmt: str) -> tuple[float, float]:
     """The smallest and largest value ``q`` can take in format ``fmt`` (nvfp4: the e2m1 value times its block scale)."""
-    if fmt == "nvfp4":
-        return -nvfp4.SCALE_TOP, nvfp4.SCALE_TOP
-    if fmt in FP8_MAX:
-        return -FP8_MAX[fmt], FP8_MAX[fmt]
-    qmin, qmax = INT_RANGE[fmt]
-    return float(qmin), float(qmax)
+    record = number_format(fmt)
+    return record.qmin, record.qmax
 
 
 def choose_qparams(
@@ -68,7 +58,7 @@ def choose_qparams(
         top = qrange(spec.format)[1]
         scale = torch.clamp_min(absmax / top, SCALE_FLOOR)
         return scale, None
-    qmin, qmax = INT_RANGE[spec.format]
+    qmin, qmax = qrange(spec.format)
     lo = torch.clamp_max(min_val, 0.0)
     hi = torch.clamp_min(max_val, 0.0)
     scale = torch.clamp_min((hi - lo) / float(qmax - qmin), SCALE_FLOOR)
@@ -85,11 +75,11 @@ def quantize(
     """
     if fmt == "nvfp4":
         return nvfp4.quantize_blocks(x, scale)
+    record = number_format(fmt)
     y = x.to(torch.float32) / scale
-    if fmt in FP8_DTYPES:
-        fmax = FP8_MAX[fmt]
-        return y.clamp(-fmax, fmax).to(FP8_DTYPES[fmt])
-    qmin, qmax = INT_RANGE[fmt]
+    if record.is_fp8:
+        return y.clamp(record.qmin, record.qmax).to(record.dtype)
+    qmin, qmax = record.qmin, record.qmax
     y = torch.round(y)
     if zero_point is not None:
         y = y + zero_point.to(torch.float32)
@@ -101,6 +91,6 @@ def dequantize(
 ) -> torch.Tensor:
     """Stored form back to float32: ``(q - zero_point) * scale``."""
     y = q.to(torch.float32)
-    if zero_point is not None and fmt not in FP8_DTYPES:
+    if zero_point is not None and not number_format(fmt).is_fp8:
         y = y - zero_point.to(torch.float32)
     return y * scale

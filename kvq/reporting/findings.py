@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvq.quant.qparams import FP8_MAX, SCALE_FLOOR
+from kvq.quant.formats import FP8_E4M3
+from kvq.quant.qparams import SCALE_FLOOR
 from kvq.reporting.measures import E4M3_MIN_NORMAL, Grids, head_spread
 
 OUTLIER_RATIO = 6.0
@@ -26,7 +27,7 @@ SUBNORMAL_SHARE = 0.5
 DOMINANT_DB = 6.0
 DOMINANT_RATIO = 3.0
 OUTLIER_LAYERS = 0.25  # the share of layers with key outlier channels from which per-channel keys are recommended
-E4M3_MAX = FP8_MAX["fp8_e4m3"]
+E4M3_MAX = FP8_E4M3.qmax
 SHOWN = 6  # places listed in one finding; the rest are counted
 NAMES = {"k": "K", "v": "V"}
 

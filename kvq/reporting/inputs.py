@@ -7,7 +7,6 @@ naming the file and what to pass instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from kvq.artifacts.files import SCALES_FILE, STATS_FILE, VALIDATE_JSON, require_
 from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
+from kvq.io.parse import parse_json
 
 _MAX_JSON = 256 << 20  # a validate.json of a 100-layer, 64-head model is a few MB
 
@@ -94,12 +94,7 @@ def read_kvq_report(path: str | Path, kind: str, option: str, keys: tuple[str, .
     if path.stat().st_size > _MAX_JSON:
         raise UsageError(f"{option} file {path} is over {_MAX_JSON >> 20} MiB; it is not a kvq {kind} report",
                          hint=hint)
-    try:
-        data = json.loads(path.read_bytes())
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{option} file {path} is not JSON (not UTF-8 text)", hint=hint) from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{option} file {path} is not JSON ({exc.msg} at line {exc.lineno})", hint=hint) from exc
+    data = parse_json(path.read_bytes(), f"{option} file {path}", hint)
     if not isinstance(data, dict) or "kvq_version" not in data or data.get("report") != kind:
         found = data.get("report") if isinstance(data, dict) else None
         what = f"a kvq {found} report" if isinstance(found, str) and "kvq_version" in data else "not a kvq report"

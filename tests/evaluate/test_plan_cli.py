@@ -118,3 +118,29 @@ def test_kvq_eval_bad_plans(planned, tiny_llama, tiny_artifacts, tmp_path, capsy
     for plan, words in cases:
         outcome = run_in_process(["eval", "--plan", str(plan), "--model", str(tiny_llama), *COMMON], capsys)
         assert_contract(outcome, 2, words)
+
+
+def test_keep_sliding_window_skips_the_configs_sliding_layers(tiny_model_factory, tmp_path, capsys):
+    gemma3 = tiny_model_factory("gemma3")
+    art = tmp_path / "art"
+    assert main(["calibrate", "--model", str(gemma3), *COMMON, "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(art), "--model", str(gemma3), "--keep-sliding-window", *COMMON]) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads((art / "plan.json").read_text())
+    # the oracle: the config tiny_models.py writes (sliding, full, sliding)
+    assert plan["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert plan["skip_layers"] == [0, 2] and plan["budget"] == {"keep_sliding_window": True}
+    assert plan["engines"]["vllm"]["flags"] == "--kv-cache-dtype-skip-layers 0 2"
+    assert "--keep-sliding-window" in printed and "--kv-cache-dtype-skip-layers 0 2" in printed
+
+
+def test_keep_sliding_window_refuses_a_model_without_one(planned, tiny_llama, capsys):
+    art, _ = planned
+    before = snapshot(art)
+    outcome = run_in_process(["plan", str(art), "--model", str(tiny_llama), "--keep-sliding-window", *COMMON], capsys)
+    assert_contract(outcome, 2, "has no sliding-window layer")
+    assert snapshot(art) == before
+    outcome = run_in_process(["plan", str(art), "--model", str(tiny_llama), "--keep-sliding-window", "--skip", "1",
+                              *COMMON], capsys)
+    assert_contract(outcome, 2, "give one budget")
