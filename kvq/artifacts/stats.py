@@ -211,6 +211,11 @@ class KVStats:
         parts, meta = read_layers(path, "statistics file", _KEY, _PARTS, _HINT)
         where = f"statistics file {path}"
         tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)
+        if tokens is None:  # older files: one count for every layer
+            raw = meta.get("tokens") or "0"
+            if not re.fullmatch(r"[0-9]{1,18}", raw):
+                raise UsageError(f"{where}: metadata tokens={raw[:40]!r} is not a token count", hint=_HINT)
+            tokens = [int(raw)] * len(parts)
         stats = cls(metadata=meta)
         shape = tuple(parts[0]["k.min"].shape)
         StatedShape.parse(meta, where).check(shape, "layers.0.k.min", where)
@@ -231,7 +236,7 @@ class KVStats:
                     raise UsageError(f"{where}: layers.{i}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
                                      f"{tuple(tensor.shape)}; every statistic must be a float tensor of shape "
                                      f"{shape} (kv_heads, head_dim)", hint=_HINT)
-            layer_tokens = tokens[i] if tokens is not None else int(meta.get("tokens", 0) or 0)
+            layer_tokens = tokens[i]
             kind = _check_hist_meta(meta, p, f"{where}: layer {i}")
             layer = LayerStats(
                 k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32),
@@ -263,7 +268,7 @@ def _layer_tokens(raw: str | None, num_layers: int, where: str) -> list[int] | N
         return None
     tokens = parse_json(raw, f"{where}: metadata layer_tokens", _HINT)
     if not (isinstance(tokens, list) and len(tokens) == num_layers
-            and all(isinstance(t, int) and t >= 0 for t in tokens)):
+            and all(type(t) is int and t >= 0 for t in tokens)):
         raise UsageError(f"{where}: metadata layer_tokens is not a list of {num_layers} token counts", hint=_HINT)
     return tokens
 
