@@ -821,6 +821,7 @@ STATED_COUNTS: list[tuple[str, str, dict[str, str | None], Callable | None, str]
     ("stats-num-kv-heads-negative", "stats", {"num_kv_heads": "-4"}, None, "metadata num_kv_heads='-4' is not"),
     ("stats-head-dim-disagrees", "stats", {"head_dim": "4096"}, None,
      "metadata head_dim=4096, but layers.0.k.min is (2, 16)"),
+    ("stats-tokens-not-a-count", "stats", {"layer_tokens": None, "tokens": "abc"}, None, "metadata tokens='abc'"),
     ("stats-layer-index-1e9", "stats", {"num_layers": None}, _moved_layer, "layer(s) 2, 3, 4, 5, 6, 7, 8, 9 ..."),
     ("scales-num-layers-1e9", "scales", {"num_layers": "1000000000"}, None, "metadata num_layers='1000000000' is"),
     ("scales-num-layers-stated-65536", "scales", {"num_layers": "65536"}, None,

@@ -219,6 +219,10 @@ class KVStats:
         tokens = _layer_tokens(meta.pop("layer_tokens", None), len(parts), where)  # in ascending layer order
         if tokens is not None:
             tokens = dict(zip(sorted(parts), tokens, strict=True))
+        else:  # older files: one count for every layer
+            raw = meta.get("tokens") or "0"
+            if not re.fullmatch(r"[0-9]{1,18}", raw):
+                raise UsageError(f"{where}: metadata tokens={raw[:40]!r} is not a token count", hint=_HINT)
         stats = cls(metadata=meta)
         first = min(parts)
         shape = tuple(parts[first]["k.min"].shape)
@@ -240,7 +244,7 @@ class KVStats:
                     raise UsageError(f"{where}: layers.{i}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
                                      f"{tuple(tensor.shape)}; every statistic must be a float tensor of shape "
                                      f"{shape} (kv_heads, head_dim)", hint=_HINT)
-            layer_tokens = tokens[i] if tokens is not None else int(meta.get("tokens", 0) or 0)
+            layer_tokens = tokens[i]
             kind = _check_hist_meta(meta, p, f"{where}: layer {i}")
             layer = LayerStats(
                 k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32),
@@ -272,7 +276,7 @@ def _layer_tokens(raw: str | None, num_layers: int, where: str) -> list[int] | N
         return None
     tokens = parse_json(raw, f"{where}: metadata layer_tokens", _HINT)
     if not (isinstance(tokens, list) and len(tokens) == num_layers
-            and all(isinstance(t, int) and t >= 0 for t in tokens)):
+            and all(type(t) is int and t >= 0 for t in tokens)):
         raise UsageError(f"{where}: metadata layer_tokens is not a list of {num_layers} token counts", hint=_HINT)
     return tokens
 
