@@ -61,3 +61,35 @@ def test_batches_pad_on_the_right_with_a_mask():
     assert out[0].attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert (out[0].num_samples, out[0].num_tokens) == (2, 4)
     assert out[1].input_ids.tolist() == [[9, 10]] and out[1].attention_mask.dtype == torch.long
+
+
+
+def test_a_long_document_is_encoded_only_as_far_as_the_samples_reach(tokenizer, shared_data, monkeypatch):
+    """Issue 20: the samples are the full encodings' chunks, taken round-robin in the seeded order (the
+    oracle: the tokenizer on each whole text, the documented selection written out), while the text handed
+    to the tokenizer stays a bounded prefix of the long document, grown as later chunks are needed."""
+    import random
+
+    text = (shared_data / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")  # 1.3 MB, one document
+    docs = [Document(text=text), Document(text="a short one"), Document(text=text[:50_000])]
+    full = [tokenizer(d.text)["input_ids"] for d in docs]
+    order = list(range(len(docs)))
+    random.Random(3).shuffle(order)
+    expected, chunk = [], 0
+    while len(expected) < 40:
+        for i in order:
+            if full[i][chunk * 128:(chunk + 1) * 128] and len(expected) < 40:
+                expected.append(full[i][chunk * 128:(chunk + 1) * 128])
+        chunk += 1
+    lengths = []
+    call = tokenizer.__class__.__call__
+
+    def spy(self, value, *args, **kwargs):
+        lengths.append(len(value))
+        return call(self, value, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer.__class__, "__call__", spy)
+    picked = select_samples(docs, tokenizer, samples=40, seqlen=128, seed=3)
+    monkeypatch.undo()
+    assert picked.token_ids == expected
+    assert max(lengths) < len(text) // 4  # never the whole 1.3 MB
