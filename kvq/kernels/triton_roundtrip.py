@@ -178,10 +178,12 @@ def roundtrip_error_triton(
 
 def fake_quantize_triton(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str, *,
-    native_fp8: bool | None = None, libdevice_rint: bool = False,
+    block_t: int | None = None, num_warps: int | None = None, native_fp8: bool | None = None,
+    libdevice_rint: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """``dequantize(quantize(x))`` in x's dtype (a new contiguous tensor); bit-exact with ``qdq_static``."""
-    launch = _prepare(x, scale, zero_point, number_format, None, None, native_fp8, libdevice_rint)
+    """``dequantize(quantize(x))`` in x's dtype (a new contiguous tensor); bit-exact with ``qdq_static``.
+    The keywords are those of :func:`roundtrip_error_triton`."""
+    launch = _prepare(x, scale, zero_point, number_format, block_t, num_warps, native_fp8, libdevice_rint)
     _, heads, tokens, head_dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
