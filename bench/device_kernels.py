@@ -33,10 +33,16 @@ ROWS = [
     ("int8", "head", True), ("int4", "head", True), ("int8", "channel", False), ("int4", "tensor", False),
     ("nvfp4", "tensor", True),
 ]  # fmt: skip
-# the tile sweep: (format, granularity, symmetric) rows it covers, and the tiles it tries for each kernel
+# the tile sweep: the rows it covers, and the tiles it tries for each kernel (the launchers' keywords); the error
+# kernel first (it is the one below target), each tile compiled once per row
 SWEEP_ROWS = [("fp8_e4m3", "head", True), ("int8", "head", True), ("int4", "channel", False), ("nvfp4", "tensor", True)]
-SWEEP_TILES = [{"block_t": bt, "num_warps": w} for bt in (16, 32, 64, 128) for w in (2, 4, 8)]
-TOY_SWEEP_TILES = [{"block_t": 4, "num_warps": 1}, {"block_t": 8, "num_warps": 2}]
+SWEEP_TILES = {
+    "error": [{"block_t": bt, "num_warps": w, "tiles_per_program": tpp}
+              for bt in (16, 32, 64) for w in (2, 4, 8) for tpp in (1, 4)],
+    "fake_quant": [{"block_t": bt, "num_warps": w, "tiles_per_program": 1} for bt in (16, 32, 64, 128) for w in (4, 8)],
+}  # fmt: skip
+TOY_SWEEP_TILES = {kind: [{"block_t": 4, "num_warps": 1, "tiles_per_program": 1},
+                          {"block_t": 8, "num_warps": 2, "tiles_per_program": 2}] for kind in ("error", "fake_quant")}
 
 
 @dataclass
@@ -156,46 +162,56 @@ def run_kernels(shape, dtype, device: str, rows=ROWS) -> dict:
 
 
 def default_tile(kind: str, fmt: str) -> dict | None:
-    """The kernel's default tile for ``fmt`` (kvq.kernels.triton_roundtrip's tables), or None before they exist."""
+    """The kernel's default tile for ``fmt`` (ERROR_TILES / FAKE_QUANT_TILES of kvq.kernels.triton_roundtrip)."""
     from kvq.kernels import triton_roundtrip
 
     table = getattr(triton_roundtrip, "ERROR_TILES" if kind == "error" else "FAKE_QUANT_TILES", None)
-    if table is None:
-        return None
-    tile = table.get(fmt, table.get("default"))
-    return None if tile is None else dict(vars(tile)) if hasattr(tile, "__dict__") else dict(tile._asdict())
+    tile = None if table is None else table.get(fmt)
+    return None if tile is None else dict(vars(tile))
 
 
-def sweep(shape, dtype, device: str, deadline: float, tiles=None, rows=SWEEP_ROWS) -> dict:
-    """Time each tile of ``tiles`` for both kernels on ``rows``; stops at ``deadline`` (time.monotonic())."""
+def sweep(shape, dtype, device: str, deadline: float, tiles: dict | None = None, rows=SWEEP_ROWS) -> dict:
+    """Time each tile of ``tiles[kind]`` for both kernels on ``rows`` (the error kernel's rows first), the
+    default tile too; stops at ``deadline`` (time.monotonic()). ``suggested``: per kernel and format, the best
+    tile as a Tile of the tables (elements = block_t x the padded head_dim)."""
     from kvq.kernels import triton_kernels
 
     kernels = triton_kernels()
     timer = Timer(cuda=device.startswith("cuda"), rep_ms=60)
     tiles = tiles or SWEEP_TILES
+    block_d = 1 << (shape[3] - 1).bit_length()
     results: list[dict] = []
+    suggested: dict[str, dict] = {"error": {}, "fake_quant": {}}
     stopped = None
-    for fmt, gran, sym in rows:
-        x, scale, zp = make_inputs(shape, dtype, fmt, gran, sym, device)
-        nbytes = x.numel() * x.element_size()
-        for kind, launch, moved in (("error", kernels.roundtrip_error_triton, nbytes),
-                                    ("fake_quant", kernels.fake_quantize_triton, 2 * nbytes)):
+    launches = {"error": kernels.roundtrip_error_triton, "fake_quant": kernels.fake_quantize_triton}
+    for kind in ("error", "fake_quant"):
+        for fmt, gran, sym in rows:
+            x, scale, zp = make_inputs(shape, dtype, fmt, gran, sym, device)
+            moved = x.numel() * x.element_size() * (1 if kind == "error" else 2)
             timings = []
-            for tile in tiles:
+            for tile in [{}, *tiles[kind]]:  # {}: the default tile
                 if time.monotonic() > deadline:
-                    stopped = f"out of time at {fmt} {kind}: the sweep's budget ran out"
+                    stopped = f"out of time at {kind} {fmt} {gran}: the sweep's budget ran out"
                     break
-                fn = partial(launch, x, scale, zp, fmt, **tile)
+                fn = partial(launches[kind], x, scale, zp, fmt, **tile)
                 try:
                     ms = timer.graph(fn) if timer.cuda else timer.call(fn)
                 except Exception as exc:  # e.g. a tile too large for the GPU's registers
                     timings.append({**tile, "error": f"{type(exc).__name__}: {exc}"[:200]})
                     continue
-                timings.append({**tile, "ms": ms, "gbps": moved / ms / 1e6 if timer.cuda else None})
+                timings.append({**(tile or {"tile": "default"}), "ms": ms, "gbps": moved / ms / 1e6 if timer.cuda else None})
             done = [t for t in timings if "ms" in t]
             best = min(done, key=lambda t: t["ms"]) if done else None
+            default_ms = next((t["ms"] for t in done if t.get("tile") == "default"), None)
             results.append({"format": fmt, "granularity": gran, "symmetric": sym, "kernel": kind,
-                            "default": default_tile(kind, fmt), "best": best, "timings": timings})
+                            "default": default_tile(kind, fmt), "default_ms": default_ms, "best": best,
+                            "timings": timings})
+            if best is not None and "block_t" in best:
+                suggested[kind][fmt] = {"elements": best["block_t"] * block_d, "num_warps": best["num_warps"],
+                                        "tiles_per_program": best["tiles_per_program"]}
             if stopped:
-                return {"rows": results, "stopped": stopped, "timing": "wall clock (interpreter)" if not timer.cuda else "CUDA graph"}
-    return {"rows": results, "stopped": None, "timing": "wall clock (interpreter)" if not timer.cuda else "CUDA graph"}
+                break
+        if stopped:
+            break
+    timing = "CUDA graph" if timer.cuda else "wall clock (interpreter)"
+    return {"rows": results, "stopped": stopped, "timing": timing, "suggested": suggested}

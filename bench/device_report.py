@@ -69,19 +69,26 @@ def kernel_table(kernels: dict) -> list[str]:
 
 
 def sweep_table(sweep: dict) -> list[str]:
-    """Per format and kernel: the default tile, the best tile of the sweep, and their times."""
+    """Per format and kernel: the default tile and its time, the best tile of the sweep and its time; then the
+    tables (ERROR_TILES / FAKE_QUANT_TILES entries) the best tiles suggest."""
     if not sweep.get("rows"):
         return ["(sweep not run)"]
     lines = [f"timing: {sweep['timing']}" + (f"; stopped: {sweep['stopped']}" if sweep.get("stopped") else ""), "",
-             "| format, granularity | kernel | default tile | best tile | best ms | best GB/s | tiles timed |",
-             "|---|---|---|---|---|---|---|"]
+             "| format, granularity | kernel | default tile | default ms | best tile | best ms | best GB/s | tiles timed |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in sweep["rows"]:
         best = row["best"] or {}
         tile = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("ms", "gbps")) or "-"
         default = ", ".join(f"{k}={v}" for k, v in (row["default"] or {}).items()) or "-"
         timed = sum("ms" in t for t in row["timings"])
         lines.append(f"| {row['format']} {'sym' if row['symmetric'] else 'asym'} {row['granularity']} | {row['kernel']} "
-                     f"| {default} | {tile} | {_ms(best.get('ms'))} | {_gbps(best.get('gbps'))} | {timed} |")
+                     f"| {default} | {_ms(row.get('default_ms'))} | {tile} | {_ms(best.get('ms'))} "
+                     f"| {_gbps(best.get('gbps'))} | {timed} |")
+    for kind, table in (sweep.get("suggested") or {}).items():
+        if table:
+            name = "ERROR_TILES" if kind == "error" else "FAKE_QUANT_TILES"
+            lines += ["", f"suggested {name} entries (where a swept tile beat the default): "
+                      + "; ".join(f"{fmt}: Tile({', '.join(f'{k}={v}' for k, v in t.items())})" for fmt, t in table.items())]
     return lines
 
 

@@ -52,7 +52,9 @@ def test_toy_check_runs_every_step_and_reports(tmp_path):
         assert row["error"]["gpu_ms"] is None and row["fake_quant"]["skipped"] == device_kernels.NO_CUDA
     assert any("needs CUDA" in s for s in report["skipped"])
     assert {r["kernel"] for r in report["sweep"]["rows"]} == {"error", "fake_quant"}
-    assert all(len(r["timings"]) == len(device_kernels.TOY_SWEEP_TILES) for r in report["sweep"]["rows"])
+    for r in report["sweep"]["rows"]:  # the default tile, then the toy tiles
+        assert len(r["timings"]) == 1 + len(device_kernels.TOY_SWEEP_TILES[r["kernel"]])
+        assert r["default"]["elements"] > 0 and r["default_ms"] is not None
     md = (out / "device_check.md").read_text()
     assert "## Kernels" in md and "## Tile sweep" in md and "all checks passed" in md
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["device_check.json", "device_check.md", "logs.tar.gz"]
