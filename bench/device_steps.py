@@ -142,11 +142,13 @@ def junit_counts(path: Path) -> dict[str, int]:
 
 
 def run_gpu_tests(model: str, out: Path, toy: bool, timeout: float) -> tuple[dict, dict]:
-    """pytest -m gpu (all of tests/ on a GPU, 8 workers where xdist is there; toy: tests/kernels, where they skip)
-    with $KVQ_TEST_TOKENIZER at the device model's tokenizer. Returns (result, check)."""
+    """pytest -m gpu on the test files that hold GPU tests (so that collection imports nothing the GPU image
+    lacks; 8 workers where xdist is there; under --toy they skip) with $KVQ_TEST_TOKENIZER at the device
+    model's tokenizer. Returns (result, check)."""
     import importlib.util
 
-    targets = ["tests/kernels/test_triton.py"] if toy else ["tests"]
+    targets = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").rglob("test_*.py")
+                     if "pytest.mark.gpu" in f.read_text(errors="replace"))
     workers = [] if toy or importlib.util.find_spec("xdist") is None else ["-n", "8"]
     argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *workers,
             f"--junitxml={out / 'gpu_tests.xml'}", *targets]

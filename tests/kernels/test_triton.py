@@ -339,12 +339,10 @@ def test_gpu_ties_with_awkward_scales(fmt: str, native_fp8: bool | None, libdevi
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("block_t", "tiles", "warps"), [(1, 8, 1), (8, 2, 2), (16, 4, 4), (32, 4, 4), (64, 1, 8)])
-@pytest.mark.parametrize(("fmt", "granularity", "symmetric"), [("int4", "channel", False), ("fp8_e4m3", "head", True),
-                                                             ("nvfp4", "tensor", True)])
+@pytest.mark.parametrize(("fmt", "granularity", "symmetric"), [("int4", "channel", False), ("fp8_e4m3", "head", True), ("nvfp4", "tensor", True)])  # fmt: skip
 def test_gpu_tiles_per_program(fmt: str, granularity: str, symmetric: bool, block_t: int, tiles: int, warps: int) -> None:
     """The tiles the sweep tries: token counts that divide neither the tile nor a program's tiles."""
     from kvq.kernels.triton_roundtrip import fake_quantize_triton, roundtrip_error_triton
-
     x, scale, zp = make_case(fmt, granularity, symmetric, (2, 8, 1151, 128), torch.bfloat16, seed=7)
     x, scale = x.cuda(), scale.cuda()
     zp = None if zp is None else zp.cuda()
