@@ -108,3 +108,72 @@ def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="10" failures="1" errors="2" skipped="3"/></testsuites>')
     assert device_steps.junit_counts(xml) == {"passed": 4, "failed": 1, "errors": 2, "skipped": 3}
+
+
+# --- the GPU branch of the kernel figures, with a stand-in clock and stand-in kernels (no CUDA here) ---------
+
+
+class _Clock:
+    """Times in ms by hand: the reference's call 10, a kernel's call 1, a CUDA-graph replay 0.5 (0.25 for
+    block_t 32)."""
+
+    cuda = True
+
+    def __init__(self, cuda: bool = True, rep_ms: int = 0):
+        pass
+
+    def call(self, fn):
+        return 1.0 if getattr(fn.func, "is_kernel", False) else 10.0
+
+    def graph(self, fn):
+        return 0.25 if fn.keywords.get("block_t") == 32 else 0.5
+
+
+def _stand_in_kernels():
+    from types import SimpleNamespace
+
+    from kvq.kernels.reference import qdq_static, roundtrip_error_reference
+
+    def error(x, s, z, fmt, **tile):
+        return roundtrip_error_reference(x, s, z, fmt)
+
+    def fake(x, s, z, fmt, **tile):
+        return qdq_static(x, s, z, fmt)
+
+    error.is_kernel = fake.is_kernel = True
+    return SimpleNamespace(roundtrip_error_triton=error, fake_quantize_triton=fake)
+
+
+def test_kernel_figures_and_targets_on_the_gpu_branch():
+    x, scale, zp = device_kernels.make_inputs((1, 2, 8, 64), torch.bfloat16, "int8", "head", True, "cpu")
+    row = device_kernels.kernel_row(_stand_in_kernels(), x, scale, zp, "int8", _Clock(), copy=0.01)
+    nbytes = 1 * 2 * 8 * 64 * 2  # 2048 bytes of bf16
+    assert row["bytes"] == nbytes
+    err, fq = row["error"], row["fake_quant"]
+    assert err["gbps"] == pytest.approx(nbytes / 0.5 / 1e6) and fq["gbps"] == pytest.approx(2 * nbytes / 0.5 / 1e6)
+    assert err["fraction_of_copy"] == pytest.approx(0.004096 / 0.01) and err["speedup"] == 10.0
+    checks = {c["name"]: c for c in row["checks"]}
+    assert checks["error kernel = reference"]["ok"] and checks["fake-quantize = reference"]["ok"]
+    assert not checks["error: GPU time >= 80% of copy bandwidth"]["ok"]  # 41% of copy: a missed target
+    assert checks["fake_quant: GPU time >= 80% of copy bandwidth"]["ok"]  # 82% of copy
+    assert checks["error: call >= 5x the reference"]["ok"] and checks["error: call >= 5x the reference"]["target"]
+
+
+def test_sweep_reports_the_best_tile_as_a_table_entry(monkeypatch):
+    import kvq.kernels
+
+    monkeypatch.setattr(kvq.kernels, "triton_kernels", _stand_in_kernels)
+    monkeypatch.setattr(device_kernels, "Timer", _Clock)  # a GPU clock (cuda=True) over CPU tensors
+    tiles = {kind: [{"block_t": 16, "num_warps": 4, "tiles_per_program": 1},
+                    {"block_t": 32, "num_warps": 8, "tiles_per_program": 4}] for kind in ("error", "fake_quant")}
+    out = device_kernels.sweep((1, 2, 8, 80), torch.float32, "cpu", deadline=float("inf"), tiles=tiles,
+                               rows=[("int4", "head", True)])
+    assert out["stopped"] is None and [r["kernel"] for r in out["rows"]] == ["error", "fake_quant"]
+    error = out["rows"][0]
+    assert error["default_ms"] == 0.5 and error["best"]["ms"] == 0.25 and error["best"]["block_t"] == 32
+    assert error["default"] == {"elements": 4096, "num_warps": 4, "tiles_per_program": 4}  # ERROR_TILES["int4"]
+    # head_dim 80 pads to 128 channels: 32 tokens x 128 = 4096 elements
+    assert out["suggested"]["error"] == {"int4": {"elements": 4096, "num_warps": 8, "tiles_per_program": 4}}
+    stopped = device_kernels.sweep((1, 2, 8, 80), torch.float32, "cpu", deadline=0.0, tiles=tiles,
+                                   rows=[("int4", "head", True)])
+    assert stopped["stopped"].startswith("out of time") and stopped["rows"][0]["timings"] == []
