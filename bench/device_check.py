@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     def cli() -> None:
         if model is None:
             raise RuntimeError("no device model")
-        report["commands"], checks = device_steps.run_pipeline(str(model), device, args.out / "runs", args.toy)
+        deadline = time.monotonic() + max(60.0, min(CLI_MAX_S, check.left() - 60))
+        report["commands"], checks = device_steps.run_pipeline(str(model), device, args.out / "runs", args.toy, deadline)
         report["checks"].extend(checks)
 
     def kernels() -> None:

@@ -109,14 +109,20 @@ def compare_stats(device_file: Path, cpu_file: Path, rtol: float = STATS_RTOL) -
             "tensors": len(want), "bit_equal_tensors": exact, "problems": problems[:10]}
 
 
-def run_pipeline(model: str, device: str, out: Path, toy: bool) -> tuple[list[dict], list[dict]]:
-    """Every command of :func:`pipeline` (a failed command does not stop the rest); then the statistics
-    comparisons. Returns (command results, checks)."""
+def run_pipeline(model: str, device: str, out: Path, toy: bool, deadline: float = float("inf"),
+                 command_s: float = 90) -> tuple[list[dict], list[dict]]:
+    """Every command of :func:`pipeline` (a failed command does not stop the rest; each at most ``command_s``
+    and none past ``deadline``, time.monotonic()); then the statistics comparisons. Returns (command results,
+    checks)."""
     out.mkdir(parents=True, exist_ok=True)
     results, checks = [], []
     for i, (name, argv) in enumerate(pipeline(model, device, out, toy)):
         slug = f"{i:02d}_{name.split(' (')[0]}".replace(" ", "_").replace("-", "")
-        result = run_kvq(argv, out / f"{slug}.log", in_process=toy)
+        left = deadline - time.monotonic()
+        if left < 5:
+            checks.append({"name": f"kvq {name}", "ok": False, "detail": "not run: the step's time ran out"})
+            continue
+        result = run_kvq(argv, out / f"{slug}.log", in_process=toy, timeout=min(command_s, left))
         results.append({"name": name, **result})
         checks.append({"name": f"kvq {name}", "ok": result["rc"] == 0,
                        "detail": f"exit {result['rc']} in {result['seconds']} s ({result['log']})"})

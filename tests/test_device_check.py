@@ -20,14 +20,15 @@ import device_kernels  # noqa: E402
 import device_steps  # noqa: E402
 
 
-def _check(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _check(tmp_path: Path, *args: str, timeout: float = 170) -> subprocess.CompletedProcess:
+    """The toy check in a subprocess: about 55 s alone on 2 cores, 105 s beside other work."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, str(REPO / "bench" / "device_check.py"), "--toy", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_toy_check_runs_every_step_and_reports(tmp_path):
     from kvq.model.gguf import smollm2_gguf
 
