@@ -178,9 +178,10 @@ def roundtrip_tile_kernel(
     ``pid_t * TILES_PER_PROGRAM * BLOCK_T`` on. FAKE_QUANT: store x_hat into ``out`` (x's dtype, contiguous
     along head_dim; strides so_*). Else: one tuple reduction per tile gives its sse, signal, max |err| and
     clipped count, accumulated over the program's tiles; the program stores them once (float32 rows 0..2 of
-    part_f, P columns; the count in part_clip). TUPLE_REDUCE False (the launcher's default under the
-    interpreter, whose tl.reduce calls the combine function once per element in Python) makes it four
-    reductions instead, with the same results. Unused pointers and sizes are placeholders the compiled branch
+    part_f, P columns; the count in part_clip). TUPLE_REDUCE: 1 that tuple reduction (compiled), 2 the same
+    on a tile flattened first (under the interpreter), 0 four reductions instead (the launcher's default under
+    the interpreter, whose tl.reduce calls the combine function once per element in Python); all give the
+    same results. Unused pointers and sizes are placeholders the compiled branch
     never reads.
     """
     pid = tl.program_id(0)
@@ -230,8 +231,11 @@ def roundtrip_tile_kernel(
             # lanes outside x hold 0, which round-trips to 0 unless a zero point lies outside the range
             err = tl.where(mask, x - x_hat, 0.0)
             clip_i = (mask & clipped).to(tl.int32)
-            if TUPLE_REDUCE:
-                # one reduction of the four, over the flattened tile (shape (BLOCK_T * BLOCK_D,))
+            if TUPLE_REDUCE == 1:  # one reduction of the four, over the whole tile
+                sse, signal, mx, clip = tl.reduce((err * err, x * x, tl.abs(err), clip_i), None, _combine_partials)
+            elif TUPLE_REDUCE == 2:
+                # the same under the interpreter, whose tl.reduce(axis=None) flattens only the first input: the
+                # tile flattened first, shape (BLOCK_T * BLOCK_D,)
                 N: tl.constexpr = BLOCK_T * BLOCK_D
                 sse, signal, mx, clip = tl.reduce(
                     (tl.reshape(err * err, (N,)), tl.reshape(x * x, (N,)), tl.reshape(tl.abs(err), (N,)),

@@ -168,6 +168,14 @@ def _prepare(
     return _Launch(s, z, strides, token_blocks, token_blocks * batch * heads, meta)
 
 
+def _tuple_reduce(asked: bool | None) -> int:
+    """The kernel's TUPLE_REDUCE: 1 (one tuple reduction per tile), 2 (the same, under the interpreter), or
+    0 (four reductions; the default under the interpreter, where tl.reduce runs per element in Python)."""
+    if not interpreting():
+        return 0 if asked is False else 1
+    return 2 if asked else 0
+
+
 def roundtrip_error_triton(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str, *,
     block_t: int | None = None, num_warps: int | None = None, tiles_per_program: int | None = None,
@@ -198,7 +206,7 @@ def roundtrip_error_triton(
         launch.token_blocks, heads, tokens, head_dim, programs, per_head,
         *x.stride(), *launch.scale_strides, 0, 0, 0,
         **launch.meta, FAKE_QUANT=False, EMULATE_BF16_STORE=False,
-        TUPLE_REDUCE=not interpreting() if tuple_reduce is None else tuple_reduce,
+        TUPLE_REDUCE=_tuple_reduce(tuple_reduce),
     )  # fmt: skip
     out = RoundTripError.zeros(heads, device=x.device)
     reduce_partials_kernel[(heads,)](
@@ -228,6 +236,6 @@ def fake_quantize_triton(
         launch.token_blocks, heads, tokens, head_dim, 0, 0,
         *x.stride(), *launch.scale_strides, *out.stride()[:3],
         **launch.meta, FAKE_QUANT=True, EMULATE_BF16_STORE=interpreting() and x.dtype == torch.bfloat16,
-        TUPLE_REDUCE=False,  # no reduction: one compiled variant
+        TUPLE_REDUCE=0,  # no reduction: one compiled variant
     )  # fmt: skip
     return out
