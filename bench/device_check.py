@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.toy:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU host has no network: never wait on the hub
     import device_kernels
     import device_report
     import device_steps
