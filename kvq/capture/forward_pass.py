@@ -52,12 +52,14 @@ def _cache_argument(module: torch.nn.Module) -> str:
 
 
 def forward(module: torch.nn.Module, input_ids: torch.Tensor, cache: CaptureCache,
-            attention_mask: torch.Tensor | None = None):
-    """``module(input_ids)`` (batch, seq) with ``cache`` capturing every layer; returns the module's output."""
+            attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    """``module(input_ids)`` (batch, seq) with ``cache`` capturing every layer; returns the module's output
+    (with ``labels``, its own loss too)."""
+    extra = {} if labels is None else {"labels": labels}
     queries = queries_captured(module) if cache.consumer.wants_queries else nullcontext()
     with cache.active(), queries:
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                      **{_cache_argument(module): cache})
+                      **{_cache_argument(module): cache}, **extra)
 
 
 def capture_batches(

@@ -8,6 +8,7 @@ are rejected, never rewritten.
     symmetric: false        # fp8 must be symmetric
     granularity: head       # tensor | head | channel
     observer: minmax        # minmax | percentile | mse (read histograms) | attention (reads Q/K/V rows)
+                            #   | loss (picks among those by the model's loss: needs the model)
     percentile: 99.99       # only with observer: percentile (clip at this percentile of |x|)
     keys:                   # optional: override any of the four for keys ...
       granularity: channel
@@ -122,7 +123,7 @@ class QuantSpec(BaseModel):
 
     @property
     def needs_histograms(self) -> bool:
-        return self.observer in ("percentile", "mse")
+        return self.observer in ("percentile", "mse", "loss")  # loss: the clipping observers are its candidates
 
 
 class TensorOverride(BaseModel):
@@ -256,8 +257,8 @@ class KVRecipe(BaseModel):
 
     @property
     def needs_rows(self) -> bool:
-        """Whether solving it reads the reservoir of Q/K/V rows (the attention observer)."""
-        return "attention" in (self.key.observer, self.value.observer)
+        """Whether solving it reads the reservoir of Q/K/V rows (the attention observer, a candidate of loss)."""
+        return bool({"attention", "loss"} & {self.key.observer, self.value.observer})
 
     def to_json(self) -> dict:
         """The recipe as JSON; ``transforms`` and ``percentile`` only when set (recipes without stay as they were)."""

@@ -11,6 +11,8 @@
   construction the choice is never worse than min/max on that error.
 
 * ``attention``: starts at min/max; :mod:`kvq.solving.attention` then searches on the Q/K/V rows.
+* ``loss``: starts at min/max; :mod:`kvq.solving.loss` then picks, per layer, among the other observers' ranges
+  the one of least model loss (it runs the model).
 
 :data:`OBSERVERS` is the one table from name to function. Each returns ``(lo, hi)`` at the recipe's granularity (shape (), (heads,) or (heads, dim)); the solver hands
 them to ``choose_qparams`` as it does min/max.
@@ -87,6 +89,12 @@ def attention_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, 
     return minmax_observer(ts, spec)
 
 
+def loss_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max: what a solve without the model would start from; :func:`kvq.solving.loss.solve_by_loss` chooses
+    among the other observers' ranges by the model's loss."""
+    return minmax_observer(ts, spec)
+
+
 # The one name -> function table of observers: a recipe's ``observer:`` is one of its keys (kvq.recipe.schema
 # validates against it), and each function maps one of K or V of one layer to its (lo, hi).
 OBSERVERS = {
@@ -94,6 +102,7 @@ OBSERVERS = {
     "percentile": percentile_observer,
     "mse": mse_observer,
     "attention": attention_observer,
+    "loss": loss_observer,
 }
 
 
