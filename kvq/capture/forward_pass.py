@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
+from transformers import DynamicCache
 
 from kvq.capture.cache import CaptureCache
 from kvq.capture.queries import queries_captured
@@ -60,6 +61,12 @@ def forward(module: torch.nn.Module, input_ids: torch.Tensor, cache: CaptureCach
     with cache.active(), queries:
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                       **{_cache_argument(module): cache}, **extra)
+
+
+def plain_forward(module: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache | None = None):
+    """``module(input_ids)`` with transformers' own cache (a new one when None), no capture: (output, cache)."""
+    cache = DynamicCache(config=module.config) if cache is None else cache
+    return module(input_ids=input_ids, use_cache=True, **{_cache_argument(module): cache}), cache
 
 
 def capture_batches(

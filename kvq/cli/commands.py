@@ -218,6 +218,11 @@ def eval_command(
                                             "to fp8 artifacts")] = False,
     report: Annotated[bool, option("--report", help="with --json: also write the report of each --scales "
                                    "artifact (kvq report DIR --eval FILE)")] = False,
+    generate: Annotated[int | None, positive("--generate", help="also generate N tokens greedily from "
+                                             "held-out prompts per row: the share of tokens equal to the unquantized "
+                                             "model's, and where the first differs")] = None,
+    generate_prompts: Annotated[int, positive("--generate-prompts", help="prompts for --generate: the first "
+                                              "windows, cut to --seqlen minus N tokens (default 8)")] = 8,
 ) -> int:
     """Perplexity of the model with its KV cache fake-quantized at the cache write (attention reads the
     quantized K/V, as in an engine), next to the unquantized baseline, the fp8 scale = 1.0 fallback
@@ -239,7 +244,8 @@ def eval_command(
         result = evaluate(flags.model, scales=paths_arg(scales), recipes=recipe, plans=paths_arg(plan),
                           dataset=dataset, data_files=flags.data_files, samples=samples, seqlen=seqlen,
                           batch_size=batch_size, attention_error=not no_attention_error,
-                          fp8_fallback=not no_fp8_fallback, device=flags.device, dtype=flags.dtype,
+                          fp8_fallback=not no_fp8_fallback, generate=generate, generate_prompts=generate_prompts,
+                          device=flags.device, dtype=flags.dtype,
                           trust_remote_code=flags.trust_remote_code, **flags.placement(),
                           progress=ProgressBar(stack, "evaluating", "windows"))
     console = report_console()

@@ -46,6 +46,9 @@ def metadata_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
         data = inputs.evaluation.get("data", {})
         rows.append(("eval", f"{inputs.evaluation_path}: {data.get('dataset', '?')}, {data.get('windows', '?')} windows "
                      f"x {data.get('seqlen', '?')} tokens"))
+        generation = generation_text(inputs.evaluation)
+        if generation:
+            rows.append(("generation", generation))
     rows.append(("report by", f"kvq {__version__}"))
     return rows
 
@@ -56,6 +59,22 @@ def loss_choices_text(record: dict) -> str:
     picks = ", ".join(f"{i} {layer.get('k', '-')}/{layer.get('v', '-')}" for i, layer in
                       sorted(layers.items(), key=lambda item: int(item[0])))
     return f"chosen by the model's loss on {record.get('windows', '?')} calibration windows, per layer K/V: {picks}"
+
+
+def generation_text(evaluation: dict) -> str | None:
+    """Each eval row's generation agreement (``kvq eval --generate``), or None when it was not measured."""
+    gen = evaluation.get("generation")
+    if not isinstance(gen, dict):
+        return None
+    parts = []
+    for row in evaluation.get("rows", []):
+        g = row.get("generation")
+        if isinstance(g, dict):
+            err = g.get("first_difference_stderr")
+            parts.append(f"{row.get('name', '?')} {100 * g['agreement']:.1f}% (first difference after "
+                         f"{g['first_difference_mean']:.1f}{'' if err is None else f' ± {err:.1f}'})")
+    return (f"{gen.get('tokens', '?')} greedy tokens from {gen.get('prompts', '?')} prompts, tokens equal to the "
+            "model's: " + "; ".join(parts))
 
 
 def source_warnings(inputs: ReportInputs) -> list[str]:
