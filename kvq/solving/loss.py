@@ -58,6 +58,7 @@ class LossSearch:
     choices: dict[int, dict[str, str]] = field(default_factory=dict)  # layer -> {"k": name, "v": name} (loss ones)
     seconds: float = 0.0
     forwards: int = 0  # forward passes run (each over the layers from the one being chosen)
+    candidate_seconds: float = 0.0  # of ``seconds``: computing the other observers' ranges (attention's search)
 
     @property
     def seconds_per_layer(self) -> float:
@@ -221,7 +222,9 @@ def solve_by_loss(stats: KVStats, recipe: KVRecipe, model: torch.nn.Module,
     with torch.inference_mode():
         for i in sorted(stats.layers):
             fixed = dict(zip("kv", layer_ranges(stats, i, recipe), strict=True))
+            t0 = time.perf_counter()
             cands = candidate_ranges(stats, i, recipe)
+            search.candidate_seconds += time.perf_counter() - t0
             search.candidates[i] = tuple(cands)
             search.choices[i] = {}
             reuse = prefix.usable(i)
