@@ -55,7 +55,7 @@ def test_overrides_for_keys_and_values(tmp_path):
         ("", "is empty"),
         ("format: int9\ngranularity: head\n", "format: Input should be 'fp8_e4m3', 'fp8_e5m2', 'fp8_e4m3fnuz', 'int8', 'int4' or 'nvfp4'"),
         ("format: int8\ngranularity: heads\n", "granularity: Input should be 'tensor', 'head' or 'channel'"),
-        ("format: int8\ngranularity: head\nobserver: kl\n", "observer: Input should be 'minmax', 'percentile', 'mse' or 'attention'"),
+        ("format: int8\ngranularity: head\nobserver: kl\n", "observer: Input should be 'minmax', 'percentile', 'mse', 'attention' or 'loss'"),
         ("format: int8\ngranularity: head\nkeys: {granularty: channel}\n", "keys.granularty: unknown key"),
         ("format: int8\ngranularity: head\nsymmetric: 'yes'\n", "symmetric: Input should be a valid boolean"),
         ("granularity: head\n", "format: required field is missing"),

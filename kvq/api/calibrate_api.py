@@ -34,6 +34,7 @@ def calibrate(
     force: bool = False,
     save_every: int | None = None,
     resume: bool = False,
+    loss_windows: int = 4,
     progress: Progress | None = None,
     **loading: Unpack[Loading],
 ) -> CalibrationResult:
@@ -62,6 +63,8 @@ def calibrate(
         **loading: ``device``, ``dtype``, ``trust_remote_code``, ``device_map``, ``max_memory``,
             ``offload_folder``: how a path or id is loaded (the CLI flags of the same names,
             :class:`kvq.api.model_arg.Loading`); refused with a model object.
+        loss_windows: a recipe with observer ``loss`` runs the model on its first ``loss_windows`` samples (int >= 1)
+            to choose each layer's ranges (:mod:`kvq.solving.loss`); ``result.loss_search`` holds its choices and cost.
         progress: ``progress(done, total)`` in samples (:mod:`kvq.progress`).
 
     Returns:
@@ -78,12 +81,13 @@ def calibrate(
         kvq.errors.KvqError: a failure while working (e.g. NaN in the K/V).
     """
     recipe_, recipe_files = recipe_arg(recipe)
-    check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size, save_every=save_every)
+    check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size, save_every=save_every,
+                   loss_windows=loss_windows)
     check_choice("histograms", histograms, ("head", "channel"))
     name, loaded = resolve(model, tokenizer, loading)
     cfg = CalibrationConfig(model=ModelSpec(name, **loading), data=DataSpec(dataset, path_list(data_files) or None), samples=samples,
                             seqlen=seqlen, batch_size=batch_size, seed=seed, save_every=save_every, resume=resume,
-                            histograms=histograms)
+                            histograms=histograms, loss_windows=loss_windows)
     with eval_mode(loaded):
         return run_calibration(cfg, recipe_, None if out is None else Path(out), progress, force=force,
                                inputs=[*recipe_files, *read_paths(loaded)], loaded=loaded)

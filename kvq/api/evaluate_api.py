@@ -75,6 +75,8 @@ def evaluate(
     batch_size: int = 1,
     attention_error: bool = True,
     fp8_fallback: bool = True,
+    generate: int | None = None,
+    generate_prompts: int = 8,
     progress: Progress | None = None,
     **loading: Unpack[Loading],
 ) -> EvalResult:
@@ -91,6 +93,9 @@ def evaluate(
         samples: number of windows (>= 1; None: every full window); ``seqlen`` tokens per window (>= 2);
             ``batch_size`` windows per forward pass.
         attention_error: also measure each layer's attention-output error (one attention re-run per layer).
+        generate: also generate this many tokens greedily from the first ``generate_prompts`` windows (cut to
+            ``seqlen - generate`` tokens) per row: ``result.generation`` (:mod:`kvq.evaluation.generation`) holds
+            the share of tokens equal to the unquantized model's and where the first differs.
         progress: ``progress(done, total)`` in windows (:mod:`kvq.progress`).
 
     Returns:
@@ -101,11 +106,13 @@ def evaluate(
         (long tensor of shape (windows, seqlen)), ``info``, ``warnings``.
         ``kvq.evaluation.results_json.eval_json(result)`` is the JSON table the CLI writes.
     """
-    check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size)
+    check_positive(samples=samples, seqlen=seqlen, batch_size=batch_size, generate=generate,
+                   generate_prompts=generate_prompts)
     name, loaded = resolve(model, tokenizer, loading)
     names = [recipes] if isinstance(recipes, str) else list(recipes or [])
     cfg = EvalConfig(model=ModelSpec(name, **loading), data=DataSpec(dataset, path_list(data_files) or None), scales=path_list(scales),
                      recipes=names, plans=path_list(plans), samples=samples, seqlen=seqlen, batch_size=batch_size,
-                     attention_error=attention_error, fp8_fallback=fp8_fallback)
+                     attention_error=attention_error, fp8_fallback=fp8_fallback, generate=generate,
+                     generate_prompts=generate_prompts)
     with eval_mode(loaded):
         return run_eval(cfg, progress, loaded)

@@ -5,22 +5,29 @@ Neither runs a model (an export with transforms loads the model's weights to wri
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from kvq.api.arguments import check_positive, recipe_arg
+from kvq.api.model_arg import eval_mode
 from kvq.artifacts.files import write_artifact
 from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats, stats_path
+from kvq.data import load_documents, select_samples
 from kvq.errors import UsageError
 from kvq.export import ExportResult, export_artifact
+from kvq.model.loading import load_spec
+from kvq.model.model_spec import ModelSpec
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.from_stats import solve_artifact
+from kvq.solving.loss import DEFAULT_LOSS_WINDOWS, solve_by_loss, uses_loss
 from kvq.solving.solver import solve_scales
+from kvq.transforms.record import fold_recorded
 
 
 def solve(stats: KVStats | str | Path, recipe: KVRecipe | str | Path, *, out: str | Path | None = None,
-          force: bool = False) -> KVScales:
+          force: bool = False, model: str | Path | None = None, loss_windows: int = DEFAULT_LOSS_WINDOWS) -> KVScales:
     """The scales of ``recipe`` for saved statistics, without running the model (what ``kvq solve`` does).
 
     Args:
@@ -32,6 +39,10 @@ def solve(stats: KVStats | str | Path, recipe: KVRecipe | str | Path, *, out: st
         out: also write ``scales.safetensors`` and ``scales.json`` into this folder (``--out`` policy;
             ``force`` replaces a folder holding other files); a transforms record beside the statistics
             travels with them, so statistics with transforms must then be given as a path. None writes nothing.
+        model: observer ``loss`` only (a checkpoint folder, ``.gguf`` or hub id): the model the statistics are of,
+            run on the statistics' first ``loss_windows`` calibration samples (re-read from the data files their
+            metadata names); ``scales.loss_search`` then holds the choices and their cost. Without it a recipe
+            with observer ``loss`` is refused.
 
     Returns:
         :class:`kvq.artifacts.scales.KVScales`: per layer float32 ``k_scale`` / ``v_scale`` of shape () per tensor,
@@ -40,17 +51,49 @@ def solve(stats: KVStats | str | Path, recipe: KVRecipe | str | Path, *, out: st
         zero-points for asymmetric integer formats (None otherwise), and the recipe and statistics' metadata.
     """
     recipe_, recipe_files = recipe_arg(recipe)
-    if not isinstance(stats, KVStats):
+    check_positive(loss_windows=loss_windows)
+    if uses_loss(recipe_) and model is None:
+        raise UsageError(f"recipe {recipe_.name} uses observer loss, which runs the model on calibration windows, "
+                         "and no model is given", hint="pass --model (model=) the statistics were calibrated on")
+    source = None if isinstance(stats, KVStats) else stats_path(stats)
+    solver = _loss_solver(recipe_, model, loss_windows, source) if uses_loss(recipe_) else None
+    if source is not None:
         if out is not None:
-            return solve_artifact(stats, recipe_, out, force=force, inputs=recipe_files)[1]
-        return solve_scales(KVStats.load(stats_path(stats)), recipe_)
-    scales = solve_scales(stats, recipe_)
+            return solve_artifact(source, recipe_, out, force=force, inputs=recipe_files, solver=solver)[1]
+        loaded = KVStats.load(source)
+        return solver(loaded) if solver is not None else solve_scales(loaded, recipe_)
+    scales = solver(stats) if solver is not None else solve_scales(stats, recipe_)
     if out is not None:
         if stats.metadata.get("transforms"):
             raise UsageError("these statistics were calibrated with transforms, whose record lies beside their "
                              "stats.safetensors", hint="pass the statistics' path, so that the record travels")
         write_artifact(Path(out), scales.to_files(), force=force, inputs=recipe_files)
     return scales
+
+
+def _loss_solver(recipe: KVRecipe, model: str | Path, windows: int, source: Path | None):
+    """Statistics -> scales by the loss observer: loads the model and re-reads the first calibration samples
+    the statistics' metadata names (same data files, seed and seqlen: the same samples)."""
+
+    def run(stats: KVStats) -> KVScales:
+        meta = stats.metadata
+        loaded = load_spec(ModelSpec(str(model)))
+        if meta.get("config_hash") and meta["config_hash"] != loaded.info.config_hash:
+            raise UsageError(f"--model {model} is not the model the statistics are of ({meta.get('model')})",
+                             hint="pass the model the statistics were calibrated on")
+        if recipe.transforms:
+            if source is None:
+                raise UsageError("observer loss on statistics with transforms needs their path (the record beside)",
+                                 hint="pass the statistics' path")
+            fold_recorded(loaded.model, recipe.transforms, meta, source)
+        files = [f["path"] for f in json.loads(meta.get("data_files", "[]"))]
+        documents = load_documents(meta.get("dataset", "pydoc"), files or None, purpose="calibration").documents
+        picked = select_samples(documents, loaded.tokenizer, min(windows, int(meta.get("samples", windows))),
+                                int(meta.get("seqlen", 2048)), int(meta.get("seed", 0)))
+        with eval_mode(loaded):
+            return solve_by_loss(stats, recipe, loaded.model, picked.token_ids)
+
+    return run
 
 
 def export_scales(scales: KVScales | str | Path, format: str, out: str | Path, *, model: str | Path | None = None,

@@ -72,6 +72,8 @@ class KVScales:
     recipe: KVRecipe
     layers: dict[int, LayerScales]
     metadata: dict[str, str] = field(default_factory=dict)
+    # observer loss: its choices and cost (kvq.solving.loss.LossSearch), never written (the choices are in metadata)
+    loss_search: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_layers(self) -> int:

@@ -35,6 +35,7 @@ from kvq.model.loading import check_seqlen, check_spec, load_spec, parse_max_mem
 from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec, layers_text
 from kvq.progress import Progress, counter
 from kvq.recipe.schema import KVRecipe
+from kvq.solving.loss import DEFAULT_LOSS_WINDOWS, solve_by_loss, uses_loss
 from kvq.solving.solver import solve_scales
 
 ARTIFACT_SET = (STATS_FILE, SCALES_FILE, SCALES_JSON)  # what a calibration writes
@@ -52,6 +53,7 @@ class CalibrationConfig:
     save_every: int | None = None  # samples between partial saves; None: about every minute of work
     resume: bool = False  # continue the interrupted run whose partial statistics are in --out
     histograms: str | None = None  # "head" / "channel": record histograms even if the recipe's observer needs none
+    loss_windows: int = DEFAULT_LOSS_WINDOWS  # observer loss: the first samples it runs the model on
 
 
 def histogram_level(recipe: KVRecipe, asked: str | None) -> str | None:
@@ -123,8 +125,8 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
         raise UsageError(f"recipe {recipe.name} calibrates the query scale, which torchrun runs do not reduce yet",
                          hint="calibrate it in one process (no torchrun)")
     if recipe.needs_rows and w.size > 1:
-        raise UsageError(f"recipe {recipe.name} uses the attention observer, whose sample of Q/K/V rows one process "
-                         "must draw", hint="calibrate it in one process (no torchrun), or use observer mse")
+        raise UsageError(f"recipe {recipe.name} uses the attention or loss observer, whose sample of Q/K/V rows one "
+                         "process must draw", hint="calibrate it in one process (no torchrun), or use observer mse")
     if recipe.transforms and w.size > 1:
         raise UsageError(f"recipe {recipe.name} plans its transforms on the query/key ranges of all samples, "
                          "which one process must see", hint="calibrate transforms in one process (no torchrun)")
@@ -191,7 +193,10 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
         stats.metadata.update(transforms=record.transforms_json, weights_hash=record.weights_hash)
         artifacts[TRANSFORMS_FILE] = record.to_bytes()
     artifacts[STATS_FILE] = stats.to_bytes()
-    scales = solve_scales(stats, recipe)
+    if uses_loss(recipe):
+        scales = solve_by_loss(stats, recipe, loaded.model, picked.token_ids[:cfg.loss_windows])
+    else:
+        scales = solve_scales(stats, recipe)
     files = []  # torchrun: rank 0 writes, the other ranks nothing
     if w.is_writer and out_dir is not None:
         files = write_artifact(out_dir, {**artifacts, **scales.to_files()}, force=force,

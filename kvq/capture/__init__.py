@@ -8,8 +8,8 @@ attention reads: calibration's statistics observer, validation's error accumulat
 fake-quantizer are consumers. docs/capture.md says how to write one.
 """
 
-from kvq.capture.cache import CaptureCache
-from kvq.capture.forward_pass import capture_batches, decoder_of, forward, input_device
+from kvq.capture.cache import CaptureCache, DecodingCaptureCache
+from kvq.capture.forward_pass import capture_batches, decoder_of, forward, input_device, plain_forward
 from kvq.capture.queries import queries_captured
 from kvq.capture.states import CapturedKV, CapturedQuery, Consumer, check_states, real_tokens, token_mask_of
 
@@ -18,11 +18,13 @@ __all__ = [
     "CapturedKV",
     "CapturedQuery",
     "Consumer",
+    "DecodingCaptureCache",
     "capture_batches",
     "check_states",
     "decoder_of",
     "forward",
     "input_device",
+    "plain_forward",
     "queries_captured",
     "real_tokens",
     "token_mask_of",

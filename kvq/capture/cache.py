@@ -55,3 +55,12 @@ class CaptureCache(DynamicCache):
             yield self
         finally:
             ACTIVE_CACHE.reset(token)
+
+
+class DecodingCaptureCache(CaptureCache):
+    """A :class:`CaptureCache` that also stores what the consumer returns, for generation token by token:
+    attention reads the stored (e.g. quantized) K/V of every earlier token, as from an engine's cache."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        key, value = super().update(key_states, value_states, layer_idx)
+        return DynamicCache.update(self, key, value, layer_idx, *args, **kwargs)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
+from transformers import DynamicCache
 
 from kvq.capture.cache import CaptureCache
 from kvq.capture.queries import queries_captured
@@ -52,12 +53,20 @@ def _cache_argument(module: torch.nn.Module) -> str:
 
 
 def forward(module: torch.nn.Module, input_ids: torch.Tensor, cache: CaptureCache,
-            attention_mask: torch.Tensor | None = None):
-    """``module(input_ids)`` (batch, seq) with ``cache`` capturing every layer; returns the module's output."""
+            attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    """``module(input_ids)`` (batch, seq) with ``cache`` capturing every layer; returns the module's output
+    (with ``labels``, its own loss too)."""
+    extra = {} if labels is None else {"labels": labels}
     queries = queries_captured(module) if cache.consumer.wants_queries else nullcontext()
     with cache.active(), queries:
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                      **{_cache_argument(module): cache})
+                      **{_cache_argument(module): cache}, **extra)
+
+
+def plain_forward(module: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache | None = None):
+    """``module(input_ids)`` with transformers' own cache (a new one when None), no capture: (output, cache)."""
+    cache = DynamicCache(config=module.config) if cache is None else cache
+    return module(input_ids=input_ids, use_cache=True, **{_cache_argument(module): cache}), cache
 
 
 def capture_batches(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import torch
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.console import Console
 from kvq.artifacts.stats import KVStats
 from kvq.calibration.pipeline import CalibrationResult
 from kvq.cli.console import summary_table
+from kvq.solving.loss import LossSearch
 
 
 def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:
@@ -22,6 +24,14 @@ def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:
         if value > best[0]:
             best = (value, i, flat // absmax.shape[1], flat % absmax.shape[1])
     return best
+
+
+def loss_cost(search: LossSearch) -> str:
+    """The loss observer's choices in short and its cost, for one table row or line."""
+    picked = Counter(name for layer in search.choices.values() for name in layer.values())
+    shown = ", ".join(f"{name} x{n}" for name, n in sorted(picked.items()))
+    return (f"{search.windows} window(s), {search.forwards} forward passes, {search.seconds_per_layer:.2f} s per layer "
+            f"({search.seconds:.1f} s, of which {search.candidate_seconds:.1f} s computing the candidates); chose {shown}")
 
 
 def print_summary(result: CalibrationResult, console: Console | None = None) -> None:
@@ -47,6 +57,8 @@ def print_summary(result: CalibrationResult, console: Console | None = None) -> 
     if r.transforms:
         table.add_row("transforms", ", ".join(json.dumps(t.model_dump(mode="json")) for t in r.transforms)
                       + " (folded into the weights before calibrating; transforms.safetensors)")
+    if result.scales.loss_search is not None:
+        table.add_row("observer loss", loss_cost(result.scales.loss_search))
     table.add_row("files written", "\n".join(str(p) for p in result.files))
     console.print(table)
     if int(meta.get("samples", 0)) < int(meta.get("samples_requested", 0)):

@@ -41,6 +41,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+LossWindows = Annotated[int, positive("--loss-windows", help="observer loss: the calibration samples it runs the "
+                                     "model on per candidate (default 4); its cost grows with them")]
 Force = Annotated[bool, option("--force", help="replace an existing --out that holds files other than a kvq artifact")]
 
 
@@ -84,6 +86,7 @@ def calibrate_command(
                                              "`kvq solve` can run clipping observers (percentile, mse) later; "
                                              "default: what the recipe's observer needs")] = None,
     report: Annotated[bool, option("--report", help="also write OUT/report/ (kvq report) at the end")] = False,
+    loss_windows: LossWindows = 4,
 ) -> int:
     """Run a model over a calibration set, record per-layer, per-KV-head, per-channel min/max/absmax of
     the keys (post-RoPE) and values as the engine caches them, and solve scales for a recipe. Writes
@@ -95,7 +98,8 @@ def calibrate_command(
     with ExitStack() as stack:
         result = calibrate(flags.model, dataset=dataset, data_files=flags.data_files, recipe=recipe, samples=samples,
                            seqlen=seqlen, batch_size=batch_size, seed=seed, histograms=histograms, out=out,
-                           force=force, save_every=save_every, resume=resume, device=flags.device, dtype=flags.dtype,
+                           force=force, save_every=save_every, resume=resume, loss_windows=loss_windows,
+                           device=flags.device, dtype=flags.dtype,
                            trust_remote_code=flags.trust_remote_code, **flags.placement(),
                            progress=ProgressBar(stack, "calibrating", "samples"))
     if result.files:  # under torchrun only rank 0 writes, and reports
@@ -118,16 +122,25 @@ def solve_command(
     recipe: Annotated[str, option("--recipe", help="built-in recipe name or YAML path")],
     out: Annotated[str, option("--out", help="output folder for scales.safetensors and scales.json")],
     force: Force = False,
+    model: Annotated[str | None, option(
+        "--model", help="observer loss only: the model the statistics are of (folder, .gguf or hub id), run on "
+        "the statistics' first calibration samples (their data files must still be there)")] = None,
+    loss_windows: LossWindows = 4,
 ) -> int:
-    """Solve scales for a recipe from a stats.safetensors written by `kvq calibrate`."""
+    """Solve scales for a recipe from a stats.safetensors written by `kvq calibrate` (no model run, except
+    for observer loss, which needs --model)."""
     from rich.console import Console
     from rich.markup import escape
 
     from kvq.api import solve
+    from kvq.cli.calibrate_printer import loss_cost
 
-    scales = solve(stats, recipe, out=out, force=force)
-    Console().print(f"recipe [bold]{escape(scales.recipe.name)}[/] on {scales.num_layers} layers: wrote "
-                    + escape(", ".join(str(Path(out) / name) for name in sorted(scales.to_files()))))
+    scales = solve(stats, recipe, out=out, force=force, model=model, loss_windows=loss_windows)
+    console = Console()
+    console.print(f"recipe [bold]{escape(scales.recipe.name)}[/] on {scales.num_layers} layers: wrote "
+                  + escape(", ".join(str(Path(out) / name) for name in sorted(scales.to_files()))))
+    if scales.loss_search is not None:
+        console.print(f"observer loss: {escape(loss_cost(scales.loss_search))}")
     _print_link_note(out)
     return 0
 
@@ -218,6 +231,11 @@ def eval_command(
                                             "to fp8 artifacts")] = False,
     report: Annotated[bool, option("--report", help="with --json: also write the report of each --scales "
                                    "artifact (kvq report DIR --eval FILE)")] = False,
+    generate: Annotated[int | None, positive("--generate", help="also generate N tokens greedily from "
+                                             "held-out prompts per row: the share of tokens equal to the unquantized "
+                                             "model's, and where the first differs")] = None,
+    generate_prompts: Annotated[int, positive("--generate-prompts", help="prompts for --generate: the first "
+                                              "windows, cut to --seqlen minus N tokens (default 8)")] = 8,
 ) -> int:
     """Perplexity of the model with its KV cache fake-quantized at the cache write (attention reads the
     quantized K/V, as in an engine), next to the unquantized baseline, the fp8 scale = 1.0 fallback
@@ -239,7 +257,8 @@ def eval_command(
         result = evaluate(flags.model, scales=paths_arg(scales), recipes=recipe, plans=paths_arg(plan),
                           dataset=dataset, data_files=flags.data_files, samples=samples, seqlen=seqlen,
                           batch_size=batch_size, attention_error=not no_attention_error,
-                          fp8_fallback=not no_fp8_fallback, device=flags.device, dtype=flags.dtype,
+                          fp8_fallback=not no_fp8_fallback, generate=generate, generate_prompts=generate_prompts,
+                          device=flags.device, dtype=flags.dtype,
                           trust_remote_code=flags.trust_remote_code, **flags.placement(),
                           progress=ProgressBar(stack, "evaluating", "windows"))
     console = report_console()

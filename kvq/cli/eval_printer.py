@@ -64,6 +64,11 @@ def _kv_text(key: str, value: str) -> str:
     return key if key == value else f"K {key} / V {value}"
 
 
+def _generation_text(g: dict) -> str:
+    err = g["first_difference_stderr"]
+    return f"{100 * g['agreement']:.1f}% / {g['first_difference_mean']:.1f}" + ("" if err is None else f" ± {err:.1f}")
+
+
 def report_console() -> Console:
     """stdout; 160 columns wide when it is not a terminal (a file or a pipe), so no table is cut."""
     console = Console()
@@ -87,6 +92,9 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
     table.add_column("ppl", justify="right", no_wrap=True)
     table.add_column("Δ ppl", justify="right", no_wrap=True)
     table.add_column("attn err mean / max (layer)", justify="right")
+    gen = result.generation
+    if gen is not None:
+        table.add_column(f"same tokens / first diff ({gen.tokens} generated)", justify="right", no_wrap=True)
     for row in eval_rows(result):
         attn = row["attention_error"]
         attn_text = "" if attn is None else f"{attn['mean']:.2e} / {attn['max']:.2e} ({attn['max_layer']})"
@@ -98,6 +106,7 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
             f"{row['ppl']:.4f}",
             "" if is_base else f"{row['delta_ppl']:+.4f} ({row['delta_pct']:+.3f}%{_pm(row['delta_pct_stderr'])})",
             attn_text,
+            *([] if gen is None else [_generation_text(row["generation"])]),
         )
     console.print(table)
     for warning in result.warnings:

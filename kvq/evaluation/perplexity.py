@@ -37,6 +37,7 @@ from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.evaluation.attention_error import AttentionErrorProbe
 from kvq.evaluation.dynamic import UnitScaleQuantizer, eval_only_quantizer
+from kvq.evaluation.generation import DEFAULT_PROMPTS, Generation, check_generate, generation_agreement
 from kvq.evaluation.preflight import check_scales_match, same_data_warning
 from kvq.evaluation.quant_cache import (
     FakeQuantize,
@@ -240,6 +241,8 @@ class EvalConfig:
     attention_error: bool = True
     fp8_fallback: bool = True  # add scale = 1.0 next to every fp8 artifact
     plans: list[str] = field(default_factory=list)  # plan.json files (or folders holding one): kvq plan
+    generate: int | None = None  # new tokens per prompt for generation agreement (kvq.evaluation.generation)
+    generate_prompts: int = DEFAULT_PROMPTS
 
 
 @dataclass
@@ -250,6 +253,7 @@ class EvalResult:
     windows: EvalWindows
     measurement: Measurement
     warnings: list[str]
+    generation: Generation | None = None  # --generate: agreement of each row's greedy tokens with the model's
 
     @property
     def kv_shape(self) -> KVShape:
@@ -343,6 +347,8 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, loaded: LoadedMo
     """Evaluate ``cfg`` on ``cfg.model`` (or the ``loaded`` model), see the module docstring;
     ``progress(done, total)`` counts windows (:mod:`kvq.progress`)."""
     check_spec(cfg.model)  # before any data or model is loaded
+    if cfg.generate is not None:
+        check_generate(cfg.generate, cfg.seqlen)
     extra = [eval_only_quantizer(name) for name in cfg.recipes]  # bad names fail before anything loads
     quantizers = static_quantizers(cfg.scales, cfg.fp8_fallback, cfg.plans)
     names = {q.name for q in quantizers}
@@ -356,5 +362,12 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, loaded: LoadedMo
         shown = ", ".join(map(str, measurement.unmatched_layers[:8]))
         warnings.append(f"attention-output error not measured for layers {shown}: no module with that "
                         "layer_idx was running when the layer wrote its K/V")
+    generation = None
+    if cfg.generate:
+        generation = generation_agreement(ready.loaded.model, ready.windows.input_ids, cfg.generate,
+                                          cfg.generate_prompts, quantizers)
+        if generation.baseline.share != 1.0:
+            warnings.append(f"the baseline's greedy tokens through the capture differ from the plain model's "
+                            f"({100 * generation.baseline.share:.2f}% agree): the agreement figures are not exact")
     return EvalResult(ready.loaded.info, next(ready.loaded.model.parameters()).dtype, ready.dataset, ready.windows,
-                      measurement, warnings)
+                      measurement, warnings, generation)

@@ -101,7 +101,9 @@ def eval_rows(result: EvalResult) -> list[dict]:
     m = result.measurement
     base_bytes = m.baseline.quantizer.kv_bytes_per_token(shape, dtype)
     rows = []
-    for entry in (m.baseline, *m.entries):
+    gen = result.generation
+    agreements = [None, *([None] * len(m.entries))] if gen is None else [gen.baseline, *gen.rows]
+    for entry, agreement in zip((m.baseline, *m.entries), agreements, strict=True):
         q = entry.quantizer
         kv_bytes = q.kv_bytes_per_token(shape, dtype)
         row = {
@@ -120,9 +122,16 @@ def eval_rows(result: EvalResult) -> list[dict]:
             "delta_pct_stderr": None if entry is m.baseline else finite_or_none(100.0 * m.delta_stderr(entry)),
             "attention_error": _attention_json(entry),
             "skip_layers": list(q.skip_layers) if isinstance(q, PartialQuantizer) else None,
+            "generation": None if agreement is None else agreement.to_json(),
         }
         rows.append(row)
     return rows
+
+
+GENERATION_METHOD = ("per prompt (the first evaluation windows cut to seqlen - tokens), tokens generated greedily "
+                     "with the quantized cache stored and read back; agreement: share of positions whose token is the "
+                     "plain model's; first_difference: tokens before the first that differs (tokens when none), mean "
+                     "and standard error over prompts")
 
 
 def eval_json(result: EvalResult) -> dict:
@@ -142,6 +151,9 @@ def eval_json(result: EvalResult) -> dict:
                    "the baseline across windows (paired; ppl ratio ~ exp(difference))",
                    "kv_bytes_per_token": "K and V codes of every layer and KV head for one token, plus per-token "
                    "scale/zero-point bytes for dynamic modes (static scales cost nothing per token)"},
+        "generation": None if result.generation is None else {
+            "tokens": result.generation.tokens, "prompt_tokens": result.generation.prompt_tokens,
+            "prompts": len(result.generation.reference), "method": GENERATION_METHOD},
         "seconds": result.measurement.seconds,
         "warnings": list(result.warnings),
         "rows": eval_rows(result),

@@ -8,6 +8,7 @@ are rejected, never rewritten.
     symmetric: false        # fp8 must be symmetric
     granularity: head       # tensor | head | channel
     observer: minmax        # minmax | percentile | mse (read histograms) | attention (reads Q/K/V rows)
+                            #   | loss (picks among those by the model's loss: needs the model)
     percentile: 99.99       # only with observer: percentile (clip at this percentile of |x|)
     keys:                   # optional: override any of the four for keys ...
       granularity: channel
@@ -48,11 +49,30 @@ from kvq.recipe.reading import RECIPE_HINT, SHOWN_CHARS, data_file_hint, read_re
 
 Format = Literal["fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "int8", "int4", "nvfp4"]
 Granularity = Literal["tensor", "head", "channel"]
-Observer = Literal["minmax", "percentile", "mse", "attention"]
+
 
 NUMBER_FORMATS: tuple[str, ...] = typing.get_args(Format)
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
-OBSERVERS: tuple[str, ...] = typing.get_args(Observer)
+
+
+
+def observer_names() -> tuple[str, ...]:
+    """The observers a recipe may name: the keys of the one table, :data:`kvq.solving.observers.OBSERVERS`
+    (imported when a recipe is validated: the solve stage imports torch, ``kvq --help`` does not)."""
+    from kvq.solving.observers import OBSERVERS
+
+    return tuple(OBSERVERS)
+
+
+def _known_observer(value: object) -> object:
+    names = observer_names()
+    if value not in names:
+        allowed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+        raise ValueError(f"Input should be {allowed} (got {shown(value)})")
+    return value
+
+
+Observer = Annotated[str, BeforeValidator(_known_observer)]
 
 DEFAULT_RECIPE = "fp8-e4m3-per-tensor"
 DEFAULT_PERCENTILE = 99.99
@@ -103,7 +123,7 @@ class QuantSpec(BaseModel):
 
     @property
     def needs_histograms(self) -> bool:
-        return self.observer in ("percentile", "mse")
+        return self.observer in ("percentile", "mse", "loss")  # loss: the clipping observers are its candidates
 
 
 class TensorOverride(BaseModel):
@@ -237,8 +257,8 @@ class KVRecipe(BaseModel):
 
     @property
     def needs_rows(self) -> bool:
-        """Whether solving it reads the reservoir of Q/K/V rows (the attention observer)."""
-        return "attention" in (self.key.observer, self.value.observer)
+        """Whether solving it reads the reservoir of Q/K/V rows (the attention observer, a candidate of loss)."""
+        return bool({"attention", "loss"} & {self.key.observer, self.value.observer})
 
     def to_json(self) -> dict:
         """The recipe as JSON; ``transforms`` and ``percentile`` only when set (recipes without stay as they were)."""
@@ -284,7 +304,7 @@ def parse_recipe(data: object, source: str, default_name: str) -> KVRecipe:
         raise UsageError(
             f"recipe {source}: {problems}",
             hint=f"allowed: format {'|'.join(NUMBER_FORMATS)}, granularity {'|'.join(GRANULARITIES)}, "
-            f"observer {'|'.join(OBSERVERS)}, symmetric true|false, optional keys:/values: overrides, "
+            f"observer {'|'.join(observer_names())}, symmetric true|false, optional keys:/values: overrides, "
             f"transforms: {'|'.join(TRANSFORM_NAMES)}",
         ) from exc
     specs = {}

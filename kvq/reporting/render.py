@@ -14,6 +14,7 @@ from kvq import __version__
 from kvq.evaluation.quant_cache import describe_spec
 from kvq.reporting.findings import Assessment
 from kvq.reporting.inputs import ReportInputs
+from kvq.solving.loss import recorded_choices
 
 STATS_KEYS = ("model", "config_hash", "dataset", "dataset_origin", "samples", "seqlen", "seed", "tokens", "dtype",
               "kvq_version")
@@ -32,6 +33,9 @@ def metadata_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
         if r.transforms:
             text += ", transforms " + ", ".join(t.name for t in r.transforms)
         rows.append(("recipe", text))
+        record = recorded_choices(inputs.scales.metadata)
+        if record is not None:
+            rows.append(("loss observer", loss_choices_text(record)))
     else:
         rows.append(("recipe", "no scales.safetensors in the folder"))
     if inputs.validation is not None:
@@ -42,8 +46,35 @@ def metadata_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
         data = inputs.evaluation.get("data", {})
         rows.append(("eval", f"{inputs.evaluation_path}: {data.get('dataset', '?')}, {data.get('windows', '?')} windows "
                      f"x {data.get('seqlen', '?')} tokens"))
+        generation = generation_text(inputs.evaluation)
+        if generation:
+            rows.append(("generation", generation))
     rows.append(("report by", f"kvq {__version__}"))
     return rows
+
+
+def loss_choices_text(record: dict) -> str:
+    """The loss observer's choice per layer (K / V), from its record in the scales' metadata."""
+    layers = record.get("layers", {})
+    picks = ", ".join(f"{i} {layer.get('k', '-')}/{layer.get('v', '-')}" for i, layer in
+                      sorted(layers.items(), key=lambda item: int(item[0])))
+    return f"chosen by the model's loss on {record.get('windows', '?')} calibration windows, per layer K/V: {picks}"
+
+
+def generation_text(evaluation: dict) -> str | None:
+    """Each eval row's generation agreement (``kvq eval --generate``), or None when it was not measured."""
+    gen = evaluation.get("generation")
+    if not isinstance(gen, dict):
+        return None
+    parts = []
+    for row in evaluation.get("rows", []):
+        g = row.get("generation")
+        if isinstance(g, dict):
+            err = g.get("first_difference_stderr")
+            parts.append(f"{row.get('name', '?')} {100 * g['agreement']:.1f}% (first difference after "
+                         f"{g['first_difference_mean']:.1f}{'' if err is None else f' ± {err:.1f}'})")
+    return (f"{gen.get('tokens', '?')} greedy tokens from {gen.get('prompts', '?')} prompts, tokens equal to the "
+            "model's: " + "; ".join(parts))
 
 
 def source_warnings(inputs: ReportInputs) -> list[str]:

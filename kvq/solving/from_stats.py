@@ -8,7 +8,7 @@ exports, ``validate`` and ``eval`` fold it into the model before applying the sc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvq.artifacts.files import TRANSFORMS_FILE, write_artifact
@@ -20,12 +20,14 @@ from kvq.solving.solver import solve_scales
 
 
 def solve_artifact(stats: str | Path, recipe: KVRecipe, out: str | Path, *, force: bool = False,
-                   inputs: Sequence[Path] = ()) -> tuple[KVStats, KVScales, list[Path]]:
+                   inputs: Sequence[Path] = (), solver: Callable[[KVStats], KVScales] | None = None
+                   ) -> tuple[KVStats, KVScales, list[Path]]:
     """Solve ``recipe`` on the statistics at ``stats`` (file or folder) and write the scales into ``out``;
-    ``inputs`` (the recipe file, say) are never replaced, even with ``force``."""
+    ``inputs`` (the recipe file, say) are never replaced, even with ``force``. ``solver`` replaces
+    :func:`solve_scales` (the loss observer, which runs the model)."""
     source = stats_path(stats)
     loaded = KVStats.load(source)
-    scales = solve_scales(loaded, recipe)
+    scales = solver(loaded) if solver is not None else solve_scales(loaded, recipe)
     files = scales.to_files()
     out = Path(out)
     if loaded.metadata.get("transforms") and out.resolve() != source.parent.resolve():

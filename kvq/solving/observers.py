@@ -10,7 +10,11 @@
   inside the observed range. The observed range is one of the candidates and wins ties, so by
   construction the choice is never worse than min/max on that error.
 
-Each returns ``(lo, hi)`` at the recipe's granularity (shape (), (heads,) or (heads, dim)); the solver hands
+* ``attention``: starts at min/max; :mod:`kvq.solving.attention` then searches on the Q/K/V rows.
+* ``loss``: starts at min/max; :mod:`kvq.solving.loss` then picks, per layer, among the other observers' ranges
+  the one of least model loss (it runs the model).
+
+:data:`OBSERVERS` is the one table from name to function. Each returns ``(lo, hi)`` at the recipe's granularity (shape (), (heads,) or (heads, dim)); the solver hands
 them to ``choose_qparams`` as it does min/max.
 """
 
@@ -59,18 +63,52 @@ def counts_at_granularity(ts: TensorStats, granularity: str) -> torch.Tensor:
     return ts.hist
 
 
-def observed_range(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (lo, hi) the recipe's observer chooses for one of K or V of one layer, at its granularity."""
-    lo, hi = reduce_to_granularity(ts.min, ts.max, spec.granularity)
-    if spec.observer in ("minmax", "attention"):  # attention starts from min/max (kvq.solving.attention)
-        return lo, hi
+def minmax_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed range, exact."""
+    return reduce_to_granularity(ts.min, ts.max, spec.granularity)
+
+
+def percentile_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's percentile of the histogram, inside the observed range."""
+    lo, hi = minmax_observer(ts, spec)
+    return percentile_range(counts_at_granularity(ts, spec.granularity), lo, hi, spec.clip_quantile, spec.symmetric)
+
+
+def mse_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range of least expected round-trip error over the histogram."""
+    lo, hi = minmax_observer(ts, spec)
     counts = counts_at_granularity(ts, spec.granularity)
-    if spec.observer == "percentile":
-        return percentile_range(counts, lo, hi, spec.clip_quantile, spec.symmetric)
     if spec.format == "nvfp4":
         raise UsageError("observer mse cannot model nvfp4 from a histogram: its block scales depend on which values "
                          "share a block", hint="use observer attention (it quantizes real rows), or minmax / percentile")
     return mse_range(counts, lo, hi, spec)
+
+
+def attention_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max: where :func:`kvq.solving.attention.attention_ranges` starts its search on the Q/K/V rows."""
+    return minmax_observer(ts, spec)
+
+
+def loss_observer(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max: what a solve without the model would start from; :func:`kvq.solving.loss.solve_by_loss` chooses
+    among the other observers' ranges by the model's loss."""
+    return minmax_observer(ts, spec)
+
+
+# The one name -> function table of observers: a recipe's ``observer:`` is one of its keys (kvq.recipe.schema
+# validates against it), and each function maps one of K or V of one layer to its (lo, hi).
+OBSERVERS = {
+    "minmax": minmax_observer,
+    "percentile": percentile_observer,
+    "mse": mse_observer,
+    "attention": attention_observer,
+    "loss": loss_observer,
+}
+
+
+def observed_range(ts: TensorStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (lo, hi) the recipe's observer chooses for one of K or V of one layer, at its granularity."""
+    return OBSERVERS[spec.observer](ts, spec)
 
 
 def percentile_range(counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: float,

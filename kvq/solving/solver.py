@@ -20,8 +20,23 @@ from kvq.solving.attention import attention_ranges
 from kvq.solving.observers import observed_range
 
 
-def solve_scales(stats: KVStats, recipe: KVRecipe) -> KVScales:
-    """Scales and zero-points of every layer in ``stats`` under ``recipe``."""
+def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple]:
+    """((k_lo, k_hi), (v_lo, v_hi)): the ranges the recipe's observers choose for layer i (min/max for ``loss``,
+    whose choice needs the model: kvq.solving.loss)."""
+    layer = stats.layers[i]
+    k_range, v_range = observed_range(layer.k, recipe.key), observed_range(layer.v, recipe.value)
+    if "attention" in (recipe.key.observer, recipe.value.observer):
+        k_range, v_range = attention_ranges(layer, rows_of(stats, i), stats.reservoir.scaling.get(i),
+                                            recipe.key, recipe.value, k_range, v_range)
+    return k_range, v_range
+
+
+def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple, tuple]] | None = None) -> KVScales:
+    """Scales and zero-points of every layer in ``stats`` under ``recipe``; ``ranges`` (layer -> K and V ranges)
+    replaces what the observers choose (the loss observer's choices, kvq.solving.loss)."""
+    if ranges is None and "loss" in (recipe.key.observer, recipe.value.observer):
+        raise UsageError(f"recipe {recipe.name} uses observer loss, which runs the model on calibration windows",
+                         hint="give the model (kvq solve --model, kvq.solve(model=...)), or calibrate with the recipe")
     if not stats.layers:
         raise KvqError("the statistics hold no layers")
     calibrated_with = stats.metadata.get("transforms", "[]")
@@ -37,10 +52,7 @@ def solve_scales(stats: KVStats, recipe: KVRecipe) -> KVScales:
         if layer.tokens == 0:
             raise KvqError(f"layer {i} was never observed (0 tokens): no scale can be chosen")
         try:
-            k_range, v_range = observed_range(layer.k, recipe.key), observed_range(layer.v, recipe.value)
-            if recipe.needs_rows:
-                k_range, v_range = attention_ranges(layer, _rows(stats, i), stats.reservoir.scaling.get(i),
-                                                    recipe.key, recipe.value, k_range, v_range)
+            k_range, v_range = layer_ranges(stats, i, recipe) if ranges is None else ranges[i]
             k_scale, k_zp = choose_qparams(*k_range, recipe.key)
             v_scale, v_zp = choose_qparams(*v_range, recipe.value)
             q_scale = None
@@ -54,7 +66,7 @@ def solve_scales(stats: KVStats, recipe: KVRecipe) -> KVScales:
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))
 
 
-def _rows(stats: KVStats, i: int):
+def rows_of(stats: KVStats, i: int):
     if stats.reservoir is None:
         raise UsageError("the statistics hold no Q/K/V rows, which the attention observer searches on",
                          hint="calibrate again with a recipe that uses observer: attention")
