@@ -205,7 +205,7 @@ def test_lookup_by_modelopt_weights():
 #     ".k_scale" / ".v_scale" in ignore_suffixes, runs before maybe_remap_kv_scale_name (same at 0.15.0:647, 0.17.1);
 #     0.18.0 remaps first (qwen3_moe.py:566@0.18.0): PR 35656.
 #   vLLM Qwen3.5: AutoWeightsLoader applies quant_config.get_cache_scale_mapper() (utils.py:478@0.34.0,
-#     utils.py:414@0.27.1), whose default rule maps .k_scale onto .attn.k_scale (base_config.py:263@0.34.0);
+#     utils.py:414@0.27.1), whose default rule maps .k_scale onto .attn.k_scale (base_config.py:261@0.34.0);
 #     0.17.0-0.23.0 call maybe_remap_kv_scale_name in qwen3_5.py (qwen3_5.py:400@0.17.0): applied.
 #   SGLang 0.5.23: qwen2.py:719 and glm4.py:637 and mixtral.py:479 log "Parameter ... not found in params_dict";
 #     qwen3_moe.py:1266 skips silently; qwen3_next.py:1266 asserts the skipped scale is 1.0; olmo2.py:480
