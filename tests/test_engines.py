@@ -2,7 +2,7 @@
 `kvq inspect`, and docs/engines.md holds the rendered matrix verbatim.
 
 The expected verdicts below are written by hand from the research notes on each engine's released
-source (vLLM 0.33.0, SGLang 0.5.23, TensorRT-LLM main, LMDeploy 0.18.0; files cited in the rows and
+source (vLLM 0.33.0 and 0.34.0, SGLang 0.5.23, TensorRT-LLM main, LMDeploy 0.18.0; files cited in the rows and
 in docs/engines.md), not derived from the matrix: they are the facts kvq's exports are built on.
 """
 
@@ -24,7 +24,10 @@ from kvq.engines.matrix import (
     Verdict,
     engine_verdicts,
     load_matrix,
+    loader_warnings,
     matrix_markdown,
+    model_type_verdicts,
+    version_in,
 )
 from kvq.inspection.found import COMPRESSED_TENSORS, LMDEPLOY, MODELOPT, SGLANG_JSON, TRTLLM
 
@@ -55,6 +58,7 @@ def test_rows_are_well_formed():
         assert row.granularity in {"tensor", "head", "channel", "rank", ANY}, row
         assert row.number in {"fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "nvfp4", "int8", "int4", ANY}, row
         assert row.weights in {ANY, UNQUANTIZED, FP8_WEIGHTS}, row
+        assert row.model_type == ANY or all(re.fullmatch(r"[a-z0-9_]+", t) for t in row.model_types), row
         assert row.weights == ANY or row.kind == MODELOPT, row  # only ModelOpt has two checkpoint kinds
         assert VERSIONS.fullmatch(row.versions), row.versions
         path, at, version = row.source.partition("@")
@@ -64,12 +68,13 @@ def test_rows_are_well_formed():
 
 
 def test_rows_are_unique():
-    keys = [(r.engine, r.versions, r.backend, r.kind, r.granularity, r.number, r.weights) for r in ENGINE_MATRIX]
+    keys = [(r.engine, r.versions, r.backend, r.kind, r.granularity, r.number, r.weights, r.model_type)
+            for r in ENGINE_MATRIX]
     assert len(keys) == len(set(keys))
 
 
 def test_current_means_the_range_reaches_the_newest_release_read():
-    assert _one("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "Hopper").current
+    assert _one("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "tensor", "Hopper").current
     assert _one("SGLang", ">=0.5.19", COMPRESSED_TENSORS, "tensor", "fa3").current
     assert _one("TensorRT-LLM", "0.17-main", MODELOPT, "tensor", "TRTLLM").current
     assert _one("LMDeploy", "<=0.18.0", LMDEPLOY, "rank", "PyTorch").current
@@ -85,24 +90,23 @@ def test_current_means_the_range_reaches_the_newest_release_read():
 
 @pytest.mark.parametrize("engine,versions,kind,granularity,backend,verdict", [
     # vLLM, compressed-tensors per tensor (compressed_tensors.py, flashinfer.py, kv_cache.py)
-    ("vLLM", "0.20.0-0.33.0", COMPRESSED_TENSORS, "tensor", "FLASHINFER", "applied"),
+    ("vLLM", "0.20.0-0.34.0", COMPRESSED_TENSORS, "tensor", "FLASHINFER", "applied"),
     ("vLLM", "0.15.0-0.19.x", COMPRESSED_TENSORS, "tensor", "FLASHINFER", "broken"),
-    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "TRITON_ATTN (CUDA", "applied"),
-    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "gfx942", "broken"),
-    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "gfx950", "applied"),
+    ("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "tensor", "TRITON_ATTN (CUDA", "applied"),
+    ("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "tensor", "gfx942", "broken"),
+    ("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "tensor", "gfx950", "applied"),
     ("vLLM", "0.7.0-0.14.x", COMPRESSED_TENSORS, "tensor", "auto", "ignored"),
-    ("vLLM", "0.33.0", COMPRESSED_TENSORS, ANY, "FLEX_ATTENTION", "refused"),
+    ("vLLM", "0.33.0-0.34.0", COMPRESSED_TENSORS, ANY, "FLEX_ATTENTION", "refused"),
     # vLLM per head: FLASH_ATTN only
-    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "head", "Hopper", "applied"),
-    ("vLLM", "0.28.0-0.33.0", COMPRESSED_TENSORS, "head", "head_dim <= 128", "applied"),
-    ("vLLM", "0.17.0-0.33.0", COMPRESSED_TENSORS, "head", "FLASHINFER", "refused"),
+    ("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "head", "Hopper", "applied"),
+    ("vLLM", "0.28.0-0.34.0", COMPRESSED_TENSORS, "head", "head_dim <= 128", "applied"),
+    ("vLLM", "0.17.0-0.34.0", COMPRESSED_TENSORS, "head", "FLASHINFER", "refused"),
     ("vLLM", "<=0.14.x", COMPRESSED_TENSORS, "head", "all", "refused"),
     # vLLM, the JSON of --quantization-param-path: removed in 0.7.0
-    ("vLLM", "0.7.0-0.33.0", SGLANG_JSON, ANY, "all", "refused"),
+    ("vLLM", "0.7.0-0.34.0", SGLANG_JSON, ANY, "all", "refused"),
     # SGLang
     ("SGLang", ">=0.5.19", COMPRESSED_TENSORS, "tensor", "trtllm_mha", "applied"),
     ("SGLang", ">=0.5.19", COMPRESSED_TENSORS, "tensor", "aiter", "applied"),
-    ("SGLang", ">=0.5.19", COMPRESSED_TENSORS, "tensor", "Qwen2", "ignored"),
     ("SGLang", ">=0.5.19", COMPRESSED_TENSORS, "tensor", "torch_native", "ignored"),
     ("SGLang", "<=0.5.18", COMPRESSED_TENSORS, "tensor", "any", "ignored"),
     ("SGLang", "0.4.5-0.5.23", COMPRESSED_TENSORS, "head", "all", "ignored"),
@@ -119,8 +123,8 @@ def test_current_means_the_range_reaches_the_newest_release_read():
     ("LMDeploy", "0.6.0-0.18.0", COMPRESSED_TENSORS, ANY, "PyTorch", "refused"),
     ("LMDeploy", "0.14.0-0.18.0", MODELOPT, "tensor", "PyTorch", "refused"),
     # 2026 formats (vLLM 0.33.0 compressed_tensors.py, kv_cache.py, flashinfer.py; SGLang 0.5.23)
-    ("vLLM", "0.15.0-0.33.0", COMPRESSED_TENSORS, "tensor", "gfx94x, fnuz", "applied"),
-    ("vLLM", "0.33.0", COMPRESSED_TENSORS, "tensor", "all", "refused"),
+    ("vLLM", "0.15.0-0.34.0", COMPRESSED_TENSORS, "tensor", "gfx94x, fnuz", "applied"),
+    ("vLLM", "0.33.0-0.34.0", COMPRESSED_TENSORS, "tensor", "all", "refused"),
     ("SGLang", "0.5.23", MODELOPT, "tensor", "NVFP4KVCacheMethod", "applied"),
 ])
 def test_verdicts_read_in_the_sources(engine, versions, kind, granularity, backend, verdict):
@@ -136,7 +140,7 @@ def test_modelopt_checkpoint_kinds():
     merged = {(r.engine, r.verdict) for r in _rows(kind=MODELOPT, weights=FP8_WEIGHTS) if r.current}
     assert {("vLLM", "applied"), ("SGLang", "applied"), ("SGLang", "ignored")} <= merged
     # TensorRT-LLM's PyTorch backend runs every FP8 KV cache at 1.0, whatever the checkpoint
-    trt = _rows(engine="TensorRT-LLM", kind=MODELOPT)
+    trt = _rows(engine="TensorRT-LLM", kind=MODELOPT, number="fp8_e4m3")
     assert len(trt) == 3 and {r.verdict for r in trt} == {"ignored"} and {r.weights for r in trt} == {ANY}
 
 
@@ -192,6 +196,93 @@ def test_lookup_by_modelopt_weights():
     assert set(kv_only) | set(merged) == set(everything)
     assert ("vLLM", "applied") in {(r.engine, r.verdict) for r in merged}
     assert ("vLLM", "applied") not in {(r.engine, r.verdict) for r in kv_only}
+
+
+# --- per model type: engine model files that never load KV scales --------------------------------------------
+
+# Golden facts, read in the released sources (file:line@release in each row's source):
+#   vLLM qwen3_moe.py:652@0.17.0: `if name.endswith(ignore_suffixes) and name not in params_dict: continue`, with
+#     ".k_scale" / ".v_scale" in ignore_suffixes, runs before maybe_remap_kv_scale_name (same at 0.15.0:647, 0.17.1);
+#     0.18.0 remaps first (qwen3_moe.py:566@0.18.0): PR 35656.
+#   vLLM Qwen3.5: AutoWeightsLoader applies quant_config.get_cache_scale_mapper() (utils.py:478@0.34.0,
+#     utils.py:414@0.27.1), whose default rule maps .k_scale onto .attn.k_scale (base_config.py:261@0.34.0);
+#     0.17.0-0.23.0 call maybe_remap_kv_scale_name in qwen3_5.py (qwen3_5.py:400@0.17.0): applied.
+#   SGLang 0.5.23: qwen2.py:719 and glm4.py:637 and mixtral.py:479 log "Parameter ... not found in params_dict";
+#     qwen3_moe.py:1266 skips silently; qwen3_next.py:1266 asserts the skipped scale is 1.0; olmo2.py:480
+#     indexes params_dict[name] (KeyError); qwen3_5.py:1694 maps self_attn.k_scale onto attn.k_scale.
+@pytest.mark.parametrize("engine,version,model_type,kind,verdicts", [
+    ("vLLM", "0.15.0", "qwen3_moe", COMPRESSED_TENSORS, ["ignored"]),
+    ("vLLM", "0.17.1", "qwen3_moe", COMPRESSED_TENSORS, ["ignored"]),
+    ("vLLM", "0.17.1", "qwen3_moe", MODELOPT, ["ignored"]),
+    ("vLLM", "0.18.0", "qwen3_moe", COMPRESSED_TENSORS, []),  # fixed in 0.18.0
+    ("vLLM", "0.14.1", "qwen3_moe", COMPRESSED_TENSORS, []),  # before the releases read
+    ("vLLM", "0.34.0", "qwen3_5", COMPRESSED_TENSORS, ["applied"]),  # vLLM issue 54623 not borne out
+    ("vLLM", "0.34.0", "qwen3_5_text", COMPRESSED_TENSORS, ["applied"]),
+    ("vLLM", "0.16.0", "qwen3_5", COMPRESSED_TENSORS, []),  # no Qwen3.5 model file before 0.17.0
+    ("vLLM", "0.34.0", "llama", COMPRESSED_TENSORS, []),
+    ("SGLang", "0.5.23", "qwen2", COMPRESSED_TENSORS, ["ignored"]),
+    ("SGLang", "0.5.19", "qwen2", COMPRESSED_TENSORS, ["ignored"]),
+    ("SGLang", "0.5.18", "qwen2", COMPRESSED_TENSORS, []),  # no compressed-tensors KV method at all there
+    ("SGLang", "0.5.23", "qwen2", MODELOPT, ["ignored"]),
+    ("SGLang", "0.5.23", "qwen3_moe", COMPRESSED_TENSORS, ["ignored"]),
+    ("SGLang", "0.5.23", "mixtral", COMPRESSED_TENSORS, ["ignored"]),
+    ("SGLang", "0.5.23", "glm4", COMPRESSED_TENSORS, ["ignored"]),
+    ("SGLang", "0.5.23", "qwen3_next", COMPRESSED_TENSORS, ["refused"]),
+    ("SGLang", "0.5.23", "olmo2", COMPRESSED_TENSORS, ["refused"]),
+    ("SGLang", "0.5.23", "qwen3_5_moe", COMPRESSED_TENSORS, ["applied"]),
+    ("SGLang", "0.5.22", "qwen3_next", COMPRESSED_TENSORS, []),  # only 0.5.23 read
+])
+def test_model_type_verdicts(engine, version, model_type, kind, verdicts):
+    assert [r.verdict for r in model_type_verdicts(engine, version, model_type, kind)] == verdicts
+
+
+def test_model_type_rows_cite_a_source_line():
+    rows = [r for r in ENGINE_MATRIX if r.model_type != ANY]
+    assert len(rows) >= 10
+    for row in rows:
+        path, _, version = row.source.partition("@")
+        assert re.fullmatch(r"[\w/.]+\.py:\d+", path) and version, row.source
+
+
+@pytest.mark.parametrize("versions,version,inside", [
+    ("0.15.0-0.17.x", "0.17.1", True), ("0.15.0-0.17.x", "0.18.0", False), ("0.15.0-0.17.x", "0.14.1", False),
+    ("0.15.0-0.17.x", "0.15.0", True), (">=0.5.19", "0.5.23", True), (">=0.5.19", "0.5.18", False),
+    ("<=0.5.18", "0.5.18", True), ("<=0.5.18", "0.5.19", False), ("0.5.23", "0.5.23", True),
+    ("0.5.23", "0.5.3", False), ("<=1.3.0rc20", "1.3.0rc19", True), ("<=1.3.0rc20", "1.3.0", False),
+    (">1.3.0rc20", "1.3.0", True), ("0.17-main", "main", True), ("0.17-main", "0.16.2", False),
+    ("0.19.x", "0.19.1", True), ("0.19.x", "0.20.0", False),
+])
+def test_version_in(versions, version, inside):
+    assert version_in(versions, version) is inside
+
+
+def test_loader_warnings_name_engine_versions_model_type_and_source():
+    lines = loader_warnings(COMPRESSED_TENSORS, "qwen3_moe")
+    assert lines == [
+        "vLLM 0.15.0-0.17.x ignores KV scales for model type qwen3_moe: " + _one(
+            "vLLM", "0.15.0-0.17.x", COMPRESSED_TENSORS, ANY, "any").note
+        + " (vllm/model_executor/models/qwen3_moe.py:652@0.17.0)",
+        "SGLang 0.5.23 ignores KV scales for model type qwen3_moe: " + _one(
+            "SGLang", "0.5.23", COMPRESSED_TENSORS, ANY, "any", model_type="qwen3_moe").note
+        + " (sglang/srt/models/qwen3_moe.py:1266@0.5.23)",
+    ]
+    assert loader_warnings(COMPRESSED_TENSORS, "qwen3_next")[0].startswith(
+        "SGLang 0.5.23 refuses KV scales for model type qwen3_next: ")
+    assert loader_warnings(COMPRESSED_TENSORS, "llama") == []
+    assert loader_warnings(COMPRESSED_TENSORS, "qwen3_5") == []  # applied: no warning
+    assert loader_warnings(COMPRESSED_TENSORS, None) == []
+    assert loader_warnings(SGLANG_JSON, "qwen2") == []  # the rows are for checkpoint tensors
+
+
+def test_lookup_by_model_type():
+    qwen2_rows = [r for r in ENGINE_MATRIX if "qwen2" in r.model_types]
+    assert qwen2_rows
+    llama = engine_verdicts(COMPRESSED_TENSORS, "fp8_e4m3", "tensor", model_type="llama")
+    assert not [r for r in llama if r.model_type != ANY]
+    qwen2 = engine_verdicts(COMPRESSED_TENSORS, "fp8_e4m3", "tensor", model_type="qwen2")
+    assert [r for r in qwen2 if r.model_type != ANY] == [r for r in qwen2_rows if r.kind == COMPRESSED_TENSORS]
+    unknown = engine_verdicts(COMPRESSED_TENSORS, "fp8_e4m3", "tensor")  # None: every row
+    assert set(qwen2) < set(unknown)
 
 
 # --- the docs -------------------------------------------------------------------------------------------

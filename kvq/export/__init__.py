@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvq.artifacts.scales import KVScales, scales_path
+from kvq.engines.matrix import EXPORT_KIND, FP8_WEIGHTS, loader_warnings
 from kvq.errors import UsageError
 from kvq.export import lmdeploy, modelopt, sglang, trtllm, vllm
 from kvq.export.model_check import (
@@ -130,8 +131,11 @@ def export_artifact(
     notes += named(plan.notes)
     if copied:
         notes.append(f"{copied} model file(s) copied: the filesystem could not hard-link them")
+    # engine model files that do not load KV scales for this model type (kvq/engines/engine_matrix.yaml)
+    model_warnings = loader_warnings(EXPORT_KIND[export_format], shape.model_type,
+                                     weights=FP8_WEIGHTS if export_format == "modelopt" else None)
     return ExportResult(out=out_path, export_format=export_format, written=written, linked=linked, copied=copied,
-                        notes=notes, warnings=named(plan.warnings), serve=named(plan.serve))
+                        notes=notes, warnings=named(plan.warnings) + model_warnings, serve=named(plan.serve))
 
 
 __all__ = ["EXPORTERS", "EXPORT_FORMATS", "REDUCTIONS", "ExportResult", "export_artifact"]

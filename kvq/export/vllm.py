@@ -55,12 +55,16 @@ WARN_ROCM = (
 )
 WARN_FNUZ = (
     "fp8_e4m3fnuz scales (absmax / 224) are for vLLM on AMD MI300/MI325, whose compressed-tensors path uses them "
-    "as they are (no doubling since 0.15.0); on an NVIDIA GPU the same checkpoint uses only half of e4m3's range"
+    "as they are (no doubling since 0.15.0); on an NVIDIA GPU the same checkpoint uses only half of e4m3's range, "
+    "and SGLang doubles every KV scale on MI300 (kv_cache.py:56-58@0.5.23), so served there it uses only half of "
+    "e4m3fnuz's range: for SGLang export an fp8_e4m3 recipe"
 )
 WARN_QUERY = (
-    "q_scale: vLLM's FLASH_ATTN (FA3) backend applies it (per tensor, or per KV-head group: it max-reduces per-head "
-    "values, as kvq's solver already did); FlashInfer applies it per tensor only on SM100 / SM90 prefill; SGLang "
-    "and TensorRT-LLM read no query scale (they quantize the query at 1.0) (vLLM 0.33.0 attention.py, flash_attn.py)"
+    "q_scale: vLLM casts the query to fp8 with it on FLASH_ATTN (FA3; per tensor, or per KV-head group: it max-reduces "
+    "per-head values, as kvq's solver already did), on TRITON_ATTN (CUDA, and ROCm but gfx90a / gfx11) and on "
+    "ROCM_AITER_UNIFIED_ATTN (ROCm but gfx11), per tensor; FlashInfer per tensor only on SM100 / SM90 prefill; SGLang and "
+    "TensorRT-LLM read no query scale (they quantize the query at 1.0) (vLLM 0.34.0 attention.py:492-515, "
+    "triton_attn.py:556-561, rocm_aiter_unified_attn.py:200, flashinfer.py:2110,2396)"
 )
 WARN_SGLANG_PER_TENSOR = (
     "SGLang < 0.5.19 loads no compressed-tensors KV scales, and SGLang serves Qwen2 models and the torch_native / "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvq.engines.matrix import EngineRow, engine_verdicts
+from kvq.engines.matrix import EngineRow, engine_verdicts, loader_warnings
 from kvq.errors import UsageError
 from kvq.inspection.clipping import Clipping, clipping
 from kvq.inspection.defects import Defect, find_defects, inferred_granularity, merged_shape
@@ -56,7 +56,9 @@ def inspect_path(path: str | Path, tp: int | None = None, model: str | None = No
     # a format the config names but kvq does not know (NVFP4, say) matches only rows for any format
     number = (found.scheme.number if found.scheme is not None else None) or "unknown"
     result = Inspection(found, shape, defects, granularity, engine_verdicts(found.kind, number, granularity,
-                                                                             weights=found.weights))
+                                                                             weights=found.weights,
+                                                                             model_type=shape.model_type))
+    found.notes += loader_warnings(found.kind, shape.model_type, weights=found.weights)  # per-model engine loaders
     if stats is not None:
         from kvq.artifacts.stats import KVStats
 
