@@ -77,18 +77,6 @@ WARN_PER_HEAD = (
 )
 
 
-# Model types whose vLLM loader never hands checkpoint KV scales to the attention layers (they serve fp8
-# at scale 1.0), with the source that says so; export-scales warns for them.
-IGNORED_BY_MODEL_TYPE = {
-    model_type: (
-        f"vLLM ignores KV scales for model type {model_type}: the Qwen3.5 loaders (vllm/model_executor/models/"
-        "qwen3_5.py, Qwen3_5ForCausalLMBase.load_weights -> bare AutoWeightsLoader) never route "
-        "self_attn.k_scale / v_scale to self_attn.attn, so --kv-cache-dtype fp8 runs at scale 1.0 "
-        "(vLLM issue 54623, seen in 0.27.1 and main ae5b8e4a8; fix PR 54624 open): check the log for "
-        "'Using KV cache scaling factor 1.0'"
-    )
-    for model_type in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
-}
 
 
 def kv_cache_scheme(strategy: str) -> dict:
@@ -166,8 +154,6 @@ def build(req: ExportRequest) -> ExportPlan:
     plan.warnings = [WARN_PER_HEAD, rocm] if per_head else [WARN_FLASHINFER, rocm, WARN_SGLANG_PER_TENSOR]
     if scales.recipe.query is not None:
         plan.warnings.append(WARN_QUERY)
-    if shape.model_type in IGNORED_BY_MODEL_TYPE:
-        plan.warnings.insert(0, IGNORED_BY_MODEL_TYPE[shape.model_type])
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
     if req.skip_layers:
         plan.serve, more = with_skip_layers(plan.serve, req.skip_layers)
