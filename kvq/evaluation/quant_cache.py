@@ -26,7 +26,7 @@ from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.capture import CapturedKV, CapturedQuery
 from kvq.errors import KvqError
 from kvq.kernels import fake_quantize
-from kvq.model.model_spec import KVShape
+from kvq.model.model_spec import KVShape, layers_text
 from kvq.quant.formats import FORMATS
 from kvq.recipe.schema import QuantSpec
 
@@ -136,11 +136,6 @@ class StaticQuantizer:
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         per_tensor = shape.elements_per_token // 2
         return per_tensor * (FORMATS[self.recipe.key.format].bits + FORMATS[self.recipe.value.format].bits) / 8
-
-
-def layers_text(layers: Collection[int]) -> str:
-    """``0,17``: layer indices as one comma-separated word, for names and messages."""
-    return ",".join(str(i) for i in sorted(layers))
 
 
 class PartialQuantizer:

@@ -18,7 +18,7 @@ from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.export.tensor_parallel import heads_of_rank
 from kvq.inspection.defects import Defect, inferred_granularity
-from kvq.inspection.found import ROLE_NAME, Found, KVShape, ScaleEntry
+from kvq.inspection.found import ROLE_NAME, DeclaredShape, Found, ScaleEntry
 from kvq.quant.qparams import qrange
 
 CLIP_TOLERANCE = 1e-5  # relative: a calibrated absmax lands on the edge up to float32 rounding
@@ -34,7 +34,7 @@ class Clipping:
 
 
 def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: int | None,
-            shape: KVShape) -> tuple[torch.Tensor, torch.Tensor]:
+            shape: DeclaredShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Lowest and highest representable value per (head, channel), each of shape (heads, head_dim)."""
     qmin, qmax = qrange(number)
     scale = entry.values.to(torch.float32)
@@ -56,7 +56,7 @@ def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: in
     return lo.reshape(heads, head_dim), hi.reshape(heads, head_dim)  # any (H*D)-value layout -> (H, D)
 
 
-def clipping(found: Found, stats: KVStats, shape: KVShape) -> tuple[list[Clipping], list[Defect]]:
+def clipping(found: Found, stats: KVStats, shape: DeclaredShape) -> tuple[list[Clipping], list[Defect]]:
     first = stats.layers[min(stats.layers)]
     heads, head_dim = (int(x) for x in first.k.min.shape)
     if (shape.num_kv_heads, shape.head_dim) not in ((heads, head_dim), (None, None)):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvq.export.model_check import ModelShape
-from kvq.inspection.found import KVQ_ARTIFACT, MODELOPT, ROLE_NAME, Found, KVShape, ScaleEntry
+from kvq.inspection.found import KVQ_ARTIFACT, MODELOPT, ROLE_NAME, DeclaredShape, Found, ScaleEntry
 
 PER_RANK = "rank"
 
@@ -101,7 +101,7 @@ def _missing_runs(have: set[int], num_layers: int) -> list[tuple[int, int]]:
     return runs
 
 
-def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
+def coverage_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
     """Every layer (and rank) holds each role the file uses; nothing beyond the model's layers; no duplicates.
 
     Work is bounded by the number of entries the file holds, never by a layer count or index it states:
@@ -154,7 +154,7 @@ def coverage_defects(found: Found, shape: KVShape) -> list[Defect]:
     return out
 
 
-def inferred_granularity(entry: ScaleEntry, shape: KVShape) -> str | None:
+def inferred_granularity(entry: ScaleEntry, shape: DeclaredShape) -> str | None:
     """tensor / head / channel from the number of values (None: matches none of the model's)."""
     n = entry.values.numel()
     heads = shape.num_heads if entry.role == "q" else shape.num_kv_heads
@@ -170,7 +170,7 @@ def inferred_granularity(entry: ScaleEntry, shape: KVShape) -> str | None:
 _KVQ_SHAPE = {"tensor": lambda h, d: (), "head": lambda h, d: (h,), "channel": lambda h, d: (h, d)}
 
 
-def shape_defects(found: Found, shape: KVShape) -> list[Defect]:
+def shape_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
     out = []
     for e in found.entries:
         number, declared = found.spec(e.role)
@@ -200,7 +200,7 @@ def shape_defects(found: Found, shape: KVShape) -> list[Defect]:
     return out
 
 
-def tp_defects(found: Found, shape: KVShape, tp: int | None) -> list[Defect]:
+def tp_defects(found: Found, shape: DeclaredShape, tp: int | None) -> list[Defect]:
     if tp is None:
         return []
     out = []
@@ -250,12 +250,12 @@ def model_defects(found: Found, model: ModelShape | None) -> list[Defect]:
     return [Defect("other-model", None, found.path.name, "the scales are for a different model: " + "; ".join(bad))]
 
 
-def merged_shape(found: Found, model: ModelShape | None) -> KVShape:
+def merged_shape(found: Found, model: ModelShape | None) -> DeclaredShape:
     """The shape the checks use: what the input states, completed from --model."""
     s = found.shape
     if model is None:
         return s
-    return KVShape(s.num_layers if s.num_layers is not None else model.num_layers,
+    return DeclaredShape(s.num_layers if s.num_layers is not None else model.num_layers,
                    s.num_kv_heads if s.num_kv_heads is not None else model.num_kv_heads,
                    s.head_dim if s.head_dim is not None else model.head_dim, s.num_heads,
                    s.model_type or model.model_type,

@@ -23,8 +23,8 @@ from kvq.inspection.found import (
     SGLANG_JSON,
     TRTLLM,
     UNKNOWN_SHAPE,
+    DeclaredShape,
     Found,
-    KVShape,
     ScaleEntry,
     Scheme,
     shape_from_config,
@@ -84,7 +84,7 @@ def read_sglang_json(path: Path) -> Found:
     found = Found(path=path, kind=SGLANG_JSON, scheme=scheme, entries=entries, shape=UNKNOWN_SHAPE)
     model_type = data.get("model_type")
     if model_type is not None:
-        found.shape = KVShape(None, None, None, None, str(model_type), f"{path.name} model_type")
+        found.shape = DeclaredShape(None, None, None, None, str(model_type), f"{path.name} model_type")
     for rank_key, layers in kv["scaling_factor"].items():
         if not (_NUMBER.fullmatch(str(rank_key)) and isinstance(layers, dict)):
             found.conflicts.append((f"scaling_factor[{rank_key!r}]", "is not a rank number holding {layer: value}"))

@@ -63,8 +63,9 @@ class ScaleEntry:
 
 
 @dataclass(frozen=True)
-class KVShape:
-    """The model's KV-cache shape, and where it was read (any field None where unknown)."""
+class DeclaredShape:
+    """The KV-cache shape a checkpoint or artifact declares, and where it was read (any field None where unknown;
+    the model's own shape is :class:`kvq.model.model_spec.KVShape`)."""
 
     num_layers: int | None
     num_kv_heads: int | None
@@ -84,7 +85,7 @@ class Found:
     kind: str
     scheme: Scheme | None
     entries: list[ScaleEntry]
-    shape: KVShape
+    shape: DeclaredShape
     ranks: int | None = None  # tensor-parallel ranks the files are written for (per-rank formats)
     config_hash: str | None = None  # recorded at calibration (kvq artifacts)
     notes: list[str] = field(default_factory=list)
@@ -100,7 +101,7 @@ class Found:
         return (self.scheme.number, self.scheme.granularity) if self.scheme is not None else (None, None)
 
 
-UNKNOWN_SHAPE = KVShape(None, None, None, None, None, "not recorded: pass --model")
+UNKNOWN_SHAPE = DeclaredShape(None, None, None, None, None, "not recorded: pass --model")
 
 
 def text_config(config: dict) -> dict:
@@ -112,7 +113,7 @@ def text_config(config: dict) -> dict:
     return config
 
 
-def shape_from_config(config: dict, source: str) -> KVShape:
+def shape_from_config(config: dict, source: str) -> DeclaredShape:
     """The KV-cache shape a config.json states (transformers or TensorRT-LLM keys); UNKNOWN fields as None."""
     from kvq.model.loading import check_config_counts, kv_shape
 
@@ -132,7 +133,7 @@ def shape_from_config(config: dict, source: str) -> KVShape:
         layers, kv_heads, head_dim = text.get("num_hidden_layers"), text.get("num_key_value_heads") or heads, None
         cached = None
     model_type = text.get("model_type") or config.get("model_type")
-    return KVShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
+    return DeclaredShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
                    "num_hidden_layers", cached)
 
 

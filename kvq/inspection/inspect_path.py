@@ -13,13 +13,13 @@ from kvq.errors import UsageError
 from kvq.inspection.clipping import Clipping, clipping
 from kvq.inspection.defects import Defect, find_defects, inferred_granularity, merged_shape
 from kvq.inspection.detect import read_path
-from kvq.inspection.found import Found, KVShape
+from kvq.inspection.found import DeclaredShape, Found
 
 
 @dataclass
 class Inspection:
     found: Found
-    shape: KVShape  # the input's, completed from --model
+    shape: DeclaredShape  # the input's, completed from --model
     defects: list[Defect]
     granularity: str | None  # of the K/V scales as stored
     engines: list[EngineRow]
@@ -30,7 +30,7 @@ class Inspection:
         return not self.defects
 
 
-def stored_granularity(found: Found, shape: KVShape) -> str | None:
+def stored_granularity(found: Found, shape: DeclaredShape) -> str | None:
     """What the K/V scales are, as stored: the declared granularity, else the one their shape implies."""
     declared = found.scheme.granularity if found.scheme is not None else None
     if declared is not None:

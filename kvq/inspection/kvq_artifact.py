@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from kvq.artifacts.files import metadata_int, read_safetensors
 from kvq.errors import UsageError
 from kvq.export.lmdeploy import lmdeploy_zero_point
-from kvq.inspection.found import KVQ_ARTIFACT, Found, KVShape, ScaleEntry, Scheme
+from kvq.inspection.found import KVQ_ARTIFACT, DeclaredShape, Found, ScaleEntry, Scheme
 from kvq.model.model_spec import parse_layers
 from kvq.recipe.schema import KVRecipe
 
@@ -48,7 +48,7 @@ def read_kvq_scales(path: Path) -> Found:
     except (KeyError, ValueError, ValidationError, TypeError) as exc:
         raise UsageError(f"scales file {path}: its recipe metadata is not a valid kvq recipe", hint=_HINT) from exc
     where = f"scales file {path}"
-    shape = KVShape(metadata_int(meta, "num_layers", where), metadata_int(meta, "num_kv_heads", where),
+    shape = DeclaredShape(metadata_int(meta, "num_layers", where), metadata_int(meta, "num_kv_heads", where),
                     metadata_int(meta, "head_dim", where), None, meta.get("model_type") or None,
                     f"{path.name} metadata", "num_layers")
     for key, value in (("num_layers", shape.num_layers), ("num_kv_heads", shape.num_kv_heads),
