@@ -78,9 +78,9 @@ def make_inputs(shape, dtype, fmt, granularity, symmetric, device):
     x += torch.randn(1, h, 1, d, generator=gen) * 0.3
     x[..., ::16] *= 4.0
     qshape = {"tensor": (), "head": (h,), "channel": (h, d)}[granularity]
-    from kvq.quant.qparams import FP8_MAX, INT_RANGE
+    from kvq.quant.formats import FORMATS
 
-    top = FP8_MAX[fmt] if fmt in FP8_MAX else 1500.0 if fmt == "nvfp4" else INT_RANGE[fmt][1]
+    top = 1500.0 if fmt == "nvfp4" else FORMATS[fmt].qmax
     scale = torch.full(qshape, 4.0 / top)
     zp = None if symmetric else torch.full(qshape, -1, dtype=torch.int32)
     return x.to(dtype=dtype, device=device), scale.to(device), None if zp is None else zp.to(device)

@@ -335,7 +335,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except RecursionError as exc:
-        raise UsageError(f"model {model_id}: its config.json does not parse: nested too deeply") from exc
+        raise UsageError(f"model {model_id}: its config does not parse: config.json is nested too deeply") from exc
     except (OSError, ValueError) as exc:
         if folder is None:
             raise UsageError(
