@@ -636,7 +636,7 @@ def test_a_model_whose_index_leaves_its_folder_is_refused(command, tiny_llama, g
 def test_impossible_config_counts_are_a_config_error_naming_the_key(key, value, tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "ckpt", _ct_config(**{key: value}))
     line = assert_contract(run_in_process(["inspect", str(ckpt)], capsys), 2, f"config.json: {key} is {value}")
-    assert "at least 1" in line
+    assert "a whole number from 1 to" in line
 
 
 def test_calibrate_refuses_a_model_config_with_impossible_counts(tiny_llama, tmp_path, capsys):
@@ -649,6 +649,21 @@ def test_calibrate_refuses_a_model_config_with_impossible_counts(tiny_llama, tmp
     argv = ["calibrate", "--model", str(model), "--dataset", "pydoc", *FAST, "--device", "cpu", "--out", str(out)]
     assert_contract(run_in_process(argv, capsys), 2, "num_key_value_heads is 0")
     assert snapshot(out) is None
+
+
+def test_a_model_config_stating_a_billion_kv_heads_bounds_nothing(tiny_llama, good_artifact, tmp_path, capsys):
+    """export-scales --model reads the model's counts: a config stating 10**9 KV heads is refused before any
+    loop over them (the bound, 65536, comes from no file)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_key_value_heads"] = 10**9
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = ["export-scales", str(good_artifact), "--format", "vllm", "--model", str(model), "--out", str(out)]
+    outcome, peak, _ = run_bounded(argv)
+    assert_contract(outcome, 2, "num_key_value_heads is 1000000000")
+    assert peak < PEAK_RSS and snapshot(out) is None
 
 
 @pytest.mark.parametrize("name", ["x" * 240, "模" * 80], ids=["240-ascii", "80-cjk"])

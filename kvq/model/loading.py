@@ -94,10 +94,14 @@ def cached_layers(text) -> tuple[int, ...] | None:
 
 
 CONFIG_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+# no model comes near these; a config stating more would size kvq's work by a number, not by the model
+CONFIG_COUNT_MAX = {"hidden_size": 1 << 20}
+COUNT_MAX = 1 << 16
 
 
 def check_config_counts(values: dict, source: str) -> None:
-    """Refuse a config whose layer / head / size counts are not whole numbers >= 1 (absent or null is fine).
+    """Refuse a config whose layer / head / size counts are not whole numbers in 1..their bound (absent or null
+    is fine).
 
     ``num_hidden_layers: -5`` or ``num_key_value_heads: 0`` describe no model: a UsageError naming the key.
     """
@@ -106,9 +110,10 @@ def check_config_counts(values: dict, source: str) -> None:
         if value is None:
             continue
         whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not whole or value < 1:
-            raise UsageError(f"{source}: {key} is {str(value)[:40]}, but a model's {key} is a whole number of at "
-                             "least 1", hint="the config is damaged or not a transformer's: fix the key or pass "
+        top = CONFIG_COUNT_MAX.get(key, COUNT_MAX)
+        if isinstance(value, bool) or not whole or not 1 <= value <= top:
+            raise UsageError(f"{source}: {key} is {str(value)[:40]}, but a model's {key} is a whole number from "
+                             f"1 to {top}", hint="the config is damaged or not a transformer's: fix the key or pass "
                              "another checkpoint")
 
 
