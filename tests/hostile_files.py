@@ -50,31 +50,39 @@ def rewrite(path: Path, tensors: dict[str, torch.Tensor] | None = None, **meta: 
     return path
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+def run_child(cmd: list[str], seconds: float, env: dict[str, str] | None = None,
+              address_space: int = ADDRESS_SPACE) -> tuple[Outcome, int, float]:
+    """``cmd`` in a fresh process under an address-space ceiling, killed past ``seconds``: its outcome (a kill
+    reads as a negative exit code), its own peak resident memory in bytes and its wall time."""
+    child_env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"} | (env or {})
 
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-def run_bounded(argv: list[str], seconds: float = SECONDS) -> tuple[Outcome, int, float]:
-    """``python -m kvq ARGV`` in a fresh process under an address-space ceiling: its outcome, its peak
-    resident memory in bytes, and its wall time (killed, failing the test, past ``seconds``)."""
-    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "kvq", *argv], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_limit_memory)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=child_env,
+                                preexec_fn=limit)
         timer = threading.Timer(seconds, proc.kill)
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory, not the largest child's
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            pytest.fail(f"kvq {' '.join(argv)[:300]} ran past {seconds} s")
         out.seek(0)
         err.seek(0)
-        return Outcome(proc.returncode, out.read(), err.read()), usage.ru_maxrss * 1024, elapsed
+        outcome = Outcome(os.waitstatus_to_exitcode(status), out.read(), err.read())
+        return outcome, usage.ru_maxrss * 1024, elapsed  # Linux: kilobytes
+
+
+def run_bounded(argv: list[str], seconds: float = SECONDS) -> tuple[Outcome, int, float]:
+    """``python -m kvq ARGV`` under :func:`run_child`: its outcome, its peak resident memory in bytes, and its
+    wall time (killed, failing the test, past ``seconds``)."""
+    outcome, rss, elapsed = run_child([sys.executable, "-m", "kvq", *argv], seconds)
+    if elapsed >= seconds:
+        pytest.fail(f"kvq {' '.join(argv)[:300]} ran past {seconds} s")
+    return outcome, rss, elapsed
 
 
 class _Stop(KeyboardInterrupt):

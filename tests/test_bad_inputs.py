@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from bad_input import MAX_LINE, Outcome, assert_contract, run_in_process, snapshot
-from hostile_files import NESTED, PEAK_RSS, SECONDS, read, rewrite, run_bounded, write_partial
+from hostile_files import NESTED, PEAK_RSS, SECONDS, read, rewrite, run_bounded, run_child, write_partial
 from safetensors.torch import load_file, save_file
 
 from kvq.artifacts.files import PARTIAL_FILE
@@ -343,13 +343,17 @@ def test_ctrl_c_while_reading_the_recipe(tmp_path):
     out = tmp_path / "out"
     proc = _kvq("calibrate", "--dataset", "pydoc", "--recipe", str(fifo), "--out", str(out))
     deadline = time.monotonic() + 120
-    while True:  # kvq has opened the FIFO once a non-blocking writer can open it
+    writer = None
+    while writer is None and time.monotonic() < deadline:  # kvq has opened the FIFO once a writer can open it
         try:
             writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
         except OSError as exc:
-            assert exc.errno == errno.ENXIO and proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            assert exc.errno == errno.ENXIO and proc.poll() is None, proc.poll()
             time.sleep(0.05)
+    if writer is None:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("kvq did not open its FIFO recipe within 120 s")
     try:
         outcome = _interrupted(proc)
     finally:
@@ -420,12 +424,9 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(capsys):
 # file could make kvq work without bound, the run's time and peak memory.
 # =================================================================================================
 
-import resource  # noqa: E402
 
 from kvq.io.atomic import _HOST, TMP_SUFFIX, temp_stem  # noqa: E402
 
-BOUND_SECONDS = 30.0  # kvq's own work on a file under 1 MB (imports excluded: the machine is shared)
-BOUND_RSS = 1 << 30  # peak resident memory of the whole process, imports included
 _AS_LIMIT = 6 << 30  # address space: a runaway dies here instead of taking the machine
 
 _CHILD = """
@@ -440,38 +441,20 @@ sys.exit(code)
 """
 
 
-def _limit_address_space() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (_AS_LIMIT, _AS_LIMIT))
-
-
 def run_in_child(argv: list[str], tmp: Path, timeout: float = 240) -> tuple[Outcome, float, int]:
-    """``kvq ARGV`` in a child process: (outcome, seconds of kvq's work, peak RSS in bytes of that child)."""
-    timing, out_path, err_path = tmp / "timing.json", tmp / "stdout.txt", tmp / "stderr.txt"
-    env = {k: v for k, v in os.environ.items() if k != "KVQ_DEBUG"}
-    env["COLUMNS"] = "250"  # rich wraps at the terminal width; one defect stays on one line
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(timing), *argv], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_limit_address_space)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                break
-            time.sleep(0.05)
+    """``kvq ARGV`` in a child process (:func:`hostile_files.run_child`): (outcome, seconds of kvq's work, peak
+    RSS in bytes of that child)."""
+    timing = tmp / "timing.json"
+    # rich wraps at the terminal width; one defect stays on one line
+    outcome, rss, _ = run_child([sys.executable, "-c", _CHILD, str(timing), *argv], timeout,
+                                env={"COLUMNS": "250"}, address_space=_AS_LIMIT)
     seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else float("inf")
-    outcome = Outcome(proc.returncode, out_path.read_text(), err_path.read_text())
-    return outcome, seconds, usage.ru_maxrss * 1024  # Linux: kilobytes
+    return outcome, seconds, rss
 
 
 def _assert_bounded(seconds: float, rss: int) -> None:
-    assert seconds < BOUND_SECONDS, f"{seconds:.1f} s"
-    assert rss < BOUND_RSS, f"peak RSS {rss / 2**20:.0f} MiB"
+    assert seconds < SECONDS, f"{seconds:.1f} s"
+    assert rss < PEAK_RSS, f"peak RSS {rss / 2**20:.0f} MiB"
 
 
 def _ct_config(layers: int = 2, **override) -> dict:
