@@ -17,7 +17,7 @@ import pytest
 import tiny_models
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvq.artifacts.stats import KVStats
 from kvq.cli import main
@@ -34,23 +34,11 @@ SAMPLES, SEQLEN = 2, 32
 def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], object]:
     """Per layer with a KV cache, the absmax per (KV head, channel) of the K and V the model itself caches
     over the calibration samples kvq picks (pydoc, seed 0), one sample per forward as ``--batch-size 1``."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
                             SAMPLES, SEQLEN, 0)
-    absmax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.inference_mode():
-        for ids in picked.token_ids:
-            cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
-            for i, layer in enumerate(cache.layers):
-                keys = getattr(layer, "keys", None)
-                if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
-                    continue  # a linear-attention / Mamba layer: a recurrent state, no per-token K/V
-                k = layer.keys.abs().amax(dim=(0, 2))  # (1, kv_heads, seq, d) -> (kv_heads, d)
-                v = layer.values.abs().amax(dim=(0, 2))
-                old = absmax.get(i)
-                absmax[i] = (k, v) if old is None else (torch.maximum(old[0], k), torch.maximum(old[1], v))
-    return absmax, model.config
+    return (tiny_models.own_cache_absmax(folder, picked.token_ids, whole_windows=False),
+            AutoConfig.from_pretrained(folder))
 
 
 @pytest.fixture(scope="module")
