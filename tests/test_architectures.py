@@ -112,7 +112,11 @@ def test_vllm_export_names_only_the_attention_layers(calibrated, arch, tmp_path)
     for i in GOLDEN[arch]:
         assert written[f"model.layers.{i}.self_attn.k_scale"].tolist() == [scales[str(i)]["k_scale"]]
         assert written[f"model.layers.{i}.self_attn.v_scale"].tolist() == [scales[str(i)]["v_scale"]]
-    assert not [w for w in result.warnings if "ignores KV scales for model type" in w]
+    assert not [w for w in result.warnings if w.startswith("vLLM") and "for model type" in w]
+    # SGLang 0.5.23: granitemoehybrid.py:734 `_load(n, p)` is a KeyError for self_attn.k_scale (get_cache_scale
+    # maps only k_proj.output_scale); qwen3_next.py:1266 refuses too; qwen3_5.py:1694 remaps (applied).
+    refused = [w for w in result.warnings if w.startswith("SGLang 0.5.23 refuses KV scales")]
+    assert len(refused) == (arch in ("granitemoehybrid", "qwen3_next")), result.warnings
 
 
 def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_path):

@@ -106,6 +106,17 @@ def test_vllm_export_names_every_attention_layer(calibrated, arch, tmp_path):
         assert main(["inspect", str(path)]) == 0
 
 
+def test_vllm_export_of_gpt_oss_warns_that_sglang_drops_its_scales(calibrated, tmp_path):
+    """SGLang 0.5.23's GptOssForCausalLM.load_weights has no remap of `self_attn.k_scale` (its attention is
+    `self_attn.attn`): sglang/srt/models/gpt_oss.py:1287 `if name not in params_dict: continue`."""
+    from kvq.export import export_artifact
+
+    folder, out = calibrated("gpt_oss", "fp8")
+    result = export_artifact(out, "vllm", out=tmp_path / "x", model=str(folder))
+    assert [w for w in result.warnings if w.startswith("SGLang 0.5.23 ignores KV scales for model type gpt_oss")]
+    assert not [w for w in result.warnings if w.startswith("vLLM") and "for model type" in w]
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_eval_counts_the_real_cache(calibrated, arch, tmp_path):
     folder, fp8 = calibrated(arch, "fp8")
