@@ -46,6 +46,30 @@ def tiny_model_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calibrated_tiny(tiny_model_factory, tmp_path_factory):
+    """``kvq calibrate`` (the CLI) of a tiny ``arch`` with recipe ``"fp8"`` or ``"int8"`` (tiny_models.CAL_RECIPES)
+    on CAL_SAMPLES pydoc samples of CAL_SEQLEN tokens, one per forward, once per session; (model folder, out)."""
+    from tiny_models import CAL_RECIPES, CAL_SAMPLES, CAL_SEQLEN
+
+    from kvq.cli import main
+
+    done: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def run(arch: str, recipe: str) -> tuple[Path, Path]:
+        if (arch, recipe) not in done:
+            folder = tiny_model_factory(arch)
+            out = tmp_path_factory.mktemp(f"cal-{arch}-{recipe}")
+            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(CAL_SAMPLES),
+                         "--seqlen", str(CAL_SEQLEN), "--batch-size", "1", "--device", "cpu",
+                         "--recipe", CAL_RECIPES[recipe], "--out", str(out), "--force"])
+            assert code == 0
+            done[arch, recipe] = (folder, out)
+        return done[arch, recipe]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
 

@@ -27,8 +27,7 @@ from kvq.export import export_artifact
 pytestmark = pytest.mark.timeout(600)
 
 HYBRIDS = sorted(tiny_models.HYBRID_CONFIGS)
-RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
-SAMPLES, SEQLEN = 2, 32
+RECIPES, SAMPLES, SEQLEN = tiny_models.CAL_RECIPES, tiny_models.CAL_SAMPLES, tiny_models.CAL_SEQLEN
 
 
 def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], object]:
@@ -41,23 +40,9 @@ def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], obj
             AutoConfig.from_pretrained(folder))
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_model_factory, tmp_path_factory):
-    """``kvq calibrate`` (the CLI) of each model with each recipe, once; (model folder, out folder)."""
-    done: dict[tuple[str, str], tuple] = {}
-
-    def run(arch: str, recipe: str):
-        if (arch, recipe) not in done:
-            folder = tiny_model_factory(arch)
-            out = tmp_path_factory.mktemp(f"cal-{arch}-{recipe}")
-            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(SAMPLES),
-                         "--seqlen", str(SEQLEN), "--batch-size", "1", "--device", "cpu", "--recipe", RECIPES[recipe],
-                         "--out", str(out), "--force"])
-            assert code == 0
-            done[arch, recipe] = (folder, out)
-        return done[arch, recipe]
-
-    return run
+@pytest.fixture
+def calibrated(calibrated_tiny):
+    return calibrated_tiny
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

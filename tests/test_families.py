@@ -27,8 +27,7 @@ from kvq.data import load_documents, select_samples
 pytestmark = pytest.mark.timeout(600)
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "gpt_oss", "mistral", "phi3", "glm4"]
-RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
-SAMPLES, SEQLEN = 2, 32  # longer than the sliding windows (16) of gemma3, gpt_oss and mistral
+RECIPES, SAMPLES, SEQLEN = tiny_models.CAL_RECIPES, tiny_models.CAL_SAMPLES, tiny_models.CAL_SEQLEN
 LAYERS = 3  # every tiny model here (tiny_models.COMMON)
 KV_HEADS = {"mistral": 1}  # the others: 2
 
@@ -51,23 +50,9 @@ GOLDEN_SOURCE = {
 }
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_model_factory, tmp_path_factory):
-    """``kvq calibrate`` (the CLI) of each family with each recipe, once; (model folder, out folder)."""
-    done: dict[tuple[str, str], tuple] = {}
-
-    def run(arch: str, recipe: str):
-        if (arch, recipe) not in done:
-            folder = tiny_model_factory(arch)
-            out = tmp_path_factory.mktemp(f"family-{arch}-{recipe}")
-            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(SAMPLES),
-                         "--seqlen", str(SEQLEN), "--batch-size", "1", "--device", "cpu", "--recipe", RECIPES[recipe],
-                         "--out", str(out), "--force"])
-            assert code == 0
-            done[arch, recipe] = (folder, out)
-        return done[arch, recipe]
-
-    return run
+@pytest.fixture
+def calibrated(calibrated_tiny):
+    return calibrated_tiny
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

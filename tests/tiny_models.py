@@ -61,6 +61,11 @@ CONFIGS = {
 }
 
 
+# What the `calibrated_tiny` fixture (conftest.py) runs `kvq calibrate` with: recipes by short name, pydoc samples
+# x tokens (longer than the 16-token sliding windows of the tiny gemma3, gpt_oss and mistral).
+CAL_RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
+CAL_SAMPLES, CAL_SEQLEN = 2, 32
+
 TOKENIZER_ENV = "KVQ_TEST_TOKENIZER"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
