@@ -14,10 +14,12 @@ import torch
 from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import KvqError, UsageError
+from kvq.model.mla import is_mla
 from kvq.quant.qparams import choose_qparams
 from kvq.recipe.schema import KVRecipe, transforms_json
 from kvq.solving.attention import attention_ranges
 from kvq.solving.observers import observed_range
+from kvq.solving.row_scale import row_scales
 
 
 def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple]:
@@ -63,6 +65,8 @@ def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple
         except ValueError as exc:
             raise KvqError(f"layer {i}: {exc}") from exc
         layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp, q_scale)
+    if is_mla(stats.metadata):  # one scale for the latent row, as the engine writes it (kvq.solving.row_scale)
+        layers = row_scales(layers, recipe)
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))
 
 
