@@ -17,7 +17,7 @@ import pytest
 import tiny_models
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvq.artifacts.stats import KVStats
 from kvq.cli import main
@@ -34,23 +34,11 @@ SAMPLES, SEQLEN = 2, 32
 def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], object]:
     """Per layer with a KV cache, the absmax per (KV head, channel) of the K and V the model itself caches
     over the calibration samples kvq picks (pydoc, seed 0), one sample per forward as ``--batch-size 1``."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
                             SAMPLES, SEQLEN, 0)
-    absmax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.inference_mode():
-        for ids in picked.token_ids:
-            cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
-            for i, layer in enumerate(cache.layers):
-                keys = getattr(layer, "keys", None)
-                if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
-                    continue  # a linear-attention / Mamba layer: a recurrent state, no per-token K/V
-                k = layer.keys.abs().amax(dim=(0, 2))  # (1, kv_heads, seq, d) -> (kv_heads, d)
-                v = layer.values.abs().amax(dim=(0, 2))
-                old = absmax.get(i)
-                absmax[i] = (k, v) if old is None else (torch.maximum(old[0], k), torch.maximum(old[1], v))
-    return absmax, model.config
+    return (tiny_models.own_cache_absmax(folder, picked.token_ids, whole_windows=False),
+            AutoConfig.from_pretrained(folder))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +112,11 @@ def test_vllm_export_names_only_the_attention_layers(calibrated, arch, tmp_path)
     for i in GOLDEN[arch]:
         assert written[f"model.layers.{i}.self_attn.k_scale"].tolist() == [scales[str(i)]["k_scale"]]
         assert written[f"model.layers.{i}.self_attn.v_scale"].tolist() == [scales[str(i)]["v_scale"]]
-    assert not [w for w in result.warnings if "ignores KV scales for model type" in w]
+    assert not [w for w in result.warnings if w.startswith("vLLM") and "for model type" in w]
+    # SGLang 0.5.23: granitemoehybrid.py:734 `_load(n, p)` is a KeyError for self_attn.k_scale (get_cache_scale
+    # maps only k_proj.output_scale); qwen3_next.py:1266 refuses too; qwen3_5.py:1694 remaps (applied).
+    refused = [w for w in result.warnings if w.startswith("SGLang 0.5.23 refuses KV scales")]
+    assert len(refused) == (arch in ("granitemoehybrid", "qwen3_next")), result.warnings
 
 
 def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_path):

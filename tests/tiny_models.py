@@ -52,6 +52,12 @@ CONFIGS = {
     "cohere": lambda: CohereConfig(**COMMON, num_key_value_heads=2, eos_token_id=2),
     # Llama with q/k/v/o biases.
     "llama_bias": lambda: LlamaConfig(**COMMON, num_key_value_heads=2, head_dim=16, attention_bias=True),
+    # Attention sinks, alternating sliding / full layers, a (tiny) mixture of experts.
+    "gpt_oss": lambda: AutoConfig.for_model(
+        "gpt_oss", **COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Partial RoPE, extra post-attention / post-MLP norms.
+    "glm4": lambda: AutoConfig.for_model("glm4", **COMMON, num_key_value_heads=2, head_dim=16, pad_token_id=0),
 }
 
 
@@ -105,6 +111,35 @@ def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def own_cache_absmax(folder: Path, token_ids: list[list[int]],
+                     whole_windows: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The oracle of every capture test: per layer that holds a KV cache, the absmax per (KV head, channel) of the
+    keys and values the model itself caches (its own ``past_key_values``), one forward per sample.
+
+    With ``whole_windows`` the cache is transformers' own ``DynamicCache`` made without the config, so that
+    sliding-window layers keep every token (an engine's prefill writes every token of the window's layers too);
+    without it the model makes its own cache (hybrid models need theirs: their linear-attention / Mamba layers
+    keep a recurrent state in it). Layers without keys (those recurrent layers) are left out.
+    """
+    from transformers import DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    absmax: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for ids in token_ids:
+            own = {"past_key_values": DynamicCache()} if whole_windows else {}
+            cache = model(input_ids=torch.tensor([ids]), use_cache=True, **own).past_key_values
+            for i, layer in enumerate(cache.layers):
+                keys = getattr(layer, "keys", None)
+                if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
+                    continue
+                k = layer.keys.abs().amax(dim=(0, 2))  # (1, kv_heads, seq, d) -> (kv_heads, d)
+                v = layer.values.abs().amax(dim=(0, 2))
+                old = absmax.get(i)
+                absmax[i] = (k, v) if old is None else (torch.maximum(old[0], k), torch.maximum(old[1], v))
+    return absmax
 
 
 def with_nan_projection(source: Path, folder: Path, layer: int, projection: str) -> Path:
