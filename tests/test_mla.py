@@ -119,3 +119,11 @@ def test_other_formats_are_refused_for_mla_with_the_reason(export_format):
     with pytest.raises(UsageError, match=f"--format {export_format} for an MLA") as caught:
         check_mla_export(mla_scales(recipe(spec("fp8_e4m3"))), export_format)
     assert caught.value.hint == "export --format vllm"
+
+
+@pytest.mark.parametrize("observer", ["attention", "loss"])
+def test_observers_that_score_attention_are_refused_for_mla(observer):
+    """Their q . k needs per-head keys; an MLA layer caches the latent they are expanded from (kv_b_proj)."""
+    with pytest.raises(UsageError, match=f"observer {observer}.*MLA model caches a latent row"):
+        solve_scales(mla_stats(), recipe(QuantSpec(format="int8", symmetric=False, granularity="head",
+                                                   observer=observer)))

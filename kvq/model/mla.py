@@ -80,6 +80,17 @@ def latent_dims(text_config, source: str = "the model's config") -> LatentDims |
     return LatentDims(values["kv_lora_rank"], values["qk_rope_head_dim"])
 
 
+def config_latent_dims(config) -> LatentDims | None:
+    """:func:`latent_dims` of a model config (its decoder's config for a multimodal one: Kimi K2.5)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return latent_dims(text)
+
+
+def layout_metadata(config) -> dict[str, str]:
+    """What an artifact's metadata records of the cache's layout: ``{"kv_layout": "mla"}`` for MLA, else nothing."""
+    return {KV_LAYOUT_KEY: MLA_LAYOUT} if config_latent_dims(config) is not None else {}
+
+
 def is_mla(metadata: dict[str, str]) -> bool:
     """Whether an artifact's metadata says its statistics / scales are of an MLA latent cache."""
     return metadata.get(KV_LAYOUT_KEY) == MLA_LAYOUT

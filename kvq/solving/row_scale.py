@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kvq.artifacts.scales import LayerScales
+from kvq.errors import UsageError
 from kvq.recipe.schema import KVRecipe
 
 
@@ -38,3 +39,14 @@ def row_scales(layers: dict[int, LayerScales], recipe: KVRecipe) -> dict[int, La
         scale = torch.maximum(layer.k_scale, layer.v_scale)
         out[i] = LayerScales(scale, scale.clone(), layer.k_zero_point, layer.v_zero_point, layer.q_scale)
     return out
+
+
+def refuse_row_observers(recipe: KVRecipe) -> None:
+    """Refuse, for an MLA model, a recipe whose observer scores attention (``attention``, ``loss``): they multiply
+    the captured queries with the captured keys, but an MLA layer's captured "keys" are its latent, which the
+    per-head keys are expanded from by kv_b_proj only after the cache (kvq.model.mla)."""
+    used = sorted({recipe.key.observer, recipe.value.observer} & {"attention", "loss"})
+    if used:
+        raise UsageError(f"recipe {recipe.name} uses observer {' and '.join(used)}, which scores attention with the "
+                         "cached keys, but an MLA model caches a latent row (the per-head keys are expanded from it "
+                         "by kv_b_proj after the cache)", hint="use observer minmax, percentile or mse for MLA models")

@@ -19,7 +19,7 @@ from kvq.quant.qparams import choose_qparams
 from kvq.recipe.schema import KVRecipe, transforms_json
 from kvq.solving.attention import attention_ranges
 from kvq.solving.observers import observed_range
-from kvq.solving.row_scale import row_scales
+from kvq.solving.row_scale import refuse_row_observers, row_scales
 
 
 def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple]:
@@ -41,6 +41,8 @@ def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple
                          hint="give the model (kvq solve --model, kvq.solve(model=...)), or calibrate with the recipe")
     if not stats.layers:
         raise KvqError("the statistics hold no layers")
+    if is_mla(stats.metadata):
+        refuse_row_observers(recipe)
     calibrated_with = stats.metadata.get("transforms", "[]")
     if calibrated_with != transforms_json(recipe.transforms):
         raise UsageError(
