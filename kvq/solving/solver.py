@@ -36,13 +36,13 @@ def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple
 def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple, tuple]] | None = None) -> KVScales:
     """Scales and zero-points of every layer in ``stats`` under ``recipe``; ``ranges`` (layer -> K and V ranges)
     replaces what the observers choose (the loss observer's choices, kvq.solving.loss)."""
+    if is_mla(stats.metadata):
+        refuse_row_observers(recipe)
     if ranges is None and "loss" in (recipe.key.observer, recipe.value.observer):
         raise UsageError(f"recipe {recipe.name} uses observer loss, which runs the model on calibration windows",
                          hint="give the model (kvq solve --model, kvq.solve(model=...)), or calibrate with the recipe")
     if not stats.layers:
         raise KvqError("the statistics hold no layers")
-    if is_mla(stats.metadata):
-        refuse_row_observers(recipe)
     calibrated_with = stats.metadata.get("transforms", "[]")
     if calibrated_with != transforms_json(recipe.transforms):
         raise UsageError(
