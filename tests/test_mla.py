@@ -24,7 +24,7 @@ from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.export.mla_export import MLA_REFUSED, check_mla_export
-from kvq.model.mla import KV_LAYOUT_KEY, MLA_LAYOUT, LatentDims, latent_dims
+from kvq.model.mla import KV_LAYOUT_KEY, MLA_LAYOUT, LatentDims, config_latent_dims, latent_dims, layout_metadata
 from kvq.recipe.schema import KVRecipe, QuantSpec
 from kvq.solving.solver import solve_scales
 
@@ -50,6 +50,17 @@ def test_latent_dims_are_read_from_the_config_attributes():
         assert dims == LatentDims(32, 8), arch
         assert (dims.k, dims.v, dims.row) == ((1, 32), (1, 8), 40)
     assert latent_dims(tiny_models.CONFIGS["llama"]()) is None
+
+
+def test_a_multimodal_configs_latent_row_is_its_text_models():
+    """Kimi K2.5: a DeepSeek-V3 text model under a vision config. (transformers 5.23 builds it only as an
+    image-text-to-text model, not AutoModelForCausalLM, which kvq loads: it is not calibrated here.)"""
+    import tiny_models
+
+    config = AutoConfig.for_model("kimi_k25", text_config=dict(tiny_models._MLA, model_type="deepseek_v3"))
+    assert config_latent_dims(config) == LatentDims(32, 8)
+    assert layout_metadata(config) == MLA_META
+    assert layout_metadata(tiny_models.CONFIGS["llama"]()) == {}
 
 
 def test_a_half_stated_latent_config_is_refused():
