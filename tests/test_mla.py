@@ -24,7 +24,14 @@ from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.export.mla_export import MLA_REFUSED, check_mla_export
-from kvq.model.mla import KV_LAYOUT_KEY, MLA_LAYOUT, LatentDims, config_latent_dims, latent_dims, layout_metadata
+from kvq.model.mla import (
+    KV_LAYOUT_KEY,
+    MLA_LAYOUT,
+    LatentDims,
+    config_latent_dims,
+    latent_dims,
+    layout_metadata,
+)
 from kvq.recipe.schema import KVRecipe, QuantSpec
 from kvq.solving.solver import solve_scales
 
