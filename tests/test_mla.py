@@ -145,3 +145,133 @@ def test_observers_that_score_attention_are_refused_for_mla(observer):
     with pytest.raises(UsageError, match=f"observer {observer}.*MLA model caches a latent row"):
         solve_scales(mla_stats(), recipe(QuantSpec(format="int8", symmetric=False, granularity="head",
                                                    observer=observer)))
+
+
+# --- end to end, through the CLI ---------------------------------------------------------------------------------
+
+ARCHS = sorted(__import__("tiny_models").MLA_CONFIGS)  # deepseek_v2, deepseek_v3
+RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
+SAMPLES, SEQLEN, LAYERS = 2, 32, 3
+KV_LORA_RANK, ROPE_DIM = 32, 8  # tiny_models._MLA
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model_factory, tmp_path_factory):
+    """``kvq calibrate`` (the CLI) of each MLA model with each recipe, once; (model folder, out folder)."""
+    import kvq.model.model_spec
+    from kvq.cli import main
+
+    if not hasattr(kvq.model.model_spec, "LayerKV"):  # until the per-layer KVShape is merged (K and V shapes apart)
+        pytest.skip("needs the per-layer KVShape (kvq.model.model_spec.LayerKV)")
+
+    done: dict[tuple[str, str], tuple] = {}
+
+    def run(arch: str, recipe_name: str):
+        if (arch, recipe_name) not in done:
+            folder = tiny_model_factory(arch)
+            out = tmp_path_factory.mktemp(f"mla-{arch}-{recipe_name}")
+            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(SAMPLES),
+                         "--seqlen", str(SEQLEN), "--batch-size", "1", "--device", "cpu", "--recipe",
+                         RECIPES[recipe_name], "--out", str(out), "--force"])
+            assert code == 0
+            done[arch, recipe_name] = (folder, out)
+        return done[arch, recipe_name]
+
+    return run
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe_name):
+    """Per layer and channel, the latent (K) and the rotary part (V) exactly as the model's own cache holds them."""
+    import tiny_models
+    from transformers import AutoTokenizer
+
+    from kvq.data import load_documents, select_samples
+
+    folder, out = calibrated(arch, recipe_name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
+                            SAMPLES, SEQLEN, 0)  # the samples `kvq calibrate` picks (seed 0)
+    expected = tiny_models.own_cache_absmax(folder, picked.token_ids)
+    assert sorted(expected) == list(range(LAYERS))
+    stats = KVStats.load(out)
+    assert stats.metadata[KV_LAYOUT_KEY] == MLA_LAYOUT
+    assert sorted(stats.layers) == list(range(LAYERS))
+    for i, (k, v) in expected.items():
+        assert k.shape == (1, KV_LORA_RANK) and v.shape == (1, ROPE_DIM)
+        assert torch.equal(stats.layers[i].k.absmax, k), f"layer {i} latent"
+        assert torch.equal(stats.layers[i].v.absmax, v), f"layer {i} rotary part"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
+    """The names every vLLM attention loads (model.layers.{i}.self_attn.k_scale / v_scale: the cache-scale mapper,
+    quantization/base_config.py:261@0.34.0), both the row's absmax / 448 (concat_and_cache_mla's one scale,
+    v1/attention/backend.py:1088-1110); and the warning that vLLM 0.34.0 does not load them for MLA
+    (compressed_tensors.py:213: MLAAttention, mla_attention.py:434, is no Attention)."""
+    from safetensors.torch import load_file
+
+    from kvq.cli import main
+    from kvq.export import export_artifact
+
+    folder, out = calibrated(arch, "fp8")
+    result = export_artifact(out, "vllm", out=tmp_path / "x", model=str(folder))
+    written = load_file(tmp_path / "x" / "kvq-kv-scales.safetensors")
+    assert set(written) == {f"model.layers.{i}.self_attn.{w}_scale" for i in range(LAYERS) for w in "kv"}
+    stats = KVStats.load(out)
+    for i in range(LAYERS):
+        row_absmax = max(float(stats.layers[i].k.absmax.max()), float(stats.layers[i].v.absmax.max()))
+        k, v = written[f"model.layers.{i}.self_attn.k_scale"], written[f"model.layers.{i}.self_attn.v_scale"]
+        assert k.shape == (1,) and torch.equal(k, v)
+        assert k.item() == pytest.approx(row_absmax / 448, rel=1e-6)
+    assert [w for w in result.warnings if w.startswith(f"vLLM 0.34.0 ignores KV scales for model type {arch}")]
+    assert [n for n in result.notes if n.startswith("MLA: one scale per layer")]
+    config = __import__("json").loads((tmp_path / "x" / "config.json").read_text())
+    assert config["quantization_config"]["kv_cache_scheme"]["strategy"] == "tensor"
+    for path in (out, tmp_path / "x"):
+        assert main(["inspect", str(path)]) == 0
+
+
+@pytest.mark.timeout(600)
+def test_exports_the_engine_cannot_apply_are_refused(calibrated, tmp_path, capsys):
+    from kvq.cli import main
+
+    folder, int8 = calibrated("deepseek_v3", "int8")
+    code = main(["export-scales", str(int8), "--format", "vllm", "--model", str(folder), "--out", str(tmp_path / "a")])
+    assert code == 2 and not (tmp_path / "a").exists()
+    assert "no integer or fp4 MLA cache" in capsys.readouterr().err
+    _, fp8 = calibrated("deepseek_v3", "fp8")
+    code = main(["export-scales", str(fp8), "--format", "modelopt", "--model", str(folder), "--out", str(tmp_path / "b")])
+    assert code == 2 and "for an MLA (latent) KV cache" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("arch", ["deepseek_v3"])
+def test_eval_validate_plan_and_report(calibrated, arch, tmp_path):
+    """eval counts the real cache: layers x (kv_lora_rank + qk_rope_head_dim) x bytes per token, by hand."""
+    import json
+
+    from kvq.cli import main
+
+    folder, fp8 = calibrated(arch, "fp8")
+    _, int8 = calibrated(arch, "int8")
+    report = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
+                 "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(report.read_text())["rows"]}
+    elements = LAYERS * (KV_LORA_RANK + ROPE_DIM)  # 3 x (32 + 8) = 120 per token
+    assert rows["baseline (float32)"]["kv_bytes_per_token"] == elements * 4
+    assert rows["fp8-e4m3-per-tensor"]["kv_bytes_per_token"] == elements
+    assert rows["int8-asym-per-head"]["kv_bytes_per_token"] == elements
+    assert main(["validate", str(fp8), "--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen",
+                 "32", "--device", "cpu"]) == 0
+    assert main(["plan", str(fp8), "--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32",
+                 "--device", "cpu", "--skip", "1"]) == 0
+    plan = json.loads((fp8 / "plan.json").read_text())
+    assert plan  # the plan's bytes: 1 layer float32 (40 x 4) + 2 layers fp8 (2 x 40) = 240
+    assert main(["report", str(fp8), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "channels.png").is_file()

@@ -37,6 +37,7 @@ import torch
 
 from kvq.artifacts.scales import KVScales
 from kvq.errors import UsageError
+from kvq.export.request import ExportPlan
 from kvq.model.mla import is_mla
 
 MLA_FORMAT = "vllm"  # the one format kvq writes for an MLA cache
@@ -96,3 +97,24 @@ def check_mla_export(scales: KVScales, export_format: str) -> list[str]:
                          hint="solve the statistics again with this kvq (it gives an MLA layer one scale)")
     return ["MLA: one scale per layer for the cached row [latent | rotary key], written as both self_attn.k_scale "
             "and self_attn.v_scale (vLLM uses _k_scale only: v1/attention/backend.py:1088-1110, triton_mla.py:372-373)"]
+
+
+# How to serve the vllm export of an MLA model, and what happens there (the loader rows of kvq's engine matrix).
+SERVE_MLA = [
+    "vllm serve {out} --kv-cache-dtype fp8   (MLA backends FLASHMLA, CUTLASS_MLA, FLASHINFER_MLA, TRITON_MLA: one "
+    "scale per layer for the row; vLLM 0.34.0's loader drops it, so the cache runs at scale 1.0 there)",
+]
+WARN_MLA_QUERY = (
+    "vLLM's MLA backends but TRITON_MLA cast the absorbed decode query to fp8 with q_scale 1.0 whenever the cache is "
+    "fp8 (mla_attention.py:1373-1377, supports_quant_query_input mla_attention.py:3587, triton_mla.py:253): "
+    "kvq eval does not model that cast"
+)
+
+
+def mla_serving(plan: ExportPlan, scales: KVScales) -> ExportPlan:
+    """The vllm export's plan for an MLA model: its own serve line and warnings (those of the per-head KV layouts
+    the plain attention backends read do not apply). The plan as it is for any other model."""
+    if is_mla(scales.metadata):
+        plan.serve = list(SERVE_MLA)
+        plan.warnings = [WARN_MLA_QUERY]
+    return plan
