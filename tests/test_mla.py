@@ -233,6 +233,9 @@ def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
     assert config["quantization_config"]["kv_cache_scheme"]["strategy"] == "tensor"
     for path in (out, tmp_path / "x"):
         assert main(["inspect", str(path)]) == 0
+    from kvq.inspection import inspect_path
+
+    assert [n for n in inspect_path(out).found.notes if n.startswith("an MLA latent cache")]
 
 
 @pytest.mark.timeout(600)
