@@ -14,7 +14,7 @@ import json
 import re
 import struct
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from safetensors.torch import save
 from kvq.errors import KvqError, UsageError
 from kvq.io.atomic import remove_stale_temporaries, write_folder
 from kvq.io.out_policy import check_folder_out
-from kvq.model.model_spec import parse_layers
+from kvq.model.model_spec import KVShape, LayerKV, parse_layer_shapes, parse_layers
 
 STATS_FILE = "stats.safetensors"
 SCALES_FILE = "scales.safetensors"
@@ -191,23 +191,66 @@ MAX_COUNT = 1 << 16  # layers, KV heads, head_dim: no model comes near; a file s
 class StatedShape:
     """The KV-cache shape an artifact's metadata states (each None where it records none): the one reader of
     these str -> str metadata. :meth:`parse` refuses anything but a count in 1..MAX_COUNT, so no number
-    written in a file makes kvq allocate or loop beyond that; :meth:`check` holds them against the tensors."""
+    written in a file makes kvq allocate or loop beyond that; :meth:`check` holds them against the tensors.
+
+    ``layers``: each cached layer's K and V (heads, dim), when the metadata states them per layer (``kv_shapes``,
+    written for models whose layers differ: :meth:`kvq.model.model_spec.KVShape.to_metadata`)."""
 
     num_layers: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
+    cached_layers: tuple[int, ...] | None = None
+    layers: dict[int, LayerKV] | None = None
 
     @classmethod
     def parse(cls, meta: Mapping[str, str], where: str) -> StatedShape:
-        return cls(**{f.name: _count(meta.get(f.name), f.name, where) for f in fields(cls)})
+        counts = {key: _count(meta.get(key), key, where) for key in ("num_layers", "num_kv_heads", "head_dim")}
+        n = counts["num_layers"]
+        cached = meta.get("cached_layers")
+        cached_layers = parse_layers(cached, n, where) if cached is not None and n is not None else None
+        shapes = meta.get("kv_shapes")
+        if shapes is None:
+            return cls(**counts, cached_layers=cached_layers)
+        if n is None:
+            raise UsageError(f"{where}: metadata kv_shapes without num_layers", hint="pass the file as kvq wrote it")
+        kv = tuple(range(n)) if cached_layers is None else cached_layers
+        layers = parse_layer_shapes(shapes, kv, MAX_COUNT, where)
+        first = layers[kv[0]].k if kv else None
+        if first is not None and (counts["num_kv_heads"], counts["head_dim"]) not in ((None, None), first):
+            raise UsageError(f"{where}: metadata num_kv_heads={counts['num_kv_heads']} / head_dim={counts['head_dim']}"
+                             f" are not the first cached layer's K shape {first} that kv_shapes states",
+                             hint="pass the file as kvq wrote it")
+        return cls(**counts, cached_layers=cached_layers, layers=layers)
 
-    def check(self, shape: tuple[int, ...], tensor: str, where: str) -> None:
-        """A tensor of (kv_heads[, head_dim]) ``shape`` against the stated num_kv_heads and head_dim."""
-        for key, stated, held in zip(("num_kv_heads", "head_dim"), (self.num_kv_heads, self.head_dim), shape,
-                                     strict=False):
-            if stated is not None and stated != held:
-                raise UsageError(f"{where}: metadata {key}={stated}, but {tensor} is {tuple(shape)} "
-                                 "(kv_heads, head_dim)", hint="pass the file as kvq wrote it")
+    def of(self, layer: int) -> LayerKV | None:
+        """Layer ``layer``'s K and V (heads, dim) as stated: per layer, else the one num_kv_heads x head_dim
+        (None where either is not stated)."""
+        if self.layers is not None:
+            return self.layers.get(layer)
+        if self.num_kv_heads is None or self.head_dim is None:
+            return None
+        return LayerKV((self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim))
+
+    def kv_shape(self) -> KVShape | None:
+        """The stated shape as a :class:`KVShape` (None when num_layers, num_kv_heads or head_dim is not stated)."""
+        if self.num_layers is None or self.num_kv_heads is None or self.head_dim is None:
+            return None
+        if self.layers is None:
+            return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, self.cached_layers)
+        return KVShape.from_layers(self.num_layers, self.layers, self.cached_layers)
+
+    def check(self, layer: int, which: str, shape: tuple[int, ...], tensor: str, where: str) -> None:
+        """A tensor of (heads[, dim]) ``shape`` holding layer ``layer``'s ``which`` ("k" / "v") against the stated
+        shape of that layer (per layer, else num_kv_heads and head_dim)."""
+        stated = self.of(layer)
+        want = stated.of(which) if stated is not None else (self.num_kv_heads, self.head_dim)
+        keys = ("heads", "dim") if self.layers is not None else ("num_kv_heads", "head_dim")
+        for key, value, held in zip(keys, want, shape, strict=False):
+            if value is not None and value != held:
+                said = f"kv_shapes gives layer {layer} {which.upper()} {key} {value}" if self.layers is not None \
+                    else f"{key}={value}"
+                raise UsageError(f"{where}: metadata {said}, but {tensor} is {tuple(shape)} "
+                                 "(heads, dim)", hint="pass the file as kvq wrote it")
 
 
 def _count(raw: str | None, key: str, where: str) -> int | None:

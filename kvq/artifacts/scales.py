@@ -2,7 +2,8 @@
 
 Tensors, for every layer i: ``layers.{i}.k_scale``, ``layers.{i}.v_scale`` (float32) and, for
 asymmetric specs, ``layers.{i}.k_zero_point``, ``layers.{i}.v_zero_point`` (int32). Shape ()
-per tensor, (num_kv_heads,) per head, (num_kv_heads, head_dim) per channel. With a recipe's ``query:``
+per tensor, (num_kv_heads,) per head, (num_kv_heads, head_dim) per channel (each layer's own K or V
+(heads, dim) where the layers differ: the metadata's ``kv_shapes``). With a recipe's ``query:``
 section, ``layers.{i}.q_scale`` (float32, () or (num_heads,): per attention head). Convention:
 ``x ~= (q - zero_point) * scale`` (see :mod:`kvq.quant.qparams`).
 
@@ -156,15 +157,16 @@ class KVScales:
                 v_zero_point=p.get("v_zero_point"),
                 q_scale=p["q_scale"].to(torch.float32) if "q_scale" in p else None,
             )
-        heads = {tuple(t.shape[:1]) for layer in layers.values() for t in (layer.k_scale, layer.v_scale) if t.dim()}
-        if len(heads) > 1:
-            raise UsageError(f"{where}: the layers' scales disagree on the number of KV heads ({sorted(heads)})",
-                             hint=_HINT)
         stated = StatedShape.parse(meta, where)
+        if stated.layers is None:  # one shape for all layers: their scales agree on the number of KV heads
+            heads = {tuple(t.shape[:1]) for layer in layers.values() for t in (layer.k_scale, layer.v_scale) if t.dim()}
+            if len(heads) > 1:
+                raise UsageError(f"{where}: the layers' scales disagree on the number of KV heads ({sorted(heads)})",
+                                 hint=_HINT)
         for i, layer in sorted(layers.items()):
             for which in ("k", "v"):
                 if layer.scale(which).dim():
-                    stated.check(tuple(layer.scale(which).shape), f"layers.{i}.{which}_scale", where)
+                    stated.check(i, which, tuple(layer.scale(which).shape), f"layers.{i}.{which}_scale", where)
         return cls(recipe=recipe, layers=layers, metadata=meta)
 
 

@@ -225,22 +225,28 @@ class KVStats:
                 raise UsageError(f"{where}: metadata tokens={raw[:40]!r} is not a token count", hint=_HINT)
             tokens = dict.fromkeys(parts, int(raw))
         stats = cls(metadata=meta)
+        stated = StatedShape.parse(meta, where)
         first = min(parts)
-        shape = tuple(parts[first]["k.min"].shape)
-        StatedShape.parse(meta, where).check(shape, f"layers.{first}.k.min", where)
+        if stated.layers is not None:  # per layer, K and V each: the shapes the metadata states (checked below)
+            shapes = {i: (stated.layers[i].k, stated.layers[i].v) for i in parts}
+        else:  # one shape for every layer's K and V: the first layer's, checked against the metadata
+            held = tuple(parts[first]["k.min"].shape)
+            stated.check(first, "k", held, f"layers.{first}.k.min", where)
+            shapes = dict.fromkeys(parts, (held, held))
         if "reservoir" in meta:
             stats.reservoir = Reservoir.from_file(meta.pop("reservoir"), parts, where)
-            for which in ("k", "v"):
-                bad = [i for i, t in stats.reservoir.rows[which].items() if (t.shape[1], t.shape[3]) != shape]
+            for j, which in enumerate("kv"):
+                bad = [i for i, t in stats.reservoir.rows[which].items() if (t.shape[1], t.shape[3]) != shapes[i][j]]
                 if bad:
-                    raise UsageError(f"{where}: layers.{bad[0]}.{which}.rows are not rows of {shape} (kv_heads, "
-                                     "head_dim)", hint=_HINT)
+                    raise UsageError(f"{where}: layers.{bad[0]}.{which}.rows are not rows of {shapes[bad[0]][j]} "
+                                     "(kv_heads, head_dim)", hint=_HINT)
         elif any(part.endswith(".rows") for p in parts.values() for part in p):
             raise UsageError(f"{where} holds Q/K/V rows but no reservoir metadata", hint=_HINT)
         for i in sorted(parts):
             p = parts[i]
             for part in _PARTS:
                 tensor = p[part]
+                shape = shapes[i][0 if part.startswith("k") else 1]
                 if not tensor.dtype.is_floating_point or tensor.dim() != 2 or tuple(tensor.shape) != shape:
                     raise UsageError(f"{where}: layers.{i}.{part} is {str(tensor.dtype).removeprefix('torch.')} "
                                      f"{tuple(tensor.shape)}; every statistic must be a float tensor of shape "
@@ -249,9 +255,11 @@ class KVStats:
             kind = _check_hist_meta(meta, p, f"{where}: layer {i}")
             layer = LayerStats(
                 k=TensorStats(p["k.min"].to(torch.float32), p["k.max"].to(torch.float32),
-                              _checked_hist(p.get("k.hist"), kind, shape, layer_tokens, f"{where}: layers.{i}.k.hist")),
+                              _checked_hist(p.get("k.hist"), kind, shapes[i][0], layer_tokens,
+                                            f"{where}: layers.{i}.k.hist")),
                 v=TensorStats(p["v.min"].to(torch.float32), p["v.max"].to(torch.float32),
-                              _checked_hist(p.get("v.hist"), kind, shape, layer_tokens, f"{where}: layers.{i}.v.hist")),
+                              _checked_hist(p.get("v.hist"), kind, shapes[i][1], layer_tokens,
+                                            f"{where}: layers.{i}.v.hist")),
                 tokens=layer_tokens,
             )
             layer.q = _query_ranges(p, f"{where}: layer {i}")

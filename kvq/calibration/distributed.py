@@ -11,6 +11,8 @@ gloo serves the CPU, NCCL the GPUs; multi-node runs come from torchrun's rendezv
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +21,7 @@ import torch
 
 from kvq.artifacts.stats import KVStats
 from kvq.errors import KvqError, UsageError
+from kvq.model.model_spec import KVShape
 from kvq.quant.histogram import NUM_BINS
 
 
@@ -94,25 +97,33 @@ def agree(w: World, failure: BaseException | None) -> None:
         raise KvqError(f"rank {int(failed)} of {w.size} failed (its message is above); no artifact is written")
 
 
-def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: World,
-                 histograms: str | None = None) -> KVStats:
+def reduce_stats(stats: KVStats, shape: KVShape, w: World, histograms: str | None = None) -> KVStats:
     """The statistics of every rank's samples, on every rank (layers a rank did not observe count as empty);
-    histograms ("head" / "channel", as every rank recorded them) are summed."""
+    histograms ("head" / "channel", as every rank recorded them) are summed. Each layer's K and V at its own
+    (heads, dim) (``shape.of(i)``), packed into one flat buffer per reduction."""
     if w.size == 1:
         return stats
     import torch.distributed as dist
 
-    heads, dim = shape
-    mins = torch.full((num_layers, 2, heads, dim), float("inf"), dtype=torch.float32)  # (layer, K|V, head, dim)
-    maxs = torch.full((num_layers, 2, heads, dim), float("-inf"), dtype=torch.float32)
-    tokens = torch.zeros(num_layers, dtype=torch.int64)
-    hist_shape = {None: None, "head": (heads, NUM_BINS), "channel": (heads, dim, NUM_BINS)}[histograms]
-    counts = None if hist_shape is None else torch.zeros((num_layers, 2, *hist_shape), dtype=torch.int64)
-    for i, layer in stats.layers.items():
-        for j, ts in enumerate((layer.k, layer.v)):
-            mins[i, j], maxs[i, j] = ts.min.cpu(), ts.max.cpu()
-            if counts is not None:
-                counts[i, j] = ts.hist
+    parts = [(i, j, shape.of(i).of(which)) for i in range(shape.num_layers) for j, which in enumerate("kv")]
+    hist_of = {None: lambda h, d: None, "head": lambda h, d: (h, NUM_BINS), "channel": lambda h, d: (h, d, NUM_BINS)}
+    sizes = [h * d for _, _, (h, d) in parts]
+    hist_shapes = [hist_of[histograms](h, d) for _, _, (h, d) in parts]
+    hist_sizes = [0 if hs is None else math.prod(hs) for hs in hist_shapes]
+    starts, hist_starts = _offsets(sizes), _offsets(hist_sizes)
+    mins = torch.full((sum(sizes),), float("inf"), dtype=torch.float32)
+    maxs = torch.full((sum(sizes),), float("-inf"), dtype=torch.float32)
+    tokens = torch.zeros(shape.num_layers, dtype=torch.int64)
+    counts = None if histograms is None else torch.zeros(sum(hist_sizes), dtype=torch.int64)
+    for n, (i, j, _) in enumerate(parts):
+        layer = stats.layers.get(i)
+        if layer is None:
+            continue
+        ts = (layer.k, layer.v)[j]
+        mins[starts[n]:starts[n] + sizes[n]] = ts.min.cpu().reshape(-1)
+        maxs[starts[n]:starts[n] + sizes[n]] = ts.max.cpu().reshape(-1)
+        if counts is not None:
+            counts[hist_starts[n]:hist_starts[n] + hist_sizes[n]] = ts.hist.reshape(-1)
         tokens[i] = layer.tokens
     if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
         device = torch.device("cuda", torch.cuda.current_device())
@@ -124,10 +135,21 @@ def reduce_stats(stats: KVStats, num_layers: int, shape: tuple[int, int], w: Wor
     if counts is not None:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         counts = counts.cpu()
+    mins, maxs, tokens = mins.cpu(), maxs.cpu(), tokens.cpu()
+
+    def piece(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        (h, d), at = parts[n][2], starts[n]
+        hist = None if counts is None else counts[hist_starts[n]:hist_starts[n] + hist_sizes[n]].reshape(hist_shapes[n])
+        return mins[at:at + sizes[n]].reshape(h, d), maxs[at:at + sizes[n]].reshape(h, d), hist
+
     out = KVStats(metadata=dict(stats.metadata))
-    for i in range(num_layers):
+    for i in range(shape.num_layers):
         if int(tokens[i]) > 0:
-            k_hist, v_hist = (None, None) if counts is None else (counts[i, 0], counts[i, 1])
-            out.observe(i, mins[i, 0].cpu(), maxs[i, 0].cpu(), mins[i, 1].cpu(), maxs[i, 1].cpu(), int(tokens[i]),
-                        k_hist, v_hist)
+            (k_min, k_max, k_hist), (v_min, v_max, v_hist) = piece(2 * i), piece(2 * i + 1)
+            out.observe(i, k_min, k_max, v_min, v_max, int(tokens[i]), k_hist, v_hist)
     return out
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each of ``sizes`` starts in their concatenation."""
+    return [0, *itertools.accumulate(sizes)][:len(sizes)]

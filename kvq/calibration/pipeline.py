@@ -33,7 +33,7 @@ from kvq.errors import KvqError, UsageError
 from kvq.io.out_policy import check_reads
 from kvq.model.loading import check_seqlen, check_spec, load_spec, parse_max_memory
 from kvq.model.mla import config_latent_dims, layout_metadata
-from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec, layers_text
+from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.loss import DEFAULT_LOSS_WINDOWS, solve_by_loss, uses_loss
@@ -160,23 +160,21 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
         failure = exc
     agree(w, failure)
     info = loaded.info
-    stats = reduce_stats(stats, info.num_layers, (info.num_kv_heads, info.head_dim), w,
-                         histogram_level(recipe, cfg.histograms))
+    stats = reduce_stats(stats, info.shape, w, histogram_level(recipe, cfg.histograms))
     stats.check_complete(info.kv_layers)
     for i, layer in stats.layers.items():
-        if tuple(layer.k.min.shape) != (info.num_kv_heads, info.head_dim):
-            raise KvqError(
-                f"layer {i}: captured keys have (kv_heads, head_dim) {tuple(layer.k.min.shape)}, "
-                f"the config says {(info.num_kv_heads, info.head_dim)}"
-            )
+        want = info.shape.of(i)
+        for which, ts in (("k", layer.k), ("v", layer.v)):
+            if tuple(ts.min.shape) != want.of(which):
+                raise KvqError(
+                    f"layer {i}: captured {'keys' if which == 'k' else 'values'} have (heads, dim) "
+                    f"{tuple(ts.min.shape)}, the config says {want.of(which)}"
+                )
     stats.metadata = {
         "model": info.model_id,
         "config_hash": info.config_hash,
         "model_type": info.model_type,
-        "num_layers": str(info.num_layers),
-        "num_kv_heads": str(info.num_kv_heads),
-        "head_dim": str(info.head_dim),
-        "cached_layers": layers_text(info.kv_layers),
+        **info.shape.to_metadata(),
         **layout_metadata(loaded.model.config),
         "dataset": dataset.name,
         "dataset_origin": dataset.origin,

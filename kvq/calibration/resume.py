@@ -125,14 +125,16 @@ def _check_consistent(stats: KVStats, raw: dict[str, torch.Tensor], done: int, c
     """Every layer of the model, of its (kv_heads, head_dim) shape, having seen the tokens of the first ``done``
     samples; the histograms, query ranges and reservoir this run records, no others."""
     shape = check.shape
-    if sorted(stats.layers) != list(range(shape.num_layers)):
-        raise UsageError(f"{where} hold {stats.num_layers} layers; the model has {shape.num_layers}", hint=_HINT)
-    want = (shape.num_kv_heads, shape.head_dim)
+    if sorted(stats.layers) != list(shape.kv_layers):
+        raise UsageError(f"{where} hold {stats.num_layers} layers; the model has {len(shape.kv_layers)} with a KV "
+                         "cache", hint=_HINT)
     tokens = sum(len(sample) for sample in check.samples[:done])
     for i, layer in sorted(stats.layers.items()):
-        if tuple(layer.k.min.shape) != want:
-            raise UsageError(f"{where}: layers.{i}.k.min is {tuple(layer.k.min.shape)}; the model's (kv_heads, "
-                             f"head_dim) is {want}", hint=_HINT)
+        for which, ts in (("k", layer.k), ("v", layer.v)):
+            want = shape.of(i).of(which)
+            if tuple(ts.min.shape) != want:
+                raise UsageError(f"{where}: layers.{i}.{which}.min is {tuple(ts.min.shape)}; the model's (kv_heads, "
+                                 f"head_dim) there is {want}", hint=_HINT)
         if layer.tokens != tokens:
             raise UsageError(f"{where}: metadata layer_tokens gives layer {i} {layer.tokens} tokens, but the first "
                              f"{done} samples ({_PREFIX}done) hold {tokens}", hint=_HINT)
@@ -143,9 +145,9 @@ def _check_consistent(stats: KVStats, raw: dict[str, torch.Tensor], done: int, c
         if (layer.q is not None) != check.queries:
             raise UsageError(f"{where}: layer {i} " + ("lacks the query ranges this run records" if check.queries
                              else "holds query ranges this run does not record"), hint=_HINT)
-        if layer.q is not None and layer.q.min.shape[1] != shape.head_dim:
+        if layer.q is not None and layer.q.min.shape[1] != shape.of(i).k[1]:
             raise UsageError(f"{where}: layers.{i}.q.min is {tuple(layer.q.min.shape)}; the model's head_dim is "
-                             f"{shape.head_dim}", hint=_HINT)
+                             f"{shape.of(i).k[1]}", hint=_HINT)
     if stats.histograms != check.histograms:
         raise UsageError(f"{where} hold {stats.histograms or 'no'} histograms; this run records "
                          f"{check.histograms or 'none'}", hint=_HINT)
@@ -169,7 +171,10 @@ def _check_reservoir(found: Reservoir | None, check: ResumeCheck, done: int, whe
     if found.seen != seen:
         raise UsageError(f"{where}: metadata reservoir seen={found.seen}, but the first {done} samples "
                          f"({_PREFIX}done) offer {seen}", hint=_HINT)
-    heads = {t.shape[1:] for t in found.rows["k"].values()} | {t.shape[1:] for t in found.rows["v"].values()}
-    if heads - {(check.shape.num_kv_heads, fresh.tokens, check.shape.head_dim)}:
+    def fits(i: int, which: str, rows: torch.Tensor) -> bool:
+        heads, dim = check.shape.of(i).of(which)
+        return tuple(rows.shape[1:]) == (heads, fresh.tokens, dim)
+
+    if not all(fits(i, which, t) for which in ("k", "v") for i, t in found.rows[which].items()):
         raise UsageError(f"{where}: the reservoir's K/V rows are not of the model's (kv_heads, tokens, head_dim)",
                          hint=_HINT)

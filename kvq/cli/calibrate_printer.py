@@ -39,10 +39,14 @@ def print_summary(result: CalibrationResult, console: Console | None = None) -> 
     info = result.info
     table = summary_table("kvq calibration")
     table.add_row("model", f"{info.model_id} ({info.model_type}, config {info.config_hash})")
-    table.add_row("layers x kv heads x head_dim", f"{info.num_layers} x {info.num_kv_heads} x {info.head_dim}")
+    if info.shape.uniform:
+        table.add_row("layers x kv heads x head_dim", f"{info.num_layers} x {info.num_kv_heads} x {info.head_dim}")
+    else:
+        table.add_row("KV cache shape", info.shape.text())
     if not info.shape.all_layers_cached:
         table.add_row("layers with a KV cache", f"{len(info.kv_layers)} of {info.num_layers}: "
-                      + ", ".join(map(str, info.kv_layers)) + " (the others keep a recurrent state: not calibrated)")
+                      + ", ".join(map(str, info.kv_layers))
+                      + " (the others keep a recurrent state or read another layer's cache: not calibrated)")
     meta = result.stats.metadata
     table.add_row("data", f"{meta.get('dataset')} ({meta.get('dataset_origin')}), "
                   f"{result.samples} samples from {meta.get('documents_used')} documents, seqlen {meta.get('seqlen')}")

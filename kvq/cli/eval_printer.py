@@ -29,8 +29,7 @@ def print_validation(result: ValidationResult, top: int = 20, console: Console |
     info = result.info
     summary = summary_table("kvq validate")
     summary.add_row("scales", f"{result.scales_path} ({_recipe_line(result)})")
-    summary.add_row("model", f"{info.model_id} ({info.num_layers} layers x {info.num_kv_heads} KV heads x "
-                    f"head_dim {info.head_dim})")
+    summary.add_row("model", f"{info.model_id} ({info.shape.text()})")
     summary.add_row("data", f"{result.dataset.name} ({result.dataset.origin}), {result.samples} samples, "
                     f"{result.tokens:,} tokens ({result.seconds:.1f} s)")
     for which in ("k", "v"):

@@ -47,6 +47,9 @@ def _header(result: Inspection, console: Console) -> None:
     dims = [f"{s.num_layers if s.num_layers is not None else '?'} layers",
             f"{s.num_kv_heads if s.num_kv_heads is not None else '?'} KV heads",
             f"head_dim {s.head_dim if s.head_dim is not None else '?'}"]
+    if s.layers is not None:  # layers of different K/V shapes
+        dims[1:] = ["K/V heads x dim per layer " + ", ".join(f"{i}: {kv.text()}" for i, kv in list(s.layers.items())[:8])
+                    + (" ..." if len(s.layers) > 8 else "")]
     console.print(f"  model: {', '.join(dims)} ({escape(s.source)})" + (f", {f.ranks} TP rank(s)" if f.ranks else ""))
     shapes: dict[tuple[str, str, str], set] = defaultdict(set)
     for e in f.entries:

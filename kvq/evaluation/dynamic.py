@@ -73,7 +73,7 @@ class DynamicQuantizer:
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
         codes = shape.elements_per_token * FORMATS[self.recipe.format].bits / 8
         params_per_token_head = 1 if self.recipe.symmetric else 2  # scale (and zero)
-        token_heads = 2 * len(shape.kv_layers) * shape.num_kv_heads  # K and V of every cached layer
+        token_heads = shape.heads_per_token  # K and V of every cached layer
         return codes + token_heads * params_per_token_head * PARAM_BYTES
 
 
@@ -111,8 +111,8 @@ class UnitScaleQuantizer:
         return fake_quantize(q, self._one, None, self.recipe.key.format)
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
-        per_tensor = shape.elements_per_token // 2
-        return per_tensor * (FORMATS[self.recipe.key.format].bits + FORMATS[self.recipe.value.format].bits) / 8
+        return (shape.elements_of("k") * FORMATS[self.recipe.key.format].bits
+                + shape.elements_of("v") * FORMATS[self.recipe.value.format].bits) / 8
 
 
 def unit_scale_name(key_format: str, value_format: str, query: bool = False) -> str:

@@ -13,7 +13,7 @@ from kvq.model.model_spec import ModelInfo
 def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[str]:
     """Refuse scales made for another shape of model; return warnings (a different config hash).
 
-    The shape (layers, KV heads, head_dim) must match: scales of another shape cannot be applied. A
+    The shape (layers, KV heads, head_dim; each layer's K and V where they differ) must match: scales of another shape cannot be applied. A
     different config hash with the same shape is a warning, not an error: scales carried over to a
     fine-tune of the calibrated model are applied as an engine would apply them, and measuring how
     well they carry over is a legitimate question.
@@ -21,10 +21,14 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
     meta = scales.metadata
     calibrated_for = meta.get("model", "an unnamed model")
     stated = StatedShape.parse(meta, f"scales {source}")
-    compared = {"layers": (stated.num_layers, info.num_layers), "KV heads": (stated.num_kv_heads, info.num_kv_heads),
-                "head_dim": (stated.head_dim, info.head_dim)}
+    compared = {"layers": (stated.num_layers, info.num_layers)}
+    if stated.layers is None:  # one (KV heads, head_dim) stated for all layers
+        compared |= {"KV heads": (stated.num_kv_heads, info.num_kv_heads), "head_dim": (stated.head_dim, info.head_dim)}
     wrong = [f"{label} {ours} vs {theirs}" for label, (ours, theirs) in compared.items()
              if ours is not None and ours != theirs]
+    if stated.layers is not None or not info.shape.uniform:  # per layer: each cached layer's K and V
+        wrong += [f"layer {i} K/V {stated.of(i).text() if stated.of(i) else 'not stated'} vs {info.shape.of(i).text()}"
+                  for i in info.kv_layers if stated.of(i) is not None and stated.of(i) != info.shape.of(i)][:4]
     if wrong:
         raise UsageError(
             f"scales {source} were calibrated for {calibrated_for}, which does not fit model {info.model_id}: "
@@ -39,14 +43,14 @@ def check_scales_match(scales: KVScales, info: ModelInfo, source: str) -> list[s
             f"scales {source} hold layers {listed(layers)} ({len(layers)} layers), model {info.model_id} has {want}",
             hint="calibrate this model to get scales for every layer with a KV cache",
         )
-    fits = {(), (info.num_kv_heads,), (info.num_kv_heads, info.head_dim)}
     for i in layers:
         for which in ("k", "v"):
+            heads, dim = info.shape.of(i).of(which)
             shape = tuple(scales.layers[i].scale(which).shape)
-            if shape not in fits:
+            if shape not in {(), (heads,), (heads, dim)}:
                 raise UsageError(
                     f"scales {source}: layer {i} {which}_scale has shape {shape}, which fits none of "
-                    f"() / ({info.num_kv_heads},) / ({info.num_kv_heads}, {info.head_dim}) for model {info.model_id}",
+                    f"() / ({heads},) / ({heads}, {dim}) for model {info.model_id}",
                     hint="calibrate this model to get scales of its shape",
                 )
     warnings = []

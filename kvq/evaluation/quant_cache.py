@@ -134,8 +134,8 @@ class StaticQuantizer:
         return fake_quantize(q, layer.q_scale, None, self.recipe.query.format)
 
     def kv_bytes_per_token(self, shape: KVShape, model_dtype: torch.dtype) -> float:
-        per_tensor = shape.elements_per_token // 2
-        return per_tensor * (FORMATS[self.recipe.key.format].bits + FORMATS[self.recipe.value.format].bits) / 8
+        return (shape.elements_of("k") * FORMATS[self.recipe.key.format].bits
+                + shape.elements_of("v") * FORMATS[self.recipe.value.format].bits) / 8
 
 
 class PartialQuantizer:

@@ -15,6 +15,7 @@ from kvq.evaluation.perplexity import EvalResult, Measured
 from kvq.evaluation.quant_cache import PartialQuantizer
 from kvq.evaluation.round_trip import HeadError, ValidationResult
 from kvq.io.atomic import write_file
+from kvq.model.model_spec import KVShape
 
 PERPLEXITY_METHOD = (
     "documents in file order joined by EOS into one token stream, cut into consecutive non-overlapping "
@@ -67,7 +68,8 @@ def validation_json(result: ValidationResult) -> dict:
         "scales": str(result.scales_path),
         "recipe": result.scales.recipe.to_json(),
         "model": {"id": info.model_id, "config_hash": info.config_hash, "num_layers": info.num_layers,
-                  "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "cached_layers": list(info.kv_layers)},
+                  "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "cached_layers": list(info.kv_layers),
+                  **layer_shapes(info.shape)},
         "calibration": {k: meta[k] for k in ("model", "config_hash", "dataset", "dataset_origin", "samples",
                                              "seqlen", "seed", "tokens") if k in meta},
         "data": {"dataset": result.dataset.name, "origin": result.dataset.origin,
@@ -142,7 +144,7 @@ def eval_json(result: EvalResult) -> dict:
         "report": "eval",
         "model": {"id": info.model_id, "config_hash": info.config_hash, "dtype": str(result.model_dtype).removeprefix("torch."),
                   "num_layers": info.num_layers, "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim,
-                  "cached_layers": list(info.kv_layers)},
+                  "cached_layers": list(info.kv_layers), **layer_shapes(info.shape)},
         "data": {"dataset": result.dataset.name, "origin": result.dataset.origin, "files": list(result.dataset.files),
                  "windows": w.num_windows, "seqlen": w.seqlen, "predicted_tokens": w.predicted_tokens,
                  "documents_used": w.documents_used},
@@ -166,3 +168,11 @@ def _query_text(q) -> str | None:
     if not q.quantizes_queries or recipe is None or recipe.query is None:
         return None
     return f"{recipe.query.format} per {recipe.query.granularity}"
+
+
+def layer_shapes(shape: KVShape) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """``{"kv_shapes": {"i": {"k": [heads, dim], "v": [heads, dim]}}}`` per cached layer when the layers' shapes
+    differ; {} for a uniform shape (num_kv_heads x head_dim says it)."""
+    if shape.uniform:
+        return {}
+    return {"kv_shapes": {str(i): {w: list(shape.of(i).of(w)) for w in ("k", "v")} for i in shape.kv_layers}}

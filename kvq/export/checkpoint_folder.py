@@ -244,13 +244,13 @@ class CheckpointScales:
 def checkpoint_scales(
     req: ExportRequest,
     export_format: str,
-    groups: list[list[int]],
+    groups: Callable[[int], list[list[int]]],
     target: str,
     place: Callable[[str, Which, torch.Tensor], tuple[str, torch.Tensor]],
     fused_qkv: bool = False,
 ) -> CheckpointScales:
-    """Every KV-cache layer's K and V scale, one per group of KV heads, as ``place(module, which, scales)`` names
-    and shapes it (``scales``: shape (len(groups),)); refuses a model that already has KV scales. ``fused_qkv``:
+    """Every KV-cache layer's K and V scale, one per group of KV heads (``groups(heads)`` of the layer's K or V
+    heads), as ``place(module, which, scales)`` names and shapes it (``scales``: shape (number of groups,)); refuses a model that already has KV scales. ``fused_qkv``:
     the format also names the attention module of a fused qkv_proj (its loader maps ``self_attn.k_scale``)."""
     files = req.model_files(export_format)
     index = read_weights(files)
@@ -260,7 +260,8 @@ def checkpoint_scales(
     reduced: set[str] = set()
     for i in req.shape.kv_layers:
         for which in WHICH:
-            grouped = group_values(req.scales, i, which, groups, req.reduce, export_format, target)
+            heads = req.shape.kv.of(i).of(which)[0]
+            grouped = group_values(req.scales, i, which, groups(heads), req.reduce, export_format, target)
             if grouped.reduced:
                 reduced.add(which)
             name, value = place(modules[i], which, grouped.scale)

@@ -39,6 +39,7 @@ class ModelShape:
 
     @property
     def num_kv_heads(self) -> int:
+        """The one KV heads count of a uniform shape (per layer: ``kv.of(i)``)."""
         return self.kv.num_kv_heads
 
     @property
@@ -63,12 +64,12 @@ def shape_from_metadata(scales: KVScales) -> ModelShape:
     stated = StatedShape.parse(scales.metadata, "the artifact")
     values = {"num_layers": stated.num_layers, "num_kv_heads": stated.num_kv_heads, "head_dim": stated.head_dim}
     missing = [key for key, value in values.items() if value is None]
-    if missing:
+    kv = stated.kv_shape()
+    if missing or kv is None:
         raise UsageError(
             f"the artifact records no {', '.join(missing)} in its metadata, so its KV-cache shape is unknown",
             hint="pass --model with the model the scales were calibrated on",
         )
-    kv = KVShape(values["num_layers"], values["num_kv_heads"], values["head_dim"], recorded_cached_layers(scales))
     return ModelShape(
         kv=kv,
         model_type=scales.metadata.get("model_type") or None,
@@ -142,11 +143,16 @@ def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
         "model_type": shape.model_type,
         "config_hash": shape.config_hash,
     }
+    if stated.layers is not None or not shape.kv.uniform:  # per layer: compared below, layer by layer
+        recorded.pop("num_kv_heads"), recorded.pop("head_dim")
     mismatches = [
         f"{key} {recorded[key]} (artifact) vs {actual[key]} ({shape.source})"
         for key in recorded
         if recorded[key] is not None and actual[key] is not None and recorded[key] != actual[key]
     ]
+    if stated.layers is not None or not shape.kv.uniform:
+        mismatches += [f"layer {i} K/V {stated.of(i).text()} (artifact) vs {shape.kv.of(i).text()} ({shape.source})"
+                       for i in shape.kv_layers if stated.of(i) is not None and stated.of(i) != shape.kv.of(i)][:4]
     if mismatches:
         raise UsageError(
             "the scales were calibrated on a different model: " + "; ".join(mismatches),
@@ -165,12 +171,14 @@ def check_against_model(scales: KVScales, shape: ModelShape) -> list[str]:
     return []
 
 
-def expected_shape(spec: QuantSpec, shape: ModelShape) -> tuple[int, ...]:
+def expected_shape(spec: QuantSpec, shape: ModelShape, layer: int, which: Which) -> tuple[int, ...]:
+    """The shape of layer ``layer``'s ``which`` scale of granularity ``spec.granularity``."""
+    heads, dim = shape.kv.of(layer).of(which)
     if spec.granularity == "tensor":
         return ()
     if spec.granularity == "head":
-        return (shape.num_kv_heads,)
-    return (shape.num_kv_heads, shape.head_dim)
+        return (heads,)
+    return (heads, dim)
 
 
 def check_tensors(scales: KVScales, shape: ModelShape) -> None:
@@ -201,7 +209,7 @@ def check_tensors(scales: KVScales, shape: ModelShape) -> None:
         layer = scales.layers[i]
         for which in WHICH:
             spec = scales.recipe.spec(which)
-            want_shape = expected_shape(spec, shape)
+            want_shape = expected_shape(spec, shape, i, which)
             for what, tensor in (("scale", layer.scale(which)), ("zero point", layer.zero_point(which))):
                 if tensor is None:
                     continue

@@ -119,7 +119,7 @@ def build(req: ExportRequest) -> ExportPlan:
         # (1,) -> (): a scalar per projection; nvfp4: the global scale absmax / 448, as ModelOpt >= 0.42 writes it
         return f"{module}.{which}_proj.{which}_scale", value.reshape(()) * factor
 
-    kv = checkpoint_scales(req, EXPORT_FORMAT, [list(range(req.shape.num_kv_heads))], "per tensor", place)
+    kv = checkpoint_scales(req, EXPORT_FORMAT, lambda heads: [list(range(heads))], "per tensor", place)
     quant_config = _hf_quant_config(kv.files, algo)
     rewritten = {HF_QUANT_CONFIG: json_bytes(quant_config)}
     config = _config_json(kv.files, algo)

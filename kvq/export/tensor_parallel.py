@@ -136,6 +136,11 @@ class RankValues:
 
 def rank_values(req: ExportRequest, export_format: str, allow_replication: bool) -> RankValues:
     """The K and V parameters every rank holds in every layer (one value per rank, ``--reduce max`` applied)."""
+    if not req.shape.kv.uniform:
+        raise UsageError(
+            f"--format {export_format} splits one number of KV heads across ranks in every layer, but the model's "
+            f"layers cache K/V of different shapes ({req.shape.kv.text()}); kvq has not checked how this engine "
+            "loads such a model", hint="export --format vllm, which names each attention layer's scales")
     check_tp(req.shape.num_kv_heads, req.tp, export_format, allow_replication)
     if not req.shape.kv.all_layers_cached:
         raise UsageError(

@@ -128,12 +128,13 @@ def build(req: ExportRequest) -> ExportPlan:
         hint="solve an fp8_e4m3 recipe (e.g. --recipe fp8-e4m3-per-tensor), or use --format lmdeploy / trtllm for int8",
     )
     per_head = bool({scales.recipe.spec(w).granularity for w in ("k", "v")} - {"tensor"})
-    heads = shape.num_kv_heads
-    groups = [[h] for h in range(heads)] if per_head else [list(range(heads))]
+
+    def groups(heads: int) -> list[list[int]]:  # the layer's K or V heads: each alone, or all together
+        return [[h] for h in range(heads)] if per_head else [list(range(heads))]
 
     def place(module: str, which: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
         # per tensor: (1,); per head: (num_kv_heads,) -> (num_kv_heads, 1, 1) as compressed-tensors stores it
-        return f"{module}.{which}_scale", value.reshape(heads, 1, 1) if per_head else value.reshape(1)
+        return f"{module}.{which}_scale", value.reshape(-1, 1, 1) if per_head else value.reshape(1)
 
     kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place,
                            fused_qkv=True)

@@ -157,12 +157,13 @@ def coverage_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
 def inferred_granularity(entry: ScaleEntry, shape: DeclaredShape) -> str | None:
     """tensor / head / channel from the number of values (None: matches none of the model's)."""
     n = entry.values.numel()
-    heads = shape.num_heads if entry.role == "q" else shape.num_kv_heads
+    kv_heads, head_dim = shape.kv_of(entry.layer, entry.role)
+    heads = shape.num_heads if entry.role == "q" else kv_heads
     if n == 1:
         return "tensor"
     if heads is not None and n == heads:
         return "head"
-    if entry.role != "q" and heads is not None and shape.head_dim is not None and n == heads * shape.head_dim:
+    if entry.role != "q" and heads is not None and head_dim is not None and n == heads * head_dim:
         return "channel"
     return None
 
@@ -175,23 +176,24 @@ def shape_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
     for e in found.entries:
         number, declared = found.spec(e.role)
         where = f"layer {e.layer} {ROLE_NAME[e.role]} scale {e.name}"
-        if found.kind == KVQ_ARTIFACT and declared in _KVQ_SHAPE and shape.num_kv_heads and shape.head_dim:
-            want = _KVQ_SHAPE[declared](shape.num_kv_heads, shape.head_dim)
+        kv_heads, head_dim = shape.kv_of(e.layer, e.role)
+        if found.kind == KVQ_ARTIFACT and declared in _KVQ_SHAPE and kv_heads and head_dim:
+            want = _KVQ_SHAPE[declared](kv_heads, head_dim)
             if e.shape != want:
                 out.append(Defect("shape", e.layer, e.name, f"{where} has shape {e.shape}; per-{declared} scales of "
-                                  f"{shape.num_kv_heads} KV heads x head_dim {shape.head_dim} have shape {want}"))
+                                  f"{kv_heads} KV heads x head_dim {head_dim} have shape {want}"))
             continue
         if declared == PER_RANK:
             if e.values.numel() != 1:
                 out.append(Defect("shape", e.layer, e.name, f"{where} holds {e.values.numel()} values; the "
                                   "format holds one per layer and rank"))
             continue
-        heads = shape.num_heads if e.role == "q" else shape.num_kv_heads
+        heads = shape.num_heads if e.role == "q" else kv_heads
         if heads is None:
             continue
         got = inferred_granularity(e, shape)
         if got is None:
-            channels = f" nor {heads} x {shape.head_dim} channels" if e.role != "q" and shape.head_dim else ""
+            channels = f" nor {heads} x {head_dim} channels" if e.role != "q" and head_dim else ""
             out.append(Defect("shape", e.layer, e.name, f"{where} has shape {e.shape}: neither one value, "
                               f"{heads} {'query' if e.role == 'q' else 'KV'} heads{channels} ({shape.source})"))
         elif e.role != "q" and declared is not None and got != declared and not (heads == 1 and got == "tensor"):
@@ -208,12 +210,15 @@ def tp_defects(found: Found, shape: DeclaredShape, tp: int | None) -> list[Defec
         out.append(Defect("tp", None, found.entries[0].file if found.entries else found.path.name,
                           f"the scales are written for {found.ranks} tensor-parallel rank(s), but --tp is {tp}: "
                           f"an engine running tp {tp} needs one value per rank for {tp} ranks"))
-    heads = shape.num_kv_heads
-    if heads is None or heads % tp == 0 or tp % heads == 0:
-        return out
-    split = [e for e in found.entries if e.role != "q" and inferred_granularity(e, shape) in ("head", "channel")]
+    def unsplit(e: ScaleEntry) -> bool:  # a per-head / per-channel scale of heads tp cannot split
+        heads = shape.kv_of(e.layer, e.role)[0]
+        return heads is not None and heads % tp != 0 and tp % heads != 0 \
+            and inferred_granularity(e, shape) in ("head", "channel")
+
+    split = [e for e in found.entries if e.role != "q" and unsplit(e)]
     if split:
         e = split[0]
+        heads = shape.kv_of(e.layer, e.role)[0]
         out.append(Defect("tp", e.layer, e.name, f"layer {e.layer} {ROLE_NAME[e.role]} scale {e.name} (and every "
                           f"per-head scale) holds {heads} KV heads, which --tp {tp} cannot split (neither divides "
                           "the other)"))
@@ -242,9 +247,15 @@ def model_defects(found: Found, model: ModelShape | None) -> list[Defect]:
                 "config_hash": found.config_hash}
     actual = {"num_layers": model.num_layers, "num_kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
               "model_type": model.model_type, "config_hash": model.config_hash}
+    per_layer = found.shape.layers is not None or not model.kv.uniform
+    if per_layer:  # layers of different shapes: compared layer by layer
+        del recorded["num_kv_heads"], recorded["head_dim"]
     bad = [f"{k} {recorded[k]} ({found.shape.source if k != 'config_hash' else 'recorded'}) vs {actual[k]} "
            f"({model.source})" for k in recorded if recorded[k] is not None and actual[k] is not None
            and recorded[k] != actual[k]]
+    if per_layer and found.shape.num_kv_heads is not None:
+        bad += [f"layer {i} K/V heads x dim {found.shape.kv_of(i, w)} vs {model.kv.of(i).of(w)} ({model.source})"
+                for i in model.kv_layers for w in ("k", "v") if found.shape.kv_of(i, w) != model.kv.of(i).of(w)][:4]
     if not bad:
         return []
     return [Defect("other-model", None, found.path.name, "the scales are for a different model: " + "; ".join(bad))]
@@ -261,7 +272,9 @@ def merged_shape(found: Found, model: ModelShape | None) -> DeclaredShape:
                    s.model_type or model.model_type,
                    s.source if s.num_layers is not None else model.source,
                    s.layers_key if s.num_layers is not None else "num_hidden_layers",
-                   s.cached_layers if s.num_layers is not None else model.kv.cached_layers)
+                   s.cached_layers if s.num_layers is not None else model.kv.cached_layers,
+                   s.layers if s.layers is not None or model.kv.uniform
+                   else {i: model.kv.of(i) for i in model.kv_layers})
 
 
 def find_defects(found: Found, tp: int | None = None, model: ModelShape | None = None) -> list[Defect]:

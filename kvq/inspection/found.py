@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from kvq.errors import UsageError
+from kvq.model.model_spec import LayerKV
 
 # Kinds of input, also the "checkpoint kind" of kvq.engines.matrix' rows.
 KVQ_ARTIFACT = "kvq-artifact"
@@ -75,6 +76,14 @@ class DeclaredShape:
     source: str
     layers_key: str = ""  # the key of ``source`` stating num_layers (named when a count is wrong)
     cached_layers: tuple[int, ...] | None = None  # the layers with a KV cache (None: all, or not known)
+    layers: dict[int, LayerKV] | None = None  # each cached layer's K / V (heads, dim) where the layers differ
+
+    def kv_of(self, layer: int, role: str) -> tuple[int | None, int | None]:
+        """(KV heads, head_dim) of layer ``layer``'s ``role`` ("k", "v", or "kv": one scale for both, K's shape):
+        its own where the layers differ, else num_kv_heads x head_dim (None where unknown)."""
+        if self.layers is not None and layer in self.layers:
+            return self.layers[layer].of("v" if role == "v" else "k")
+        return self.num_kv_heads, self.head_dim
 
 
 @dataclass
@@ -115,7 +124,7 @@ def text_config(config: dict) -> dict:
 
 def shape_from_config(config: dict, source: str) -> DeclaredShape:
     """The KV-cache shape a config.json states (transformers or TensorRT-LLM keys); UNKNOWN fields as None."""
-    from kvq.model.loading import check_config_counts, kv_shape
+    from kvq.model.kv_config import check_config_counts, kv_shape
 
     text = dict(text_config(config))
     if "head_dim" not in text and "head_size" in text:  # TensorRT-LLM's name
@@ -125,16 +134,18 @@ def shape_from_config(config: dict, source: str) -> DeclaredShape:
     try:
         decoder = kv_shape(SimpleNamespace(**{k: text.get(k) for k in (
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
-            "layer_types", "kv_sharing_modes")}))
+            "layer_types", "kv_sharing_modes", "num_kv_shared_layers",
+            "per_layer_config")}))
         layers, kv_heads, head_dim = decoder.num_layers, decoder.num_kv_heads, decoder.head_dim
         cached = decoder.cached_layers
+        per_layer = None if decoder.uniform else {i: decoder.of(i) for i in decoder.kv_layers}
     except (UsageError, TypeError, ValueError, ZeroDivisionError):
         # no layers / heads, or no head_dim and no hidden_size: keep what the config does state
         layers, kv_heads, head_dim = text.get("num_hidden_layers"), text.get("num_key_value_heads") or heads, None
-        cached = None
+        cached, per_layer = None, None
     model_type = text.get("model_type") or config.get("model_type")
     return DeclaredShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
-                   "num_hidden_layers", cached)
+                   "num_hidden_layers", cached, per_layer)
 
 
 def _int(value: object) -> int | None:

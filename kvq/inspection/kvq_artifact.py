@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from kvq.artifacts.files import metadata_int, read_safetensors
+from kvq.artifacts.files import StatedShape, metadata_int, read_safetensors
 from kvq.errors import UsageError
 from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.inspection.found import KVQ_ARTIFACT, DeclaredShape, Found, ScaleEntry, Scheme
@@ -58,6 +58,9 @@ def read_kvq_scales(path: Path) -> Found:
             raise UsageError(f"{where}: metadata {key}={value} is not a count of at least 1", hint=_HINT)
     if shape.num_layers is not None and meta.get("cached_layers") is not None:  # a hybrid model's KV-cache layers
         shape = replace(shape, cached_layers=parse_layers(meta["cached_layers"], shape.num_layers, where))
+    if shape.num_layers is not None and meta.get("kv_shapes") is not None:  # layers of different K/V shapes
+        stated = StatedShape.parse(meta, where)
+        shape = replace(shape, layers=stated.layers)
     k, v = recipe.key, recipe.value
     text = f"kvq recipe {recipe.name}: K {k.format} per {k.granularity}, V {v.format} per {v.granularity}"
     scheme = Scheme(f"{path.name} metadata recipe", text, k.format if k.format == v.format else None,

@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 from kvq.errors import KvqError, UsageError, first_line
 from kvq.io.contained import files_outside
 from kvq.model.gguf import convert_gguf, smollm2_gguf
-from kvq.model.model_spec import KVShape, LoadedModel, ModelInfo, ModelSpec
+from kvq.model.kv_config import kv_shape
+from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -68,77 +69,6 @@ def config_hash(config) -> str:
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     canon = json.dumps(_strip_volatile(data), sort_keys=True, default=str)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
-
-
-# Layer types (config ``layer_types``) whose layers hold no per-token K/V: transformers caches them as
-# LinearAttentionLayer (a recurrent / convolution state) or DummyLayer (MoE / MLP-only), never through
-# Cache.update (transformers/cache_utils.py DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs @5.23).
-# Hybrid layers ("hybrid", "hybrid_sliding") hold both and are cached.
-NO_KV_LAYER_TYPES = frozenset({"linear_attention", "conv", "moe", "mlp", "mamba", "mamba2", "recurrent", "dummy"})
-
-
-def cached_layers(text) -> tuple[int, ...] | None:
-    """The layers of decoder config ``text`` that hold a KV cache, or None when all do.
-
-    Read from ``layer_types`` (granitemoehybrid's ``layers_block_type`` is the same field); layers
-    that reuse another layer's cache (``kv_sharing_modes`` "reuse") write none of their own.
-    """
-    layers = int(text.num_hidden_layers)
-    types = getattr(text, "layer_types", None)
-    kinds = list(types) if isinstance(types, (list, tuple)) and len(types) == layers else ["attention"] * layers
-    sharing = getattr(text, "kv_sharing_modes", None)
-    if isinstance(sharing, (list, tuple)) and len(sharing) == layers:
-        kinds = ["dummy" if mode == "reuse" else kind for kind, mode in zip(kinds, sharing, strict=True)]
-    cached = tuple(i for i, kind in enumerate(kinds) if kind not in NO_KV_LAYER_TYPES)
-    return None if len(cached) == layers else cached
-
-
-CONFIG_COUNTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
-# no model comes near these; a config stating more would size kvq's work by a number, not by the model
-CONFIG_COUNT_MAX = {"hidden_size": 1 << 20}
-COUNT_MAX = 1 << 16
-
-
-def check_config_counts(values: dict, source: str) -> None:
-    """Refuse a config whose layer / head / size counts are not whole numbers in 1..their bound (absent or null
-    is fine).
-
-    ``num_hidden_layers: -5`` or ``num_key_value_heads: 0`` describe no model: a UsageError naming the key.
-    """
-    for key in CONFIG_COUNTS:
-        value = values.get(key)
-        if value is None:
-            continue
-        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        top = CONFIG_COUNT_MAX.get(key, COUNT_MAX)
-        if isinstance(value, bool) or not whole or not 1 <= value <= top:
-            raise UsageError(f"{source}: {key} is {str(value)[:40]}, but a model's {key} is a whole number from "
-                             f"1 to {top}", hint="the config is damaged or not a transformer's: fix the key or pass "
-                             "another checkpoint")
-
-
-def kv_shape(config, source: str = "the model's config") -> KVShape:
-    """The KV cache of a decoder config: layers, KV heads, head_dim, and which layers hold one."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    check_config_counts({key: getattr(text, key, None) for key in CONFIG_COUNTS}, source)
-    layers = getattr(text, "num_hidden_layers", None)
-    heads = getattr(text, "num_attention_heads", None)
-    if layers is None or heads is None:
-        raise UsageError(
-            f"model type {getattr(text, 'model_type', '?')!r} has no attention layers "
-            "(its config names no num_hidden_layers / num_attention_heads), so it has no KV cache to calibrate",
-            hint="kvq calibrates decoder-only transformer language models with an attention KV cache",
-        )
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    cached = cached_layers(text)
-    if cached == ():
-        raise UsageError(
-            f"model type {getattr(text, 'model_type', '?')!r} has no layer with a KV cache (layer_types "
-            f"{sorted(set(text.layer_types))}), so it has nothing to calibrate",
-            hint="kvq calibrates models whose attention layers keep a KV cache",
-        )
-    return KVShape(int(layers), int(kv_heads), int(head_dim), cached)
 
 
 def model_info(model_id: str, config) -> ModelInfo:
