@@ -59,6 +59,17 @@ def test_latent_dims_are_read_from_the_config_attributes():
     assert latent_dims(tiny_models.CONFIGS["llama"]()) is None
 
 
+def test_the_kv_shape_of_an_mla_config_is_one_latent_row_per_layer():
+    import tiny_models
+
+    from kvq.model.kv_config import kv_shape
+    from kvq.model.model_spec import LayerKV
+
+    shape = kv_shape(tiny_models.MLA_CONFIGS["deepseek_v3"]())
+    assert [shape.of(i) for i in shape.kv_layers] == [LayerKV((1, 32), (1, 8))] * 3
+    assert shape.elements_per_token == 3 * (32 + 8)  # layers x (kv_lora_rank + qk_rope_head_dim), by hand
+
+
 def test_a_multimodal_configs_latent_row_is_its_text_models():
     """Kimi K2.5: a DeepSeek-V3 text model under a vision config. (transformers 5.23 builds it only as an
     image-text-to-text model, not AutoModelForCausalLM, which kvq loads: it is not calibrated here.)"""
@@ -158,11 +169,7 @@ KV_LORA_RANK, ROPE_DIM = 32, 8  # tiny_models._MLA
 @pytest.fixture(scope="module")
 def calibrated(tiny_model_factory, tmp_path_factory):
     """``kvq calibrate`` (the CLI) of each MLA model with each recipe, once; (model folder, out folder)."""
-    import kvq.model.model_spec
     from kvq.cli import main
-
-    if not hasattr(kvq.model.model_spec, "LayerKV"):  # until the per-layer KVShape is merged (K and V shapes apart)
-        pytest.skip("needs the per-layer KVShape (kvq.model.model_spec.LayerKV)")
 
     done: dict[tuple[str, str], tuple] = {}
 
