@@ -143,6 +143,19 @@ def test_vllm_export_refuses_what_vllms_mla_cannot_apply(scales, message):
     assert "MLA" in str(caught.value)
 
 
+def test_mla_attention_modules_are_named_after_the_latent_projection_without_the_mtp_layer():
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer model.layers.{num_hidden_layers}, which vLLM's
+    DeepSeek loader skips (deepseek_v2.py:1650-1652@0.34.0): no scale for it."""
+    from kvq.export.checkpoint_folder import WeightIndex, attention_module_names
+
+    names = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(4) for p in ("kv_a_proj_with_mqa", "kv_b_proj")]
+    index = WeightIndex(dict.fromkeys(names, "model.safetensors"), {}, {})
+    assert attention_module_names(index, [0, 1, 2], "vllm", mla=True) == {
+        i: f"model.layers.{i}.self_attn" for i in range(3)}
+    with pytest.raises(UsageError, match="k_proj"):
+        attention_module_names(index, [0, 1, 2], "vllm")  # without mla: MLA has no k_proj
+
+
 @pytest.mark.parametrize("export_format", sorted(MLA_REFUSED))
 def test_other_formats_are_refused_for_mla_with_the_reason(export_format):
     with pytest.raises(UsageError, match=f"--format {export_format} for an MLA") as caught:
@@ -251,6 +264,8 @@ def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
     from kvq.inspection import inspect_path
 
     assert [n for n in inspect_path(out).found.notes if n.startswith("an MLA latent cache")]
+    exported = inspect_path(tmp_path / "x").found.notes  # the per-model loader rows of the engine matrix
+    assert [n for n in exported if n.startswith(f"vLLM 0.34.0 ignores KV scales for model type {arch}")]
 
 
 @pytest.mark.timeout(600)
