@@ -199,14 +199,26 @@ def test_plan_ranks_only_the_cached_layers_and_counts_their_bytes(calibrated, tm
                                           "unquantized": 2 * per_layer_elements * 4}
 
 
-def test_report_refuses_hybrid_statistics_in_one_line(calibrated, tmp_path, capsys):
-    _, out = calibrated("granitemoehybrid", "fp8")
+def test_report_draws_the_kv_cache_layers_of_a_hybrid_model(calibrated, tmp_path, capsys):
+    """granitemoehybrid caches layers 0 and 2 of 4: every heatmap has those two rows, labelled 0 and 2, and the
+    validate / eval reports of the same model are read onto them."""
+    folder, out = calibrated("granitemoehybrid", "fp8")
+    common = ["--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32", "--device", "cpu"]
+    assert main(["validate", str(out), *common]) == 0
+    assert main(["eval", *common, "--scales", str(out), "--json", str(tmp_path / "eval.json")]) == 0
     target = tmp_path / "report"
-    code = main(["report", str(out), "--out", str(target)])
+    code = main(["report", str(out), "--eval", str(tmp_path / "eval.json"), "--out", str(target)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("kvq: error:") and "hybrid model" in err and "Traceback" not in err
-    assert len([line for line in err.splitlines() if line.startswith("kvq: error:")]) == 1
-    assert not target.exists()
+    assert code == 0, err
+    figures = {f["file"]: f for f in json.loads((target / "figures.json").read_text())["figures"]}
+    for name in ("absmax.png", "scales.png", "sqnr.png"):
+        assert figures[name]["axes"][0]["images"] == [[2, 2]], name  # 2 KV-cache layers x 2 KV heads
+        assert figures[name]["axes"][0]["y_ticks"] == ["0", "2"], name
+        assert figures[name]["data"]["layers"] == [0, 2]
+    assert "attention_error.png" in figures
+    sqnr = figures["sqnr.png"]["data"]["k"]
+    assert all(value is None or value > 0 for row in sqnr for value in row)  # every row read from validate.json
+    assert "KV cache in 2 of 4 layers (0,2)" in (target / "report.md").read_text()
 
 
 @pytest.mark.parametrize("export_format", ["sglang-json", "lmdeploy"])

@@ -74,15 +74,17 @@ def _json_values(a: np.ndarray) -> list:
     return [_json_values(x) for x in a] if a.ndim > 1 else [float(x) if np.isfinite(x) else None for x in a]
 
 
-def _layer_axis(ax, layers: int) -> None:
-    ticks = every(layers, MAX_LAYER_TICKS)
-    ax.set_yticks(ticks, labels=[str(t) for t in ticks], fontsize=7 if layers > 20 else 9)
-    ax.set_ylabel("layer")
+def _layer_axis(ax, layer_ids: tuple[int, ...]) -> None:
+    """Row n of an image is layer ``layer_ids[n]`` (a hybrid model's rows are its KV-cache layers only)."""
+    ticks = every(len(layer_ids), MAX_LAYER_TICKS)
+    ax.set_yticks(ticks, labels=[str(layer_ids[t]) for t in ticks], fontsize=7 if len(layer_ids) > 20 else 9)
+    ax.set_ylabel("layer" if layer_ids == tuple(range(len(layer_ids))) else "layer (those with a KV cache)")
 
 
-def _heatmap(grids_by_tensor: dict[str, np.ndarray], name: str, title: str, unit: str, caption: str, *,
-             log: bool = False, cmap: str = "viridis", shared: bool = False) -> Plot:
-    """Two (layers, heads) heatmaps, K and V, each with its colour bar in ``unit``."""
+def _heatmap(grids_by_tensor: dict[str, np.ndarray], layer_ids: tuple[int, ...], name: str, title: str, unit: str,
+             caption: str, *, log: bool = False, cmap: str = "viridis", shared: bool = False) -> Plot:
+    """Two (layers, heads) heatmaps, K and V, each with its colour bar in ``unit``; row n is layer ``layer_ids[n]``
+    (NaN cells, heads a layer does not have, are grey)."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
@@ -103,19 +105,20 @@ def _heatmap(grids_by_tensor: dict[str, np.ndarray], name: str, title: str, unit
         ticks = every(heads, MAX_HEAD_TICKS)
         ax.set_xticks(ticks, labels=[str(t) for t in ticks])
         ax.set_xlabel("KV head")
-        _layer_axis(ax, layers)
+        _layer_axis(ax, layer_ids)
         fig.colorbar(image, ax=ax, label=unit, shrink=0.9)
-    return Plot(name, title, fig, caption, {w: _json_values(g) for w, g in grids_by_tensor.items()})
+    return Plot(name, title, fig, caption, {"layers": list(layer_ids)}
+                | {w: _json_values(g) for w, g in grids_by_tensor.items()})
 
 
 def absmax_plot(grids: Grids) -> Plot:
-    return _heatmap(grids.absmax, "absmax.png", "max |x| per layer and KV head (over its channels)",
+    return _heatmap(grids.absmax, grids.layers, "absmax.png", "max |x| per layer and KV head (over its channels)",
                     "max |x| (K/V units)", "The largest magnitude each KV head wrote to the cache. fp8 e4m3 at scale "
                     "1.0 saturates above 448; a layer whose heads differ by more than 4x pays per-head scales.")
 
 
 def subnormal_plot(grids: Grids) -> Plot:
-    return _heatmap(grids.subnormal, "subnormal.png", "share of values with |x| < 2^-6 (subnormal in fp8 e4m3 at "
+    return _heatmap(grids.subnormal, grids.layers, "subnormal.png", "share of values with |x| < 2^-6 (subnormal in fp8 e4m3 at "
                     "scale 1.0)", "share of values (0..1)", "From the calibration histograms: the share of each "
                     "head's values that fp8 e4m3 would store as subnormals (1 to 3 significant bits) or zero at "
                     "scale 1.0.", cmap="magma", shared=True)
@@ -126,13 +129,13 @@ def scales_plot(grids: Grids) -> Plot:
     how = {"tensor": "per tensor: one scale per layer, repeated in every head",
            "head": "per head", "channel": "per channel: the largest channel scale of each head"}
     kinds = {how[recipe.key.granularity], how[recipe.value.granularity]}
-    return _heatmap(grids.scales, "scales.png", f"scales of {recipe.name} ({'; '.join(sorted(kinds))})",
+    return _heatmap(grids.scales, grids.layers, "scales.png", f"scales of {recipe.name} ({'; '.join(sorted(kinds))})",
                     "scale (K/V units per quantization step, log)", f"The scales of recipe {recipe.name} "
                     "(x = (q - zero_point) x scale). Colours are on a log scale.", log=True, cmap="cividis")
 
 
 def sqnr_plot(grids: Grids) -> Plot:
-    return _heatmap(grids.sqnr, "sqnr.png", "round-trip SQNR per layer and KV head (grey: exact or not measured)",
+    return _heatmap(grids.sqnr, grids.layers, "sqnr.png", "round-trip SQNR per layer and KV head (grey: exact or not measured)",
                     "SQNR (dB, higher is better)", "From the validation report: 10 log10(sum x^2 / sum (x - x_hat)^2) "
                     "of the quantize -> dequantize round trip on held-out K/V; K and V share one colour scale.",
                     cmap="RdYlGn", shared=True)
@@ -147,7 +150,7 @@ def channel_plot(grids: Grids) -> Plot:
     title = f"channel absmax / median channel absmax of its head (outlier: > {OUTLIER_RATIO:g}x)"
     fig.suptitle(title, fontsize=11)
     axes = fig.subplots(2, 1)
-    top = max(OUTLIER_RATIO * 2, max(float(r.max()) for r in grids.ratio.values()))
+    top = max(OUTLIER_RATIO * 2, max(float(np.nanmax(r)) for r in grids.ratio.values()))
     norm = LogNorm(vmin=1 / top, vmax=top)  # symmetric around 1 (white): outliers red, quiet channels blue
     for ax, w in zip(axes, ("k", "v"), strict=True):
         _, heads, dim = grids.ratio[w].shape  # K and V each their own (MLA: the latent and the rotary part)
@@ -160,7 +163,7 @@ def channel_plot(grids: Grids) -> Plot:
         ax.set_xticks([t * dim + (dim - 1) / 2 for t in ticks], labels=[str(t) for t in ticks])
         ax.set_xlabel(f"KV head ({dim} channels each, channel 0 at the left of its block)")
         ax.set_title(NAMES[w], fontsize=10)
-        _layer_axis(ax, layers)
+        _layer_axis(ax, grids.layers)
         bar = fig.colorbar(image, ax=ax, label="ratio to the head's median channel (log)")
         bar.ax.axhline(OUTLIER_RATIO, color="black", linewidth=1.5)
     return Plot("channels.png", title, fig, "Per layer, every channel's absmax divided by the median channel "
@@ -195,14 +198,14 @@ def attention_plot(grids: Grids) -> Plot:
     rows = [r for r in grids.eval_rows if r["per_layer"]]
     fig = _figure(LINE_HEIGHT)
     ax = fig.subplots()
-    layers = grids.num_layers
+    layer_ids = grids.layers
     for r in rows:
         xs = sorted(r["per_layer"])
         ax.plot(xs, [r["per_layer"][i] for i in xs], marker="o", markersize=3, label=r["name"])
     if any(v > 0 for r in rows for v in r["per_layer"].values()):
         ax.set_yscale("log")
-    ticks = every(layers, MAX_LAYER_TICKS)
-    ax.set_xticks(ticks, labels=[str(t) for t in ticks], fontsize=7 if layers > 20 else 9)
+    ticks = [layer_ids[n] for n in every(len(layer_ids), MAX_LAYER_TICKS)]
+    ax.set_xticks(ticks, labels=[str(t) for t in ticks], fontsize=7 if len(layer_ids) > 20 else 9)
     ax.set_xlabel("layer")
     ax.set_ylabel("relative L2 error of the attention output")
     title = "attention-output error per layer (each layer quantized alone)"

@@ -59,19 +59,16 @@ def _places(items: list[str], total: int) -> str:
     return shown + (f" and {total - SHOWN} more" if total > SHOWN else "")
 
 
-def _layers(mask: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.flatnonzero(mask))
-
-
 def outlier_channels(grids: Grids) -> list[Finding]:
     out = []
     for w in ("k", "v"):
-        ratio = grids.ratio[w]  # (layers, heads, head_dim)
-        layers = _layers(np.any(ratio > OUTLIER_RATIO, axis=(1, 2)))
+        ratio = grids.ratio[w]  # (layers, heads, head_dim), NaN where a layer has no such head or channel
+        layers = grids.layer_ids(np.any(ratio > OUTLIER_RATIO, axis=(1, 2)))
         if layers:
-            hits = np.argwhere(ratio > OUTLIER_RATIO)  # (n, 3): layer, head, channel
+            hits = np.argwhere(ratio > OUTLIER_RATIO)  # (n, 3): row, head, channel
             order = np.argsort(-ratio[tuple(hits.T)], kind="stable")
-            items = [f"layer {a} head {b} channel {c} ({ratio[a, b, c]:.1f}x)" for a, b, c in hits[order]]
+            items = [f"layer {grids.layers[a]} head {b} channel {c} ({ratio[a, b, c]:.1f}x)"
+                     for a, b, c in hits[order]]
             out.append(Finding(
                 "outlier-channels", w, f"{NAMES[w]}: {len(hits)} outlier channel(s) (absmax > {OUTLIER_RATIO:g}x "
                 f"the head's median channel) in {len(layers)} of {grids.num_layers} layers: "
@@ -80,17 +77,18 @@ def outlier_channels(grids: Grids) -> list[Finding]:
     return out
 
 
-def _spread(w: str, spread: np.ndarray) -> Finding | None:
+def _spread(grids: Grids, w: str, spread: np.ndarray) -> Finding | None:
     """The head-spread finding of one tensor, from its per-layer spread (layers,); None when every layer is even."""
-    layers = _layers(spread > HEAD_SPREAD)
-    items = [f"layer {i} ({spread[i]:.1f}x)" for i in sorted(layers, key=lambda i: -spread[i])]
+    rows = np.flatnonzero(spread > HEAD_SPREAD)
+    layers = grids.layer_ids(spread > HEAD_SPREAD)
+    items = [f"layer {grids.layers[r]} ({spread[r]:.1f}x)" for r in sorted(rows, key=lambda r: -spread[r])]
     text = (f"{NAMES[w]}: KV head ranges differ by more than {HEAD_SPREAD:g}x within {len(layers)} layer(s): "
             f"{_places(items, len(items))}. A per-tensor scale wastes levels on the small heads; per-head scales pay.")
     return Finding("head-spread", w, text, "absmax.png", layers) if layers else None
 
 
 def uneven_heads(grids: Grids) -> list[Finding]:
-    found = [_spread(w, head_spread(grids.absmax[w])) for w in ("k", "v")]
+    found = [_spread(grids, w, head_spread(grids.absmax[w])) for w in ("k", "v")]
     return [f for f in found if f is not None]
 
 
@@ -98,29 +96,29 @@ def fp8_at_unit_scale(grids: Grids) -> list[Finding]:
     out = []
     for w in ("k", "v"):
         absmax = grids.absmax[w]  # (layers, heads)
-        mask = absmax.max(axis=1) > E4M3_MAX
+        mask = np.nanmax(absmax, axis=1) > E4M3_MAX
         if mask.any():
-            layers = _layers(mask)
-            items = [f"layer {i} (absmax {absmax[i].max():.4g})" for i in layers]
+            layers = grids.layer_ids(mask)
+            items = [f"layer {grids.layers[r]} (absmax {np.nanmax(absmax[r]):.4g})" for r in np.flatnonzero(mask)]
             out.append(Finding("fp8-saturation", w, f"{NAMES[w]}: fp8 e4m3 at scale 1.0 saturates (|x| > "
                                f"{E4M3_MAX:g}) in {len(layers)} layer(s): {_places(items, len(items))}. Calibrated "
                                "scales are needed; the scale-1.0 fallback clips these layers.", "absmax.png", layers))
         if grids.subnormal is not None:
             share = grids.subnormal[w]  # (layers, heads)
-            mask = share.max(axis=1) > SUBNORMAL_SHARE
+            mask = np.nanmax(share, axis=1) > SUBNORMAL_SHARE
             what = (f"more than {SUBNORMAL_SHARE:.0%} of a head's values are below 2**-6 = {E4M3_MIN_NORMAL:g} "
                     "(subnormal in e4m3 at scale 1.0, 1 to 3 significant bits)")
             figure = "subnormal.png"
         else:
             share = absmax
-            mask = absmax.min(axis=1) < E4M3_MIN_NORMAL
+            mask = np.nanmin(absmax, axis=1) < E4M3_MIN_NORMAL
             what = (f"a head's absmax is below 2**-6 = {E4M3_MIN_NORMAL:g}, so all its values are subnormal in "
                     "e4m3 at scale 1.0 (no histograms: calibrate with --histograms head for the share per head)")
             figure = "absmax.png"
         if mask.any():
-            layers = _layers(mask)
-            items = [f"layer {i} ({share[i].max():.0%})" if grids.subnormal is not None else f"layer {i}"
-                     for i in layers]
+            layers = grids.layer_ids(mask)
+            items = [f"layer {grids.layers[r]} ({np.nanmax(share[r]):.0%})" if grids.subnormal is not None
+                     else f"layer {grids.layers[r]}" for r in np.flatnonzero(mask)]
             out.append(Finding("fp8-subnormal", w, f"{NAMES[w]}: in {len(layers)} layer(s) {what}: "
                                f"{_places(items, len(items))}. Scale 1.0 loses their precision; calibrated scales "
                                "move them into the normal range.", figure, layers))
@@ -158,8 +156,9 @@ def dominant_layers(grids: Grids) -> list[Finding]:
             median = float(np.median(finite))
             mask = np.isfinite(sqnr) & (sqnr < median - DOMINANT_DB)
             if mask.any():
-                layers = _layers(mask)
-                items = [f"layer {i} ({sqnr[i]:.1f} dB)" for i in sorted(layers, key=lambda i: sqnr[i])]
+                layers = grids.layer_ids(mask)
+                items = [f"layer {grids.layers[r]} ({sqnr[r]:.1f} dB)"
+                         for r in sorted(np.flatnonzero(mask), key=lambda r: sqnr[r])]
                 out.append(Finding("dominant-layer", w, f"{NAMES[w]}: round-trip SQNR more than {DOMINANT_DB:g} dB "
                                    f"below the median layer's ({median:.1f} dB) in {_places(items, len(items))}: "
                                    "these layers dominate the quantization error.", "sqnr.png", layers))

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvq.artifacts.files import SCALES_FILE, STATS_FILE, VALIDATE_JSON, require_file
+from kvq.artifacts.files import SCALES_FILE, STATS_FILE, VALIDATE_JSON, StatedShape, require_file
 from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.io.parse import parse_json
+from kvq.model.model_spec import layers_text
 
 _MAX_JSON = 256 << 20  # a validate.json of a 100-layer, 64-head model is a few MB
 
@@ -32,16 +33,26 @@ class ReportInputs:
     evaluation_path: Path | None = None
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache the statistics hold (all of 0..num_layers-1 but in hybrid models)."""
+        return tuple(sorted(self.stats.layers))
+
+    @property
     def num_layers(self) -> int:
-        return self.stats.num_layers
+        """The model's decoder layers, as the statistics' metadata states them (checked against the file's layers
+        when it was loaded); the layers the file holds when it states none."""
+        stated = StatedShape.parse(self.stats.metadata, str(self.out_dir / STATS_FILE)).num_layers
+        return stated if stated is not None else len(self.stats.layers)
 
     @property
     def num_heads(self) -> int:
-        return int(self.stats.layers[0].k.min.shape[0])
+        """KV heads of the first KV-cache layer's keys (KVShape's convention for ``num_kv_heads``)."""
+        return int(self.stats.layers[self.layers[0]].k.min.shape[0])
 
     @property
     def head_dim(self) -> int:
-        return int(self.stats.layers[0].k.min.shape[1])
+        """head_dim of the first KV-cache layer's keys (KVShape's convention)."""
+        return int(self.stats.layers[self.layers[0]].k.min.shape[1])
 
     @property
     def read(self) -> list[Path]:
@@ -64,15 +75,10 @@ def load_inputs(out_dir: str | Path, validation: str | Path | None = None,
         raise UsageError(f"OUT_DIR {out_dir} holds no {STATS_FILE}",
                          hint="pass the output folder of `kvq calibrate`; the report is drawn from its statistics")
     stats = KVStats.load(out_dir / STATS_FILE)
-    if sorted(stats.layers) != list(range(len(stats.layers))):
-        raise UsageError(f"{out_dir / STATS_FILE} holds the KV-cache layers {', '.join(map(str, sorted(stats.layers)))} "
-                         "of a hybrid model (the others keep a recurrent state); kvq report draws every layer 0..N-1 "
-                         "and does not read such statistics yet",
-                         hint="read the statistics with `kvq inspect` or `kvq eval` instead")
     scales = KVScales.load(out_dir / SCALES_FILE) if (out_dir / SCALES_FILE).is_file() else None
     inputs = ReportInputs(out_dir, stats, scales)
     if scales is not None:
-        _check_layers(inputs, scales.num_layers, out_dir / SCALES_FILE)
+        _check_layers(inputs, tuple(sorted(scales.layers)), out_dir / SCALES_FILE)
     if validation is None and (out_dir / VALIDATE_JSON).is_file():
         validation = out_dir / VALIDATE_JSON
     if validation is not None:
@@ -106,10 +112,10 @@ def read_kvq_report(path: str | Path, kind: str, option: str, keys: tuple[str, .
     return data
 
 
-def _check_layers(inputs: ReportInputs, layers: int, path: Path) -> None:
-    if layers != inputs.num_layers:
-        raise UsageError(f"{path} has {layers} layers but {inputs.out_dir / STATS_FILE} has {inputs.num_layers}",
-                         hint="pass files of the same model")
+def _check_layers(inputs: ReportInputs, layers: tuple[int, ...], path: Path) -> None:
+    if layers != inputs.layers:
+        raise UsageError(f"{path} has layers {layers_text(layers)} but {inputs.out_dir / STATS_FILE} has "
+                         f"{layers_text(inputs.layers)}", hint="pass files of the same model")
 
 
 def _check_model(inputs: ReportInputs, report: dict, path: Path) -> None:
@@ -124,3 +130,7 @@ def _check_model(inputs: ReportInputs, report: dict, path: Path) -> None:
         if theirs != value:
             raise UsageError(f"{path} is a report on a model with {key} {theirs}, but the statistics in "
                              f"{inputs.out_dir} have {value}", hint="pass a report of the same model")
+    cached = model.get("cached_layers")  # absent in reports of kvq before 0.4 (every layer cached)
+    if cached is not None and cached != list(inputs.layers):
+        raise UsageError(f"{path} is a report on a model with KV-cache layers {str(cached)[:80]}, but the statistics "
+                         f"in {inputs.out_dir} have {layers_text(inputs.layers)}", hint="pass a report of the same model")

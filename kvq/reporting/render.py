@@ -12,6 +12,7 @@ import json
 
 from kvq import __version__
 from kvq.evaluation.quant_cache import describe_spec
+from kvq.model.model_spec import layers_text
 from kvq.reporting.findings import Assessment
 from kvq.reporting.inputs import ReportInputs
 from kvq.solving.loss import recorded_choices
@@ -20,11 +21,28 @@ STATS_KEYS = ("model", "config_hash", "dataset", "dataset_origin", "samples", "s
               "kvq_version")
 
 
+def shape_text(inputs: ReportInputs) -> str:
+    """The model's KV cache in one line: layers x KV heads x head_dim, or per layer where they differ, and which
+    layers hold a KV cache where not all do."""
+    first = (inputs.num_heads, inputs.head_dim)
+    if all(tuple(layer.k.min.shape) == first == tuple(layer.v.min.shape) for layer in inputs.stats.layers.values()):
+        text = f"{inputs.num_layers} layers x {inputs.num_heads} KV heads x head_dim {inputs.head_dim}"
+    else:
+        per = ", ".join(f"{i}: K {'x'.join(map(str, inputs.stats.layers[i].k.min.shape))} / V "
+                        f"{'x'.join(map(str, inputs.stats.layers[i].v.min.shape))}" for i in inputs.layers[:8])
+        text = (f"{inputs.num_layers} layers, KV heads x head_dim per layer {per}"
+                + (" ..." if len(inputs.layers) > 8 else ""))
+    if len(inputs.layers) < inputs.num_layers:
+        text += (f"; KV cache in {len(inputs.layers)} of {inputs.num_layers} layers ({layers_text(inputs.layers)}), "
+                 "the others keep a recurrent state or read another layer's cache")
+    return text
+
+
 def metadata_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
     """(name, value) rows: the calibration metadata, the model shape, the recipe, the reports read."""
     meta = inputs.stats.metadata
     rows = [(key, meta[key]) for key in STATS_KEYS if meta.get(key)]
-    rows.append(("shape", f"{inputs.num_layers} layers x {inputs.num_heads} KV heads x head_dim {inputs.head_dim}"))
+    rows.append(("shape", shape_text(inputs)))
     rows.append(("histograms", inputs.stats.histograms or "none (calibrate with --histograms head for the subnormal "
                  "share)"))
     if inputs.scales is not None:
