@@ -89,6 +89,28 @@ HYBRID_CONFIGS = {
         layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"]),
 }
 
+# MLA (multi-head latent attention): each layer caches one latent row (kv_lora_rank 32) and a rotary key part
+# (qk_rope_head_dim 8), which transformers hands Cache.update as keys and values. Dense MLPs (first_k_dense_replace
+# = every layer), so that the models stay small and load back.
+_MLA = dict(COMMON, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            q_lora_rank=48, first_k_dense_replace=3, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_DSA = dict(index_n_heads=2, index_head_dim=16, index_topk=8)
+_MLA_MOE = ("first_k_dense_replace", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+MLA_CONFIGS = {
+    "deepseek_v3": lambda: AutoConfig.for_model("deepseek_v3", **_MLA),
+    # DeepSeek-V2: the same latent row; no q_lora (q_proj) as in DeepSeek-V2-Lite.
+    "deepseek_v2": lambda: AutoConfig.for_model("deepseek_v2", **{**_MLA, "q_lora_rank": None}),
+    # DeepSeek-V3.2 and GLM-5 (glm_moe_dsa): the same latent row, plus a sparse-attention indexer (its own keys,
+    # which the engines keep in a separate cache).
+    "deepseek_v32": lambda: AutoConfig.for_model("deepseek_v32", **_MLA, **_DSA),
+    "glm_moe_dsa": lambda: AutoConfig.for_model("glm_moe_dsa", **_MLA, **_DSA),
+    # Kimi Linear: hybrid, MLA (no RoPE on its "rotary" part) in layers 1 and 3, Kimi delta attention elsewhere.
+    "kimi_linear": lambda: AutoConfig.for_model(
+        "kimi_linear", **{**{k: v for k, v in _MLA.items() if k not in _MLA_MOE}, "num_hidden_layers": 4,
+                          "q_lora_rank": None}, linear_head_dim=16, linear_num_heads=4, mlp_layer_types=["dense"] * 4, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
+}
+
 
 def tokenizer_dir() -> Path:
     """The folder of SmolLM2's tokenizer; skips the caller (test or fixture), with the reason, where it is absent."""
@@ -111,7 +133,7 @@ def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     """Save a random ``arch`` model and the SmolLM2 tokenizer into ``folder``; return it."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())  # first: skips before building where it is absent
     torch.manual_seed(seed)
-    config = (CONFIGS | HYBRID_CONFIGS)[arch]()
+    config = (CONFIGS | HYBRID_CONFIGS | MLA_CONFIGS)[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -32,10 +32,12 @@ from kvq.data.data_spec import DataSpec
 from kvq.errors import KvqError, UsageError
 from kvq.io.out_policy import check_reads
 from kvq.model.loading import check_seqlen, check_spec, load_spec, parse_max_memory
+from kvq.model.mla import config_latent_dims, layout_metadata
 from kvq.model.model_spec import LoadedModel, ModelInfo, ModelSpec
 from kvq.progress import Progress, counter
 from kvq.recipe.schema import KVRecipe
 from kvq.solving.loss import DEFAULT_LOSS_WINDOWS, solve_by_loss, uses_loss
+from kvq.solving.row_scale import refuse_row_observers
 from kvq.solving.solver import solve_scales
 
 ARTIFACT_SET = (STATS_FILE, SCALES_FILE, SCALES_JSON)  # what a calibration writes
@@ -173,6 +175,7 @@ def run_calibration(cfg: CalibrationConfig, recipe: KVRecipe, out_dir: Path | No
         "config_hash": info.config_hash,
         "model_type": info.model_type,
         **info.shape.to_metadata(),
+        **layout_metadata(loaded.model.config),
         "dataset": dataset.name,
         "dataset_origin": dataset.origin,
         "data_files": json.dumps([{"path": f, "sha256": file_sha256(f)} for f in dataset.files]),
@@ -210,6 +213,8 @@ def _run(cfg: CalibrationConfig, recipe: KVRecipe, w: World, progress: Progress 
     dataset = load_documents(cfg.data.dataset, cfg.data.data_files, purpose="calibration")
     loaded = load_spec(cfg.model) if loaded is None else loaded
     check_seqlen(loaded.model.config, cfg.seqlen)
+    if config_latent_dims(loaded.model.config) is not None:  # MLA: what the recipe needs must be in the latent row
+        refuse_row_observers(recipe)
     tok = loaded.tokenizer
     picked = select_samples(dataset.documents, tok, cfg.samples, cfg.seqlen, cfg.seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

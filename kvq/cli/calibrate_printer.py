@@ -11,7 +11,9 @@ from rich.console import Console
 from kvq.artifacts.stats import KVStats
 from kvq.calibration.pipeline import CalibrationResult
 from kvq.cli.console import summary_table
+from kvq.model.mla import is_mla
 from kvq.solving.loss import LossSearch
+from kvq.solving.row_scale import shares_row_scale
 
 
 def largest_absmax(stats: KVStats, which: str) -> tuple[float, int, int, int]:
@@ -58,6 +60,11 @@ def print_summary(result: CalibrationResult, console: Console | None = None) -> 
     r = result.scales.recipe
     table.add_row("recipe", f"{r.name}: K {r.key.format} {'sym' if r.key.symmetric else 'asym'} per {r.key.granularity}, "
                   f"V {r.value.format} {'sym' if r.value.symmetric else 'asym'} per {r.value.granularity}")
+    if is_mla(meta):
+        shared = shares_row_scale(r)
+        table.add_row("MLA latent row", "K is the compressed latent, V the rotary key part; "
+                      + ("one scale per layer for both, as vLLM writes the row" if shared else
+                         "K and V scales as the recipe says, which vLLM cannot apply to MLA (the export refuses them)"))
     if r.transforms:
         table.add_row("transforms", ", ".join(json.dumps(t.model_dump(mode="json")) for t in r.transforms)
                       + " (folded into the weights before calibrating; transforms.safetensors)")

@@ -19,6 +19,7 @@ from kvq.artifacts.scales import KVScales, scales_path
 from kvq.engines.matrix import EXPORT_KIND, FP8_WEIGHTS, loader_warnings
 from kvq.errors import UsageError
 from kvq.export import lmdeploy, modelopt, sglang, trtllm, vllm
+from kvq.export.mla_export import check_mla_export
 from kvq.export.model_check import (
     check_against_model,
     check_tensors,
@@ -92,6 +93,7 @@ def export_artifact(
         shape = shape_from_metadata(scales)
         notes.append("no --model given: the KV-cache shape is the one the artifact records")
     check_tensors(scales, shape)
+    notes += check_mla_export(scales, export_format)  # what the engine applies to an MLA latent cache
     out_path = Path(out)
     ckpt = Path(trtllm_checkpoint) if trtllm_checkpoint is not None else None
     if ckpt is not None and not ckpt.is_dir():

@@ -27,12 +27,13 @@ from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
 from kvq.io.contained import files_outside
 from kvq.io.parse import parse_json
+from kvq.model.mla import is_mla
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 RENAMED_SINGLE = "model-00001-of-00001.safetensors"
 SCALES_SHARD = "kvq-kv-scales.safetensors"
-_K_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)\.self_attn\.(?P<proj>k_proj|qkv_proj)\.weight$")
+_K_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<i>\d+)\.self_attn\.(?P<proj>k_proj|qkv_proj|kv_a_proj_with_mqa)\.weight$")
 # Names under which checkpoints already carry KV-cache scales (compressed-tensors, ModelOpt, old FP8).
 _KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".k_proj.output_scale", ".v_proj.output_scale")
 # Bytes per element of the safetensors dtypes (the format's spec); for the index's total_size.
@@ -105,11 +106,16 @@ def _names_and_size(path: Path) -> tuple[list[str], int | None]:
 
 
 def attention_module_names(index: WeightIndex, layers: Sequence[int], export_format: str,
-                           fused_qkv: bool = False) -> dict[int, str]:
+                           fused_qkv: bool = False, mla: bool = False) -> dict[int, str]:
     """Layer index -> the attention module's name (``model.layers.{i}.self_attn``) of every layer in ``layers``
-    (those with a KV cache), from its k_proj weight, or with ``fused_qkv`` also its fused qkv_proj (Phi-3)."""
-    projections = ("k_proj", "qkv_proj") if fused_qkv else ("k_proj",)
+    (those with a KV cache), from its k_proj weight, or with ``fused_qkv`` also its fused qkv_proj (Phi-3); with
+    ``mla`` from its kv_a_proj_with_mqa weight (MLA's latent projection: DeepSeek-V2 / V3), ignoring the layers
+    past the decoder's (DeepSeek-V3's multi-token-prediction layer ``model.layers.{num_hidden_layers}``, which
+    vLLM's DeepSeek loader skips: deepseek_v2.py:1650-1652@0.34.0)."""
+    projections = ("kv_a_proj_with_mqa",) if mla else ("k_proj", "qkv_proj") if fused_qkv else ("k_proj",)
     matches = [m for m in map(_K_PROJ.match, index.weight_map) if m is not None]
+    if mla:
+        matches = [m for m in matches if int(m.group("i")) <= max(layers, default=0)]
     by_prefix: dict[str, dict[int, str]] = {}
     for m in matches:
         if m.group("proj") in projections:
@@ -249,7 +255,7 @@ def checkpoint_scales(
     files = req.model_files(export_format)
     index = read_weights(files)
     refuse_existing_scales(index, files.folder)
-    modules = attention_module_names(index, req.shape.kv_layers, export_format, fused_qkv)
+    modules = attention_module_names(index, req.shape.kv_layers, export_format, fused_qkv, is_mla(req.scales.metadata))
     tensors: dict[str, torch.Tensor] = {}
     reduced: set[str] = set()
     for i in req.shape.kv_layers:

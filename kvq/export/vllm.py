@@ -31,6 +31,7 @@ from kvq.artifacts.files import json_bytes
 from kvq.artifacts.layer_plan import VLLM_SKIP_SINCE, vllm_skip_flags
 from kvq.errors import UsageError
 from kvq.export.checkpoint_folder import checkpoint_plan, checkpoint_scales
+from kvq.export.mla_export import mla_serving
 from kvq.export.model_check import refuse_format
 from kvq.export.request import Exporter, ExportPlan, ExportRequest
 
@@ -156,6 +157,7 @@ def build(req: ExportRequest) -> ExportPlan:
     if scales.recipe.query is not None:
         plan.warnings.append(WARN_QUERY)
     plan.serve = list(SERVE_PER_HEAD if per_head else SERVE_PER_TENSOR)
+    plan = mla_serving(plan, scales)  # an MLA latent cache: its backends, its serve line
     if req.skip_layers:
         plan.serve, more = with_skip_layers(plan.serve, req.skip_layers)
         plan.warnings += more

@@ -20,6 +20,7 @@ from kvq.artifacts.files import StatedShape, metadata_int, read_safetensors
 from kvq.errors import UsageError
 from kvq.export.lmdeploy import lmdeploy_zero_point
 from kvq.inspection.found import KVQ_ARTIFACT, DeclaredShape, Found, ScaleEntry, Scheme
+from kvq.model.mla import is_mla
 from kvq.model.model_spec import parse_layers
 from kvq.recipe.schema import KVRecipe
 
@@ -90,4 +91,7 @@ def read_kvq_scales(path: Path) -> Found:
         found.entries.append(ScaleEntry(layer=layer, role=role, name=name, file=path.name, values=values,
                                         offset=offset))
     found.notes.append("a kvq artifact is read by no engine directly: `kvq export-scales` writes what each loads")
+    if is_mla(meta):
+        found.notes.append("an MLA latent cache (kv_layout mla): K is the compressed latent, V the rotary key part; "
+                           "vLLM writes the row with one scale per layer (docs/engines.md, MLA)")
     return found

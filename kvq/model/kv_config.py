@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from kvq.errors import UsageError
+from kvq.model.mla import latent_dims
 from kvq.model.model_spec import KVShape, LayerKV
 
 # Layer types (config ``layer_types``) whose layers hold no per-token K/V: transformers caches them as
@@ -113,6 +114,11 @@ def kv_shape(config, source: str = "the model's config") -> KVShape:
             f"{sorted(set(text.layer_types))}), so it has nothing to calibrate",
             hint="kvq calibrates models whose attention layers keep a KV cache",
         )
+    dims = latent_dims(text, source)
+    if dims is not None:  # MLA: every cached layer holds its latent row, the latent (K) and the rotary key part (V)
+        row = LayerKV(dims.k, dims.v)
+        return KVShape.from_layers(int(layers), dict.fromkeys(range(int(layers)) if cached is None else cached, row),
+                                   cached)
     per_layer = _layer_configs(text, int(layers), source)
     if per_layer is None:
         kv_heads = _attr(text, "num_key_value_heads") or heads

@@ -145,7 +145,7 @@ def channel_plot(grids: Grids) -> Plot:
     """Every channel's absmax over its head's median channel absmax, layer x (head, channel), K above V."""
     from matplotlib.colors import LogNorm
 
-    layers, heads, dim = grids.ratio["k"].shape
+    layers = grids.ratio["k"].shape[0]
     fig = _figure(channel_height(layers))
     title = f"channel absmax / median channel absmax of its head (outlier: > {OUTLIER_RATIO:g}x)"
     fig.suptitle(title, fontsize=11)
@@ -153,6 +153,7 @@ def channel_plot(grids: Grids) -> Plot:
     top = max(OUTLIER_RATIO * 2, max(float(np.nanmax(r)) for r in grids.ratio.values()))
     norm = LogNorm(vmin=1 / top, vmax=top)  # symmetric around 1 (white): outliers red, quiet channels blue
     for ax, w in zip(axes, ("k", "v"), strict=True):
+        _, heads, dim = grids.ratio[w].shape  # K and V each their own (MLA: the latent and the rotary part)
         flat = grids.ratio[w].reshape(layers, heads * dim)  # (layers, heads, dim) -> (layers, heads * dim)
         image = ax.imshow(np.clip(flat, 1 / top, top), aspect="auto", interpolation="nearest", cmap="RdBu_r",
                           norm=norm)
@@ -169,7 +170,7 @@ def channel_plot(grids: Grids) -> Plot:
                 f"absmax of its KV head; red cells are channels far above their head's typical range "
                 "(the black line on the colour bar marks "
                 f"{OUTLIER_RATIO:g}x). Outlier key channels are what per-channel scales or smoothing fix.",
-                {w: _json_values(r.reshape(layers, heads * dim)) for w, r in grids.ratio.items()})
+                {w: _json_values(r.reshape(layers, -1)) for w, r in grids.ratio.items()})
 
 
 def eval_plot(grids: Grids) -> Plot:

@@ -14,10 +14,12 @@ import torch
 from kvq.artifacts.scales import KVScales, LayerScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import KvqError, UsageError
+from kvq.model.mla import is_mla
 from kvq.quant.qparams import choose_qparams
 from kvq.recipe.schema import KVRecipe, transforms_json
 from kvq.solving.attention import attention_ranges
 from kvq.solving.observers import observed_range
+from kvq.solving.row_scale import refuse_row_observers, row_scales
 
 
 def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple]:
@@ -34,6 +36,8 @@ def layer_ranges(stats: KVStats, i: int, recipe: KVRecipe) -> tuple[tuple, tuple
 def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple, tuple]] | None = None) -> KVScales:
     """Scales and zero-points of every layer in ``stats`` under ``recipe``; ``ranges`` (layer -> K and V ranges)
     replaces what the observers choose (the loss observer's choices, kvq.solving.loss)."""
+    if is_mla(stats.metadata):
+        refuse_row_observers(recipe)
     if ranges is None and "loss" in (recipe.key.observer, recipe.value.observer):
         raise UsageError(f"recipe {recipe.name} uses observer loss, which runs the model on calibration windows",
                          hint="give the model (kvq solve --model, kvq.solve(model=...)), or calibrate with the recipe")
@@ -63,6 +67,8 @@ def solve_scales(stats: KVStats, recipe: KVRecipe, ranges: dict[int, tuple[tuple
         except ValueError as exc:
             raise KvqError(f"layer {i}: {exc}") from exc
         layers[i] = LayerScales(k_scale, v_scale, k_zp, v_zp, q_scale)
+    if is_mla(stats.metadata):  # one scale for the latent row, as the engine writes it (kvq.solving.row_scale)
+        layers = row_scales(layers, recipe)
     return KVScales(recipe=recipe, layers=layers, metadata=dict(stats.metadata))
 
 
