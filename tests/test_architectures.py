@@ -17,11 +17,10 @@ import pytest
 import tiny_models
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvq.artifacts.stats import KVStats
 from kvq.cli import main
-from kvq.data import load_documents, select_samples
 from kvq.export import export_artifact
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,10 +32,7 @@ RECIPES, SAMPLES, SEQLEN = tiny_models.CAL_RECIPES, tiny_models.CAL_SAMPLES, tin
 def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], object]:
     """Per layer with a KV cache, the absmax per (KV head, channel) of the K and V the model itself caches
     over the calibration samples kvq picks (pydoc, seed 0), one sample per forward as ``--batch-size 1``."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
-                            SAMPLES, SEQLEN, 0)
-    return (tiny_models.own_cache_absmax(folder, picked.token_ids, whole_windows=False),
+    return (tiny_models.own_cache_absmax(folder, tiny_models.calibration_token_ids(folder), whole_windows=False),
             AutoConfig.from_pretrained(folder))
 
 
@@ -140,12 +136,7 @@ def test_transformers_loads_the_hybrid_export_onto_the_attention_layers(calibrat
 def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_path):
     folder, fp8 = calibrated(arch, "fp8")
     _, int8 = calibrated(arch, "int8")
-    report = tmp_path / "eval.json"
-    code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
-                 "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
-    assert code == 0
-    table = json.loads(report.read_text())
-    rows = {row["name"]: row for row in table["rows"]}
+    table, rows = tiny_models.eval_rows(folder, [fp8, int8], tmp_path / "eval.json")
     layers = {"qwen3_next": [1, 3], "granitemoehybrid": [0, 2], "qwen3_5_text": [3], "phi3": [0, 1, 2]}[arch]
     assert table["model"]["cached_layers"] == layers
     cached = len(layers)

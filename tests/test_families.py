@@ -18,11 +18,9 @@ import pytest
 import tiny_models
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from kvq.artifacts.stats import KVStats
 from kvq.cli import main
-from kvq.data import load_documents, select_samples
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,10 +57,7 @@ def calibrated(calibrated_tiny):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe):
     folder, out = calibrated(arch, recipe)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
-                            SAMPLES, SEQLEN, 0)  # the samples `kvq calibrate` picks (seed 0)
-    expected = tiny_models.own_cache_absmax(folder, picked.token_ids)
+    expected = tiny_models.own_cache_absmax(folder, tiny_models.calibration_token_ids(folder))
     assert sorted(expected) == list(range(LAYERS))
     stats = KVStats.load(out)
     assert sorted(stats.layers) == sorted(expected)
@@ -106,12 +101,7 @@ def test_vllm_export_of_gpt_oss_warns_that_sglang_drops_its_scales(calibrated, t
 def test_eval_counts_the_real_cache(calibrated, arch, tmp_path):
     folder, fp8 = calibrated(arch, "fp8")
     _, int8 = calibrated(arch, "int8")
-    report = tmp_path / "eval.json"
-    code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
-                 "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
-    assert code == 0
-    table = json.loads(report.read_text())
-    rows = {row["name"]: row for row in table["rows"]}
+    _, rows = tiny_models.eval_rows(folder, [fp8, int8], tmp_path / "eval.json")
     config = json.loads((folder / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     elements = 2 * LAYERS * KV_HEADS.get(arch, 2) * head_dim  # K and V of every layer, per token

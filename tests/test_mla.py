@@ -17,6 +17,7 @@ engine source cited above.
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from transformers import AutoConfig
 
@@ -49,7 +50,6 @@ def recipe(key: QuantSpec, value: QuantSpec | None = None, query: QuantSpec | No
 # --- the config -------------------------------------------------------------------------------------------------
 
 def test_latent_dims_are_read_from_the_config_attributes():
-    import tiny_models
 
     for arch in tiny_models.MLA_CONFIGS:
         config = tiny_models.MLA_CONFIGS[arch]()
@@ -60,7 +60,6 @@ def test_latent_dims_are_read_from_the_config_attributes():
 
 
 def test_the_kv_shape_of_an_mla_config_is_one_latent_row_per_layer():
-    import tiny_models
 
     from kvq.model.kv_config import kv_shape
     from kvq.model.model_spec import LayerKV
@@ -73,7 +72,6 @@ def test_the_kv_shape_of_an_mla_config_is_one_latent_row_per_layer():
 def test_a_multimodal_configs_latent_row_is_its_text_models():
     """Kimi K2.5: a DeepSeek-V3 text model under a vision config. (transformers 5.23 builds it only as an
     image-text-to-text model, not AutoModelForCausalLM, which kvq loads: it is not calibrated here.)"""
-    import tiny_models
 
     config = AutoConfig.for_model("kimi_k25", text_config=dict(tiny_models._MLA, model_type="deepseek_v3"))
     assert config_latent_dims(config) == LatentDims(32, 8)
@@ -173,9 +171,8 @@ def test_observers_that_score_attention_are_refused_for_mla(observer):
 
 # --- end to end, through the CLI ---------------------------------------------------------------------------------
 
-ARCHS = sorted(__import__("tiny_models").MLA_CONFIGS)  # deepseek_v2, deepseek_v3, kimi_linear
-RECIPES = {"fp8": "fp8-e4m3-per-tensor", "int8": "int8-asym-per-head"}
-SAMPLES, SEQLEN, LAYERS = 2, 32, 3
+ARCHS = sorted(tiny_models.MLA_CONFIGS)  # deepseek_v2, deepseek_v3, kimi_linear
+RECIPES, LAYERS = tiny_models.CAL_RECIPES, 3
 # the layers with a KV cache: every one of DeepSeek's 3; Kimi Linear's MLA layers 1 and 3 (delta attention elsewhere)
 KV_LAYERS = {"kimi_linear": [1, 3]}
 # the oracle is the model's own cache (its config's): Kimi Linear's holds the delta-attention state, and those of
@@ -184,25 +181,9 @@ OWN_CACHE = {"kimi_linear", "deepseek_v32", "glm_moe_dsa"}
 KV_LORA_RANK, ROPE_DIM = 32, 8  # tiny_models._MLA
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_model_factory, tmp_path_factory):
-    """``kvq calibrate`` (the CLI) of each MLA model with each recipe, once; (model folder, out folder)."""
-    from kvq.cli import main
-
-    done: dict[tuple[str, str], tuple] = {}
-
-    def run(arch: str, recipe_name: str):
-        if (arch, recipe_name) not in done:
-            folder = tiny_model_factory(arch)
-            out = tmp_path_factory.mktemp(f"mla-{arch}-{recipe_name}")
-            code = main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", str(SAMPLES),
-                         "--seqlen", str(SEQLEN), "--batch-size", "1", "--device", "cpu", "--recipe",
-                         RECIPES[recipe_name], "--out", str(out), "--force"])
-            assert code == 0
-            done[arch, recipe_name] = (folder, out)
-        return done[arch, recipe_name]
-
-    return run
+@pytest.fixture
+def calibrated(calibrated_tiny):
+    return calibrated_tiny
 
 
 @pytest.mark.timeout(600)
@@ -210,17 +191,12 @@ def calibrated(tiny_model_factory, tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe_name):
     """Per layer and channel, the latent (K) and the rotary part (V) exactly as the model's own cache holds them."""
-    import tiny_models
-    from transformers import AutoTokenizer
 
-    from kvq.data import load_documents, select_samples
 
     folder, out = calibrated(arch, recipe_name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    picked = select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
-                            SAMPLES, SEQLEN, 0)  # the samples `kvq calibrate` picks (seed 0)
+    token_ids = tiny_models.calibration_token_ids(folder)  # the samples `kvq calibrate` picks (seed 0)
     # the model's own cache (a hybrid model's own: its delta-attention layers keep a recurrent state in it)
-    expected = tiny_models.own_cache_absmax(folder, picked.token_ids, whole_windows=arch not in OWN_CACHE)
+    expected = tiny_models.own_cache_absmax(folder, token_ids, whole_windows=arch not in OWN_CACHE)
     layers = KV_LAYERS.get(arch, list(range(LAYERS)))
     assert sorted(expected) == layers
     stats = KVStats.load(out)

@@ -140,6 +140,30 @@ def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     return folder
 
 
+def calibration_token_ids(folder: Path) -> list[list[int]]:
+    """The samples `kvq calibrate` picks for the `calibrated_tiny` fixture (CAL_SAMPLES pydoc samples of
+    CAL_SEQLEN tokens, seed 0), as token ids of ``folder``'s tokenizer: what an own-cache oracle runs."""
+    from kvq.data import load_documents, select_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return select_samples(load_documents("pydoc", None, purpose="calibration").documents, tokenizer,
+                          CAL_SAMPLES, CAL_SEQLEN, 0).token_ids
+
+
+def eval_rows(folder: Path, scales: list[Path], report: Path) -> tuple[dict, dict[str, dict]]:
+    """`kvq eval` (the CLI) of ``folder`` with each artifact of ``scales`` on 2 pydoc windows of 32 tokens, its JSON
+    written to ``report``; (the JSON, its rows by name)."""
+    import json
+
+    from kvq.cli import main
+
+    code = main(["eval", "--model", str(folder), "--dataset", "pydoc", *[a for s in scales for a in ("--scales", str(s))],
+                 "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])
+    assert code == 0
+    table = json.loads(report.read_text())
+    return table, {row["name"]: row for row in table["rows"]}
+
+
 def own_cache_absmax(folder: Path, token_ids: list[list[int]],
                      whole_windows: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The oracle of every capture test: per layer that holds a KV cache, the absmax per (KV head, channel) of the
