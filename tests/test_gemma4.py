@@ -223,3 +223,16 @@ def test_multimodal_gemma4_calibrates_its_text_model_and_exports_the_names_vllm_
     for i, source in GOLDEN["gemma4_shared"].items():
         assert written[f"model.language_model.layers.{i}.self_attn.k_scale"].tolist() == [scales[str(source)]["k_scale"]]
     assert main(["inspect", str(tmp_path / "export")]) == 0
+
+
+def test_validate_and_plan_run_and_report_refuses_in_one_line(calibrated, tmp_path, capsys):
+    folder, out = calibrated("gemma4_k_eq_v", "int8")
+    run = ["--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32", "--device", "cpu"]
+    assert main(["validate", str(out), *run]) == 0
+    heads = {int(row["layer"]): row for row in json.loads((out / "validate.json").read_text())["heads"]}
+    assert sorted(heads) == [0, 1, 2, 3]
+    assert main(["plan", str(out), *run, "--skip", "1", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "holds layers of different K/V shapes" in err and "Traceback" not in err

@@ -69,6 +69,12 @@ def load_inputs(out_dir: str | Path, validation: str | Path | None = None,
                          "of a hybrid model (the others keep a recurrent state); kvq report draws every layer 0..N-1 "
                          "and does not read such statistics yet",
                          hint="read the statistics with `kvq inspect` or `kvq eval` instead")
+    shapes = {(tuple(layer.k.min.shape), tuple(layer.v.min.shape)) for layer in stats.layers.values()}
+    if len(shapes) > 1 or any(k != v for k, v in shapes):
+        raise UsageError(f"{out_dir / STATS_FILE} holds layers of different K/V shapes (metadata kv_shapes "
+                         f"{stats.metadata.get('kv_shapes', '?')[:80]}); kvq report draws one heads x channels grid "
+                         "for every layer and does not read such statistics yet",
+                         hint="read the statistics with `kvq inspect` or `kvq eval` instead")
     scales = KVScales.load(out_dir / SCALES_FILE) if (out_dir / SCALES_FILE).is_file() else None
     inputs = ReportInputs(out_dir, stats, scales)
     if scales is not None:
