@@ -236,3 +236,27 @@ def test_validate_and_plan_run_and_report_refuses_in_one_line(calibrated, tmp_pa
     assert main(["report", str(out), "--force"]) == 2
     err = capsys.readouterr().err
     assert "holds layers of different K/V shapes" in err and "Traceback" not in err
+
+
+def test_inspect_flags_a_kv_sharing_layer_without_scales(calibrated, tmp_path, capsys):
+    """A compressed-tensors Gemma 4 checkpoint whose KV-sharing layers carry no scale: vLLM would read their
+    target's fp8 cache at scale 1.0 (see GOLDEN's notes); inspect names each such layer."""
+    from safetensors.torch import save_file
+
+    folder, out = calibrated("gemma4_shared", "fp8")
+    export = tmp_path / "export"
+    export_artifact(out, "vllm", out=export, model=str(folder))
+    path = export / "kvq-kv-scales.safetensors"
+    kept = {k: v for k, v in load_file(path).items() if ".layers.3." not in k and ".layers.4." not in k}
+    path.unlink()  # a hard-linked export: replace the files, never write through a link
+    save_file(kept, path)
+    index_path = export / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in kept or "_scale" not in k}
+    index_path.unlink()
+    index_path.write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["inspect", str(export)]) == 1
+    text = capsys.readouterr().out
+    assert "layer 3 reads layer 2's KV cache (KV sharing) but has no K scale" in text, text
+    assert "layer 4 reads layer 1's KV cache (KV sharing) but has no V scale" in text, text

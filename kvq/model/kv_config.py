@@ -138,13 +138,9 @@ def kv_sharing_targets(config: dict) -> dict[int, int]:
     nested = config.get("text_config")
     text = nested if isinstance(nested, dict) and "num_hidden_layers" in nested else config
     layers, shared, types = text.get("num_hidden_layers"), text.get("num_kv_shared_layers"), text.get("layer_types")
-    if not (isinstance(layers, int) and isinstance(shared, int) and 0 < shared < layers
+    if not (isinstance(layers, int) and isinstance(shared, int) and 0 < shared < layers <= COUNT_MAX
             and isinstance(types, list) and len(types) == layers):
         return {}
     first = layers - shared
-    targets = {}
-    for i in range(first, layers):
-        earlier = [j for j in range(first) if types[j] == types[i]]
-        if earlier:
-            targets[i] = earlier[-1]
-    return targets
+    last = {str(kind): j for j, kind in enumerate(types[:first])}  # each type's last earlier layer (one pass)
+    return {i: last[str(types[i])] for i in range(first, layers) if str(types[i]) in last}
