@@ -260,3 +260,25 @@ def test_inspect_flags_a_kv_sharing_layer_without_scales(calibrated, tmp_path, c
     text = capsys.readouterr().out
     assert "layer 3 reads layer 2's KV cache (KV sharing) but has no K scale" in text, text
     assert "layer 4 reads layer 1's KV cache (KV sharing) but has no V scale" in text, text
+
+
+def test_query_scales_of_a_kv_sharing_model(tiny_model_factory, tmp_path):
+    """A recipe with a query: section on gemma4_shared: the layers with a KV cache get q_scale; the KV-sharing
+    layers write no K/V, so kvq calibrates no query there, and the export says vLLM runs them at 1.0."""
+    folder = tiny_model_factory("gemma4_shared")
+    recipe = tmp_path / "fp8-query.yaml"
+    recipe.write_text("name: fp8-query\nformat: fp8_e4m3\nsymmetric: true\ngranularity: tensor\nobserver: minmax\n"
+                      "query:\n  format: fp8_e4m3\n  granularity: tensor\n")
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32",
+                 "--device", "cpu", "--recipe", str(recipe), "--out", str(out)]) == 0
+    stats = KVStats.load(out)
+    assert sorted(stats.layers) == [0, 1, 2] and all(layer.q is not None for layer in stats.layers.values())
+    assert tuple(stats.layers[1].q.min.shape) == (4, 32)  # 4 query heads of the full layer's head_dim 32
+    result = export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
+    assert {n for n in written if n.endswith("q_scale")} == {f"model.layers.{i}.self_attn.q_scale" for i in range(3)}
+    assert any("KV-sharing layers 3, 4 have no calibrated query" in note for note in result.notes)
+    # eval runs the KV-sharing layers' queries at vLLM's q_scale 1.0 (no calibrated one), the others calibrated
+    assert main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(out), "--samples", "1",
+                 "--seqlen", "16", "--device", "cpu"]) == 0

@@ -192,11 +192,15 @@ def query_scales(req: ExportRequest, kv, per_head: bool) -> str:
                          "for K, V and Q (tensor, or attn_head)",
                          hint="solve the query with the granularity of the K/V scales")
     for i, layer in req.scales.layers.items():
-        name = next(n for n in kv.tensors if n.endswith(".k_scale") and f".{i}." in n).removesuffix("k_scale")
+        name = next(n for n in kv.tensors if n.endswith(f".{i}.self_attn.k_scale")).removesuffix("k_scale")
         q = layer.q_scale.to(torch.float32)  # per head: (num_heads,), equal within each KV-head group
         kv.tensors[name + "q_scale"] = (q.reshape(-1, 1, 1) if per_head else q.reshape(1)).contiguous()
+    unscaled = sorted({int(n.split(".self_attn.")[0].rsplit(".", 1)[1]) for n in kv.tensors
+                       if n.endswith(".k_scale")} - set(req.scales.layers))
     return (f"query scales: self_attn.q_scale per {'attention head' if per_head else 'tensor'} "
-            "(vLLM's FlashAttention 3 quantizes the query whenever the KV cache is fp8)")
+            "(vLLM's FlashAttention 3 quantizes the query whenever the KV cache is fp8)"
+            + (f"; KV-sharing layers {', '.join(map(str, unscaled))} have no calibrated query (kvq captures no K/V "
+               "there to pair it with): vLLM quantizes their query at q_scale 1.0" if unscaled else ""))
 
 
 def with_skip_layers(serve: list[str], skip_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:
