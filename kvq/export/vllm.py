@@ -16,7 +16,8 @@ What vLLM reads (checked in vLLM 0.33.0's source; see docs/engines.md for the ci
   (the last ``num_kv_shared_layers``) write no cache but read an earlier layer's, and vLLM 0.34.0 dequantizes it
   with the reading layer's own ``attn._k_scale`` (gemma4.py:495-540 ``kv_sharing_target_layer_name``;
   attention.py:816-820 runs ``impl.forward`` with the calling layer; flash_attn.py:1328 ``layer._k_scale``;
-  kv_cache.py:118-122 1.0 when none is loaded): they get the scales of the layer whose cache they read.
+  kv_cache.py:118-122 1.0 when none is loaded): they get the scales of the layer whose cache they read
+  (``kvq.export.checkpoint_folder.checkpoint_scales``, so ``--format modelopt`` names them too).
 * the scale is the dequantization multiplier: the cache holds ``k / k_scale`` cast to fp8 e4m3
   (``triton_reshape_and_cache_flash``), so ``k_scale = amax / 448``: kvq's fp8 scale, passed through.
 
@@ -144,16 +145,7 @@ def build(req: ExportRequest) -> ExportPlan:
                            fused_qkv=True)
     notes = list(kv.notes)
     shared = {i: j for i, j in kv_sharing_targets(kv.files.config).items()
-              if j in shape.kv_layers and i not in shape.kv_layers}
-    for layer, source in shared.items():  # KV sharing: the layer reads ``source``'s cache, with its own scales
-        for which in ("k", "v"):
-            name = next(n for n in kv.tensors if n.endswith(f".{source}.self_attn.{which}_scale"))
-            kv.tensors[name.removesuffix(f".{source}.self_attn.{which}_scale") + f".{layer}.self_attn.{which}_scale"] \
-                = kv.tensors[name].clone()
-    if shared:
-        notes.append("KV-sharing layers " + ", ".join(f"{i} (reads layer {j})" for i, j in shared.items())
-                     + ": vLLM dequantizes the cache they read with their own attn.k_scale / v_scale (1.0 when "
-                     "none is given), so they get the scales of the layer whose cache they read")
+              if j in shape.kv_layers and i not in shape.kv_layers}  # named by checkpoint_scales
     if len(shape.kv_layers) + len(shared) < shape.num_layers:
         notes.append(f"scales for the layers with a KV cache only ({', '.join(map(str, shape.kv_layers))} of "
                      f"{shape.num_layers} layers); the others keep a recurrent state, which vLLM does not quantize")
