@@ -282,3 +282,15 @@ def test_query_scales_of_a_kv_sharing_model(tiny_model_factory, tmp_path):
     # eval runs the KV-sharing layers' queries at vLLM's q_scale 1.0 (no calibrated one), the others calibrated
     assert main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(out), "--samples", "1",
                  "--seqlen", "16", "--device", "cpu"]) == 0
+
+
+def test_inspect_reads_clipping_per_layer_and_checks_each_layers_shape_against_the_model(calibrated, tmp_path, capsys):
+    folder, out = calibrated("gemma4_k_eq_v", "fp8")
+    other, _ = calibrated("gemma4_global", "fp8")
+    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "export"), "--stats", str(out), "--tp", "2"]) == 0
+    assert "K clip" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--model", str(other)]) == 1  # full layers: 1 KV head here, 2 there
+    text = capsys.readouterr().out
+    assert "layer 1 K heads x dim (1, 32) vs (2, 32)" in text and "layer 3 V heads x dim (1, 32) vs (2, 32)" in text

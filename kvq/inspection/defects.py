@@ -279,7 +279,7 @@ def model_defects(found: Found, model: ModelShape | None) -> list[Defect]:
            f"({model.source})" for k in recorded if recorded[k] is not None and actual[k] is not None
            and recorded[k] != actual[k]]
     if per_layer and found.shape.num_kv_heads is not None:
-        bad += [f"layer {i} K/V heads x dim {found.shape.kv_of(i, w)} vs {model.kv.of(i).of(w)} ({model.source})"
+        bad += [f"layer {i} {w.upper()} heads x dim {found.shape.kv_of(i, w)} vs {model.kv.of(i).of(w)} ({model.source})"
                 for i in model.kv_layers for w in ("k", "v") if found.shape.kv_of(i, w) != model.kv.of(i).of(w)][:4]
     if not bad:
         return []
