@@ -112,6 +112,33 @@ MLA_CONFIGS = {
 }
 
 
+# Gemma 4 (gemma4_text, transformers 5.23 Gemma4TextConfig), shrunk: sliding layers of head_dim 16 and
+# full-attention layers of global_head_dim 32 (per_layer_config); the sliding window (64) covers the test
+# sequences, so the model's own cache (the tests' oracle) holds every token. The per-layer input embeddings
+# (PLE) are shrunk too (vocab_size_per_layer_input, hidden_size_per_layer_input).
+_GEMMA4 = dict(COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=64,
+               vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+GEMMA4_CONFIGS = {
+    # full-attention layers (1, 3) wider than the sliding ones (0, 2)
+    "gemma4_global": lambda: AutoConfig.for_model("gemma4_text", **_GEMMA4),
+    # KV sharing: the last 2 layers (3 sliding, 4 full) reuse the cache of the last earlier layer of their type
+    # (kv_sharing_modes [None, store, store, reuse, reuse])
+    "gemma4_shared": lambda: AutoConfig.for_model(
+        "gemma4_text", **dict(_GEMMA4, num_hidden_layers=5, num_kv_shared_layers=2, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"])),
+    # K = V projection on the full-attention layers, which have 1 KV head (num_global_key_value_heads)
+    "gemma4_k_eq_v": lambda: AutoConfig.for_model("gemma4_text", **_GEMMA4, attention_k_eq_v=True,
+                                                  num_global_key_value_heads=1),
+    # the multimodal gemma4 (Gemma4ForConditionalGeneration, what AutoModelForCausalLM builds for it) around the
+    # KV-sharing text model, with a one-layer vision tower and no audio tower
+    "gemma4_mm": lambda: AutoConfig.for_model(
+        "gemma4", text_config=GEMMA4_CONFIGS["gemma4_shared"]().to_dict(), audio_config=None,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16)),
+}
+
+
 def tokenizer_dir() -> Path:
     """The folder of SmolLM2's tokenizer; skips the caller (test or fixture), with the reason, where it is absent."""
     from kvq.errors import UsageError
@@ -133,7 +160,7 @@ def build(arch: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     """Save a random ``arch`` model and the SmolLM2 tokenizer into ``folder``; return it."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())  # first: skips before building where it is absent
     torch.manual_seed(seed)
-    config = (CONFIGS | HYBRID_CONFIGS | MLA_CONFIGS)[arch]()
+    config = (CONFIGS | HYBRID_CONFIGS | MLA_CONFIGS | GEMMA4_CONFIGS)[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

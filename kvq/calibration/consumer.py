@@ -56,6 +56,10 @@ class StatsConsumer:
         return captured.key, captured.value
 
     def query(self, captured: CapturedQuery) -> None:  # called only when wants_queries
+        if captured.layer_idx not in self.stats.layers:
+            # a layer that wrote no K/V (Gemma 4's KV sharing: it reads an earlier layer's cache, kvq.model.kv_config)
+            # has nothing to pair its queries with: not calibrated (its q_scale stays the engine's 1.0)
+            return
         if self.queries:
             q_min, q_max = channel_minmax(captured.real_query)
             if not (torch.isfinite(q_min).all() and torch.isfinite(q_max).all()):

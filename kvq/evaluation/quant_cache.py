@@ -129,7 +129,12 @@ class StaticQuantizer:
         return fake_quantize(x, layer.scale(which), layer.zero_point(which), spec.format)
 
     def quantize_query(self, q: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """The query through fp8 with the calibrated q_scale (per tensor, or per attention head)."""
+        """The query through fp8 with the calibrated q_scale (per tensor, or per attention head). A layer without
+        a KV cache of its own (Gemma 4's KV sharing: preflight checked the scales cover every layer that has one)
+        has no calibrated query: vLLM quantizes it at q_scale 1.0, and so does this."""
+        if layer_idx not in self.scales.layers:
+            return fake_quantize(q, torch.ones((), dtype=torch.float32, device=q.device), None,
+                                 self.recipe.query.format)
         layer = self._layer(layer_idx, q.device)
         return fake_quantize(q, layer.q_scale, None, self.recipe.query.format)
 

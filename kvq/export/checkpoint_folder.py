@@ -27,6 +27,7 @@ from kvq.export.request import ExportPlan, ExportRequest
 from kvq.export.tensor_parallel import group_values, reduction_notes
 from kvq.io.contained import files_outside
 from kvq.io.parse import parse_json
+from kvq.model.kv_config import kv_sharing_targets
 from kvq.model.mla import is_mla
 
 SINGLE = "model.safetensors"
@@ -251,11 +252,18 @@ def checkpoint_scales(
 ) -> CheckpointScales:
     """Every KV-cache layer's K and V scale, one per group of KV heads (``groups(heads)`` of the layer's K or V
     heads), as ``place(module, which, scales)`` names and shapes it (``scales``: shape (number of groups,)); refuses a model that already has KV scales. ``fused_qkv``:
-    the format also names the attention module of a fused qkv_proj (its loader maps ``self_attn.k_scale``)."""
+    the format also names the attention module of a fused qkv_proj (its loader maps ``self_attn.k_scale``).
+    A KV-sharing layer (Gemma 4's last ``num_kv_shared_layers``) has no cache of its own but reads an earlier
+    layer's with its own attention layer's scales (vLLM 0.34.0 gemma4.py:495-540, attention.py:816-820,
+    v1/attention/backends/flash_attn.py:1328; 1.0 when none is loaded, quantization/kv_cache.py:118-122):
+    it is named too, with the scales of the layer it reads."""
     files = req.model_files(export_format)
     index = read_weights(files)
     refuse_existing_scales(index, files.folder)
     modules = attention_module_names(index, req.shape.kv_layers, export_format, fused_qkv, is_mla(req.scales.metadata))
+    # KV sharing (Gemma 4): a layer that reads an earlier layer's cache gets that layer's scales, under its own name
+    shared = {i: j for i, j in kv_sharing_targets(files.config).items()
+              if j in req.shape.kv_layers and i not in req.shape.kv_layers}
     tensors: dict[str, torch.Tensor] = {}
     reduced: set[str] = set()
     for i in req.shape.kv_layers:
@@ -264,6 +272,18 @@ def checkpoint_scales(
             grouped = group_values(req.scales, i, which, groups(heads), req.reduce, export_format, target)
             if grouped.reduced:
                 reduced.add(which)
-            name, value = place(modules[i], which, grouped.scale)
-            tensors[name] = value.to(torch.float32).contiguous()
-    return CheckpointScales(files, index, tensors, reduction_notes(req.scales, reduced, target))
+            readers = [_sibling(modules[i], i, k) for k, j in sorted(shared.items()) if j == i]
+            for module in (modules[i], *readers):  # the layer, and the KV-sharing layers reading its cache
+                name, value = place(module, which, grouped.scale)
+                tensors[name] = value.to(torch.float32).contiguous()
+    notes = reduction_notes(req.scales, reduced, target)
+    if shared:
+        notes.append("KV-sharing layers " + ", ".join(f"{i} (reads layer {j})" for i, j in sorted(shared.items()))
+                     + ": vLLM dequantizes the cache they read with their own attn.k_scale / v_scale (1.0 when "
+                     "none is given), so they get the scales of the layer whose cache they read")
+    return CheckpointScales(files, index, tensors, notes)
+
+
+def _sibling(module: str, layer: int, other: int) -> str:
+    """``module`` (``model.layers.{layer}.self_attn``) of layer ``other`` instead."""
+    return module.removesuffix(f".{layer}.self_attn") + f".{other}.self_attn"

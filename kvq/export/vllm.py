@@ -12,7 +12,12 @@ What vLLM reads (checked in vLLM 0.33.0's source; see docs/engines.md for the ci
   vLLM's Phi3ForCausalLM is a LlamaForCausalLM whose attention keeps its ``Attention`` at ``self_attn.attn``
   (vllm/model_executor/models/phi3.py, llama.py).
 * only the layers with a KV cache: a hybrid model's linear-attention / Mamba layers (Qwen3-Next,
-  Qwen3.5, Granite 4.0-H) get no scale, as they have no ``self_attn.attn`` in vLLM.
+  Qwen3.5, Granite 4.0-H) get no scale, as they have no ``self_attn.attn`` in vLLM. Gemma 4's KV-sharing layers
+  (the last ``num_kv_shared_layers``) write no cache but read an earlier layer's, and vLLM 0.34.0 dequantizes it
+  with the reading layer's own ``attn._k_scale`` (gemma4.py:495-540 ``kv_sharing_target_layer_name``;
+  attention.py:816-820 runs ``impl.forward`` with the calling layer; flash_attn.py:1328 ``layer._k_scale``;
+  kv_cache.py:118-122 1.0 when none is loaded): they get the scales of the layer whose cache they read
+  (``kvq.export.checkpoint_folder.checkpoint_scales``, so ``--format modelopt`` names them too).
 * the scale is the dequantization multiplier: the cache holds ``k / k_scale`` cast to fp8 e4m3
   (``triton_reshape_and_cache_flash``), so ``k_scale = amax / 448``: kvq's fp8 scale, passed through.
 
@@ -34,6 +39,7 @@ from kvq.export.checkpoint_folder import checkpoint_plan, checkpoint_scales
 from kvq.export.mla_export import mla_serving
 from kvq.export.model_check import refuse_format
 from kvq.export.request import Exporter, ExportPlan, ExportRequest
+from kvq.model.kv_config import kv_sharing_targets
 
 EXPORT_FORMAT = "vllm"
 # What engines do with this checkpoint, read in their source (docs/engines.md, kvq/engines/matrix.py).
@@ -139,7 +145,9 @@ def build(req: ExportRequest) -> ExportPlan:
     kv = checkpoint_scales(req, EXPORT_FORMAT, groups, "per KV head" if per_head else "per tensor", place,
                            fused_qkv=True)
     notes = list(kv.notes)
-    if not shape.kv.all_layers_cached:
+    shared = {i: j for i, j in kv_sharing_targets(kv.files.config).items()
+              if j in shape.kv_layers and i not in shape.kv_layers}  # named by checkpoint_scales
+    if len(shape.kv_layers) + len(shared) < shape.num_layers:
         notes.append(f"scales for the layers with a KV cache only ({', '.join(map(str, shape.kv_layers))} of "
                      f"{shape.num_layers} layers); the others keep a recurrent state, which vLLM does not quantize")
     if scales.recipe.query is not None:
@@ -178,11 +186,15 @@ def query_scales(req: ExportRequest, kv, per_head: bool) -> str:
                          "for K, V and Q (tensor, or attn_head)",
                          hint="solve the query with the granularity of the K/V scales")
     for i, layer in req.scales.layers.items():
-        name = next(n for n in kv.tensors if n.endswith(".k_scale") and f".{i}." in n).removesuffix("k_scale")
+        name = next(n for n in kv.tensors if n.endswith(f".{i}.self_attn.k_scale")).removesuffix("k_scale")
         q = layer.q_scale.to(torch.float32)  # per head: (num_heads,), equal within each KV-head group
         kv.tensors[name + "q_scale"] = (q.reshape(-1, 1, 1) if per_head else q.reshape(1)).contiguous()
+    unscaled = sorted({int(n.split(".self_attn.")[0].rsplit(".", 1)[1]) for n in kv.tensors
+                       if n.endswith(".k_scale")} - set(req.scales.layers))
     return (f"query scales: self_attn.q_scale per {'attention head' if per_head else 'tensor'} "
-            "(vLLM's FlashAttention 3 quantizes the query whenever the KV cache is fp8)")
+            "(vLLM's FlashAttention 3 quantizes the query whenever the KV cache is fp8)"
+            + (f"; KV-sharing layers {', '.join(map(str, unscaled))} have no calibrated query (kvq captures no K/V "
+               "there to pair it with): vLLM quantizes their query at q_scale 1.0" if unscaled else ""))
 
 
 def with_skip_layers(serve: list[str], skip_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:

@@ -57,13 +57,14 @@ def _limits(entry: ScaleEntry, number: str, heads: int, head_dim: int, ranks: in
 
 
 def clipping(found: Found, stats: KVStats, shape: DeclaredShape) -> tuple[list[Clipping], list[Defect]]:
-    first = stats.layers[min(stats.layers)]
-    heads, head_dim = (int(x) for x in first.k.min.shape)
-    if (shape.num_kv_heads, shape.head_dim) not in ((heads, head_dim), (None, None)):
-        raise UsageError(f"--stats holds {heads} KV heads x head_dim {head_dim}, but the scales are for "
-                         f"{shape.num_kv_heads} x {shape.head_dim} ({shape.source})",
-                         hint="pass the stats.safetensors of a calibration of the same model")
-    stat_shape = replace(shape, num_kv_heads=heads, head_dim=head_dim, layers_key="")
+    for i, layer in sorted(stats.layers.items()):  # each layer's K and V at its own (heads, head_dim)
+        for role, ts in (("k", layer.k), ("v", layer.v)):
+            heads, head_dim = (int(x) for x in ts.min.shape)
+            if shape.kv_of(i, role) not in ((heads, head_dim), (None, None)):
+                declared = shape.kv_of(i, role)
+                raise UsageError(f"--stats holds {heads} KV heads x head_dim {head_dim} in layer {i} "
+                                 f"{ROLE_NAME[role]}, but the scales are for {declared[0]} x {declared[1]} "
+                                 f"({shape.source})", hint="pass the stats.safetensors of a calibration of the same model")
     rows, defects = [], []
     by_slot: dict[tuple[int, str], list[ScaleEntry]] = {}
     for e in found.entries:
@@ -75,6 +76,8 @@ def clipping(found: Found, stats: KVStats, shape: DeclaredShape) -> tuple[list[C
         if number is None or layer not in stats.layers:
             continue
         ts = stats.layers[layer].k if role == "k" else stats.layers[layer].v
+        heads, head_dim = (int(x) for x in ts.min.shape)
+        stat_shape = replace(shape, num_kv_heads=heads, head_dim=head_dim, layers_key="", layers=None)
         lo, hi = torch.full((heads, head_dim), float("nan")), torch.full((heads, head_dim), float("nan"))
         for e in entries:
             if e.rank is None and inferred_granularity(e, stat_shape) is None:

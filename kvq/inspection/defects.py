@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from kvq.export.model_check import ModelShape
-from kvq.inspection.found import KVQ_ARTIFACT, MODELOPT, ROLE_NAME, DeclaredShape, Found, ScaleEntry
+from kvq.inspection.found import (
+    COMPRESSED_TENSORS,
+    KVQ_ARTIFACT,
+    MODELOPT,
+    ROLE_NAME,
+    DeclaredShape,
+    Found,
+    ScaleEntry,
+)
 
 PER_RANK = "rank"
 
@@ -136,6 +144,8 @@ def coverage_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
                     out.append(Defect("missing-layer", i, name, f"layer {i}{where} has no {ROLE_NAME[role]} scale "
                                       f"({name} is absent; the model has a KV cache in layers "
                                       f"{', '.join(map(str, shape.cached_layers))}, {source})"))
+                if found.kind == COMPRESSED_TENSORS:
+                    out += _sharing_defects(found, shape, role, have, sample, rank)
                 continue
             for first, end in _missing_runs(set(have), num_layers):
                 if end - first < LISTED_RUN:
@@ -151,6 +161,21 @@ def coverage_defects(found: Found, shape: DeclaredShape) -> list[Defect]:
             for i in sorted(i for i in have if i >= num_layers):
                 out.append(Defect("extra-layer", i, have[i].name, f"layer {i} {ROLE_NAME[role]} scale "
                                   f"{have[i].name} is beyond the model's {num_layers} layers ({shape.source})"))
+    return out
+
+
+def _sharing_defects(found: Found, shape: DeclaredShape, role: str, have: dict[int, ScaleEntry], sample: ScaleEntry,
+                     rank: int | None) -> list[Defect]:
+    """A KV-sharing layer without a scale while the layer it reads has one: vLLM 0.34.0 dequantizes the cache it
+    reads with its own attn._k_scale (gemma4.py:495-540, attention.py:816-820), 1.0 when none is loaded
+    (quantization/kv_cache.py:118-122)."""
+    out = []
+    for i, source in sorted((shape.kv_sharing or {}).items()):
+        if i not in have and source in have:
+            name = _sibling_name(sample, i, rank)
+            out.append(Defect("missing-layer", i, name, f"layer {i} reads layer {source}'s KV cache (KV sharing) but "
+                              f"has no {ROLE_NAME[role]} scale ({name} is absent): vLLM dequantizes that cache with "
+                              "the reading layer's own scale, 1.0 without one"))
     return out
 
 
@@ -254,7 +279,7 @@ def model_defects(found: Found, model: ModelShape | None) -> list[Defect]:
            f"({model.source})" for k in recorded if recorded[k] is not None and actual[k] is not None
            and recorded[k] != actual[k]]
     if per_layer and found.shape.num_kv_heads is not None:
-        bad += [f"layer {i} K/V heads x dim {found.shape.kv_of(i, w)} vs {model.kv.of(i).of(w)} ({model.source})"
+        bad += [f"layer {i} {w.upper()} heads x dim {found.shape.kv_of(i, w)} vs {model.kv.of(i).of(w)} ({model.source})"
                 for i in model.kv_layers for w in ("k", "v") if found.shape.kv_of(i, w) != model.kv.of(i).of(w)][:4]
     if not bad:
         return []
@@ -274,7 +299,7 @@ def merged_shape(found: Found, model: ModelShape | None) -> DeclaredShape:
                    s.layers_key if s.num_layers is not None else "num_hidden_layers",
                    s.cached_layers if s.num_layers is not None else model.kv.cached_layers,
                    s.layers if s.layers is not None or model.kv.uniform
-                   else {i: model.kv.of(i) for i in model.kv_layers})
+                   else {i: model.kv.of(i) for i in model.kv_layers}, s.kv_sharing)
 
 
 def find_defects(found: Found, tp: int | None = None, model: ModelShape | None = None) -> list[Defect]:

@@ -77,6 +77,7 @@ class DeclaredShape:
     layers_key: str = ""  # the key of ``source`` stating num_layers (named when a count is wrong)
     cached_layers: tuple[int, ...] | None = None  # the layers with a KV cache (None: all, or not known)
     layers: dict[int, LayerKV] | None = None  # each cached layer's K / V (heads, dim) where the layers differ
+    kv_sharing: dict[int, int] | None = None  # KV-sharing layer -> the layer whose cache it reads (Gemma 4)
 
     def kv_of(self, layer: int, role: str) -> tuple[int | None, int | None]:
         """(KV heads, head_dim) of layer ``layer``'s ``role`` ("k", "v", or "kv": one scale for both, K's shape):
@@ -124,7 +125,7 @@ def text_config(config: dict) -> dict:
 
 def shape_from_config(config: dict, source: str) -> DeclaredShape:
     """The KV-cache shape a config.json states (transformers or TensorRT-LLM keys); UNKNOWN fields as None."""
-    from kvq.model.kv_config import check_config_counts, kv_shape
+    from kvq.model.kv_config import check_config_counts, kv_shape, kv_sharing_targets
 
     text = dict(text_config(config))
     if "head_dim" not in text and "head_size" in text:  # TensorRT-LLM's name
@@ -145,7 +146,7 @@ def shape_from_config(config: dict, source: str) -> DeclaredShape:
         cached, per_layer = None, None
     model_type = text.get("model_type") or config.get("model_type")
     return DeclaredShape(_int(layers), _int(kv_heads), _int(head_dim), _int(heads), model_type and str(model_type), source,
-                   "num_hidden_layers", cached, per_layer)
+                   "num_hidden_layers", cached, per_layer, kv_sharing_targets(config) or None)
 
 
 def _int(value: object) -> int | None:

@@ -135,3 +135,18 @@ def kv_shape(config, source: str = "the model's config") -> KVShape:
         shapes[i] = LayerKV((int(kv_heads), int(head_dim)), (int(kv_heads), int(head_dim)))
     return KVShape.from_layers(int(layers), shapes, cached)
 
+
+def kv_sharing_targets(config: dict) -> dict[int, int]:
+    """Layer -> the earlier layer whose KV cache it reads, for a config.json ``config`` (its decoder part: Gemma 4:
+    the last ``num_kv_shared_layers`` layers each read the last earlier layer of their own ``layer_types``
+    entry; transformers 5.23 Gemma4TextConfig.kv_sharing_modes, vLLM 0.34.0 gemma4.py:495-515). {} when none
+    (or the config does not say which layer a shared one reads)."""
+    nested = config.get("text_config")
+    text = nested if isinstance(nested, dict) and "num_hidden_layers" in nested else config
+    layers, shared, types = text.get("num_hidden_layers"), text.get("num_kv_shared_layers"), text.get("layer_types")
+    if not (isinstance(layers, int) and isinstance(shared, int) and 0 < shared < layers <= COUNT_MAX
+            and isinstance(types, list) and len(types) == layers):
+        return {}
+    first = layers - shared
+    last = {str(kind): j for j, kind in enumerate(types[:first])}  # each type's last earlier layer (one pass)
+    return {i: last[str(types[i])] for i in range(first, layers) if str(types[i]) in last}

@@ -51,8 +51,12 @@ class KVShape:
 
     ``cached_layers`` names the layers that hold a KV cache (None: all ``num_layers``). Hybrid models leave
     the others out: linear-attention / Mamba / convolution layers keep a recurrent state, not one K/V row per
-    token, and KV-sharing layers read another layer's cache: they are never calibrated, exported or counted in
-    the cache's memory.
+    token, and KV-sharing layers read another layer's cache: they are never calibrated or counted in the cache's
+    memory (the vllm export gives a KV-sharing layer the scales of the layer it reads, as vLLM dequantizes with
+    the reading layer's own scale: kvq.export.vllm).
+
+    For code building on it (MLA, say): construct with :meth:`from_layers` ({layer: LayerKV}), read with
+    :meth:`of`, record with :meth:`to_metadata` (read back by ``kvq.artifacts.files.StatedShape``).
     """
 
     num_layers: int
