@@ -16,9 +16,10 @@
 3. Evaluate each on the first ``--windows`` windows of ``--seqlen`` tokens of WikiText-2 (test) and of the held-out
    C4 file (``c4-en-validation-heldout.jsonl``, evaluation only): perplexity change against the unquantized model,
    with the paired standard error over windows; each observer also against minmax of the same recipe.
-4. Print the issue's targets: every observer no worse than minmax beyond noise (two paired standard errors); the
-   best fp8 observer better than scale 1.0; ``loss`` better than every other observer on the int4 rows; int8 asymmetric per head within 0.1% of the baseline with the best
-   observer; the skip-2 plan better than no plan. Exit 0 when every target passes, 1 otherwise.
+4. Print the issues' targets: every observer no worse than minmax beyond noise (two paired standard errors; ``loss``
+   beyond one); the best fp8 observer better than scale 1.0; ``loss`` better than every other observer on the int4
+   rows; int8 asymmetric per head at most 0.1% above the baseline with the best observer; the skip-2 plan better
+   than no plan. Exit 0 when every target passes, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         for base, observer, recipe in recipes():
             if observer != "minmax":
                 v, ve = pct(recipe.name, f"{base}+minmax")
-                checks.append((v <= 2 * ve, f"{recipe.name} no worse than minmax beyond noise ({v:+.3f}% ± {ve:.3f})"))
+                # loss (issue 23): within one paired standard error; the others within two
+                k, within = (1, "one standard error") if observer == "loss" else (2, "noise (two standard errors)")
+                checks.append((v <= k * ve, f"{recipe.name} no worse than minmax beyond {within} ({v:+.3f}% ± "
+                                            f"{ve:.3f})"))
             if observer == "loss" and base.startswith("int4"):
                 for other in (n for n in entry if n.startswith(f"{base}+") and n != recipe.name and "+skip" not in n):
                     v, ve = pct(recipe.name, other)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if int8s:
             int8 = min(int8s, key=lambda n: entry[n].ppl)
             d, de = pct(int8)
-            checks.append((abs(d) <= 0.1, f"int8 asym per head with the best observer ({int8}) within 0.1% of the "
+            checks.append((d <= 0.1, f"int8 asym per head with the best observer ({int8}) at most 0.1% above the "
                            f"baseline ({d:+.3f}% ± {de:.3f})"))
         for passed, text in checks:
             ok &= passed

@@ -18,7 +18,7 @@ from kvq.recipe.schema import parse_recipe
 from kvq.solving.loss import candidate_ranges
 
 RECIPE = {"name": "int4-loss", "format": "int4", "symmetric": False, "granularity": "head", "observer": "loss"}
-CALIBRATION = dict(dataset="pydoc", samples=4, seqlen=32, seed=3, loss_windows=2)
+CALIBRATION = dict(dataset="pydoc", samples=4, seqlen=32, seed=3, loss_windows=4)
 
 
 @pytest.fixture(scope="module")
@@ -63,28 +63,37 @@ def test_choice_equals_brute_force(calibrated, tiny_llama):
     stats = KVStats.load(out / "stats.safetensors")
     recipe = result.scales.recipe
 
-    def loss_of(ranges: dict) -> float:
-        total = 0.0
+    def losses_of(ranges: dict) -> list[float]:
+        out = []
         with torch.no_grad():
             for ids in windows:
-                total += float(model(input_ids=ids, labels=ids, use_cache=True,
-                                     past_key_values=HandCache(ranges, config=model.config)).loss)
-        return total
+                out.append(float(model(input_ids=ids, labels=ids, use_cache=True,
+                                       past_key_values=HandCache(ranges, config=model.config)).loss))
+        return out
 
-    chosen: dict = {}
+    def beats(losses: list[float], reference: list[float]) -> bool:
+        """The rule, written from its definition: mean(d) + 2 x sample stderr(d) < 0 over the windows."""
+        d = torch.tensor(losses, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+        return bool(d.mean() + 2 * d.std(correction=1) / len(d) ** 0.5 < 0)
+
+    candidates = {i: candidate_ranges(stats, i, recipe) for i in sorted(stats.layers)}
+    # start: every K and V at minmax (the reference); then greedy, layer by layer, K before V
+    chosen: dict = {(i, w): candidates[i]["minmax"][n] for i in candidates for n, w in enumerate("kv")}
     expected: dict = {}
     for i in sorted(stats.layers):
-        candidates = candidate_ranges(stats, i, recipe)
-        assert list(candidates) == ["minmax", "percentile", "mse", "attention"]
+        assert list(candidates[i]) == ["minmax", "percentile", "mse", "attention"]
         expected[str(i)] = {}
         for n, which in enumerate("kv"):
-            losses = [(loss_of({**chosen, (i, which): pair[n]}), name) for name, pair in candidates.items()]
-            best = min(losses, key=lambda t: t[0])[1]  # the first of the least
+            losses = {name: losses_of({**chosen, (i, which): pair[n]}) for name, pair in candidates[i].items()}
+            better = [name for name in losses if name != "minmax" and beats(losses[name], losses["minmax"])]
+            best = min(better, key=lambda name: sum(losses[name])) if better else "minmax"  # first of the least
             expected[str(i)][which] = best
-            chosen[(i, which)] = candidates[best][n]
+            chosen[(i, which)] = candidates[i][best][n]
     record = json.loads(json.loads((out / "scales.json").read_text())["metadata"]["loss_observer"])
     assert {i: {w: layer[w] for w in "kv"} for i, layer in record["layers"].items()} == expected
-    assert record["windows"] == 2
+    assert record["windows"] == 4
+    picks = [c for layer in expected.values() for c in layer.values()]
+    assert "minmax" in picks and set(picks) - {"minmax"}, picks  # the rule both keeps minmax and replaces it
     # the scales are those of the chosen ranges
     for i, layer in result.scales.layers.items():
         lo, hi = chosen[(i, "v")]
@@ -126,9 +135,9 @@ def test_solve_with_the_model_matches_calibrate(calibrated, tiny_llama, tmp_path
     recipe.write_text("format: int4\nsymmetric: false\ngranularity: head\nobserver: loss\n")
     target = tmp_path / "solved"
     result = run_in_process(["solve", str(out), "--recipe", str(recipe), "--out", str(target), "--model",
-                             str(tiny_llama), "--loss-windows", "2"], capsys)
+                             str(tiny_llama), "--loss-windows", "4"], capsys)
     assert result.code == 0, result.stderr
-    assert "observer loss: 2 window(s)" in result.stdout and "s per layer" in result.stdout
+    assert "observer loss: 4 window(s)" in result.stdout and "s per layer" in result.stdout
     solved, calibrated_json = (json.loads((d / "scales.json").read_text()) for d in (target, out))
     assert solved["layers"] == calibrated_json["layers"]  # the same windows re-read from the statistics' data
     assert solved["metadata"]["loss_observer"] == calibrated_json["metadata"]["loss_observer"]
@@ -142,4 +151,4 @@ def test_report_shows_the_choice_per_layer(calibrated, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| loss observer |"))
     choices = result.scales.loss_search.choices
     expected = ", ".join(f"{i} {choices[i]['k']}/{choices[i]['v']}" for i in sorted(choices))
-    assert "on 2 calibration windows" in row and expected in row
+    assert "on 4 calibration windows" in row and expected in row
