@@ -56,9 +56,11 @@ def test_calibrate_writes_the_artifacts(tiny_llama, c4_file, tmp_path, capsys):
     assert "kvq calibration" in capsys.readouterr().out
 
 
-def test_solve_on_saved_stats_equals_calibrate(tiny_llama, c4_file, tmp_path):
+@pytest.mark.parametrize("histograms", [[], ["--histograms", "head"], ["--histograms", "channel"]])
+def test_solve_on_saved_stats_equals_calibrate(tiny_llama, c4_file, tmp_path, histograms):
+    """docs/artifacts.md: the same tensors, metadata and scales.json, with or without histograms in the statistics."""
     cal, solved = tmp_path / "cal", tmp_path / "solved"
-    assert main(calibrate_args(tiny_llama, c4_file, cal, "--recipe", "int4-asym-per-head")) == 0
+    assert main(calibrate_args(tiny_llama, c4_file, cal, "--recipe", "int4-asym-per-head", *histograms)) == 0
     assert main(["solve", str(cal / "stats.safetensors"), "--recipe", "int4-asym-per-head", "--out", str(solved)]) == 0
     a, a_meta = read_safetensors(cal / "scales.safetensors")
     b, b_meta = read_safetensors(solved / "scales.safetensors")

@@ -270,6 +270,9 @@ class KVStats:
         with_q = {i for i, layer in stats.layers.items() if layer.q is not None}
         if with_q and len(with_q) != len(stats.layers):
             raise UsageError(f"{where}: some layers hold query ranges and some do not", hint=_HINT)
+        # like layer_tokens and reservoir, "histograms" describes the file's tensors (to_bytes writes it again from
+        # them), not the run: kept out of the metadata, so scales solved from the file carry what calibrate's carry
+        stats.metadata.pop("histograms", None)
         return stats
 
 
