@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             search = scales.loss_search
             picks = Counter(name for layer in search.choices.values() for name in layer.values())
             print(f"{recipe.name}: {search.windows} windows x <= {args.cal_seqlen} tokens, {search.forwards} forward "
-                  f"passes, {search.seconds_per_layer:.1f} s per layer; chose "
+                  f"passes, {search.seconds_per_layer:.1f} s per layer; started from {search.start}; chose "
                   + ", ".join(f"{k} x{v}" for k, v in sorted(picks.items()))
                   + "; per layer K/V: " + " ".join(f"{i}:{c['k']}/{c['v']}" for i, c in sorted(search.choices.items())))
         else:

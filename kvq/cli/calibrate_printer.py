@@ -33,7 +33,8 @@ def loss_cost(search: LossSearch) -> str:
     picked = Counter(name for layer in search.choices.values() for name in layer.values())
     shown = ", ".join(f"{name} x{n}" for name, n in sorted(picked.items()))
     return (f"{search.windows} window(s), {search.forwards} forward passes, {search.seconds_per_layer:.2f} s per layer "
-            f"({search.seconds:.1f} s, of which {search.candidate_seconds:.1f} s computing the candidates); chose {shown}")
+            f"({search.seconds:.1f} s, of which {search.candidate_seconds:.1f} s computing the candidates); started from "
+            f"{search.start}, chose {shown}")
 
 
 def print_summary(result: CalibrationResult, console: Console | None = None) -> None:

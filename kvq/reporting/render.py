@@ -76,7 +76,9 @@ def loss_choices_text(record: dict) -> str:
     layers = record.get("layers", {})
     picks = ", ".join(f"{i} {layer.get('k', '-')}/{layer.get('v', '-')}" for i, layer in
                       sorted(layers.items(), key=lambda item: int(item[0])))
-    return f"chosen by the model's loss on {record.get('windows', '?')} calibration windows, per layer K/V: {picks}"
+    start = f", from {record['start']} everywhere" if isinstance(record.get("start"), str) else ""
+    return (f"chosen by the model's loss on {record.get('windows', '?')} calibration windows{start}, per layer K/V: "
+            f"{picks}")
 
 
 def generation_text(evaluation: dict) -> str | None:

@@ -10,23 +10,27 @@ Objective: the sum over the calibration windows (one forward each, no padding) o
 fake-quantized K/V through the capture (:class:`kvq.evaluation.quant_cache.FakeQuantize`, the cache the
 evaluation applies).
 
-Search: greedy, layer by layer from the first, K before V, starting from the reference: every tensor at its
-minmax range (or, when only one of K and V is ``loss``, the other at its own observer's range). For layer i
-every candidate of K is tried with the layers before i at their choices and the layers after i still at the
-reference, so each candidate is judged in the cache the engine will hold (every layer quantized), not with the
-rest of the model exact; then V with K at its choice. Each accepted change lowers the calibration loss, so the
-result's loss on the calibration windows is at most the all-minmax cache's.
+Search, in two steps, every candidate judged in the cache the engine will hold (every layer quantized):
 
-Significance: a candidate replaces minmax only if it lowers the loss on the windows beyond their noise: its
-per-window loss minus minmax's, ``d``, must satisfy ``mean(d) + 2 * stderr(d) < 0`` (stderr over windows;
-with one window, ``d < 0``). Among those, the least total loss wins (ties keep the earlier, :data:`CANDIDATES`
-order). Without this rule the search picks, for int4 per-channel values on SmolLM2, clipped ranges that
-lower the loss of 4 calibration windows and raise held-out perplexity by ~5% (docs/quality.md).
+1. The start: all loss tensors at the range of one observer (the same in every layer): all-minmax, and each
+   other observer the statistics allow in every layer; the one of least loss among those that beat
+   all-minmax significantly (below), else minmax. One full forward per window and uniform candidate.
+2. Greedy refinement, layer by layer from the first, K before V: each candidate of layer i's K with the layers
+   before i at their choices and the layers after i at the start; a candidate replaces the current choice only
+   if it lowers the loss significantly; then V with K at its choice. Each accepted change lowers the loss on
+   the calibration windows, so the result's loss there is at most the start's, hence at most all-minmax's.
+
+Significance: with ``d`` a candidate's per-window loss minus the current choice's, ``mean(d) + 2 * stderr(d) <
+0`` (stderr over windows; one window: ``d < 0``); among those passing, the least total loss wins (ties keep
+the earlier, :data:`CANDIDATES` order). Without it the search picked, for int4 per-channel values on SmolLM2,
+clipped ranges that lowered the loss of 4 calibration windows and raised held-out perplexity by ~5%
+(docs/quality.md).
 
 Greedy rather than full coordinate descent: the cost is linear in the layers (candidates x 2 forwards per
-window and layer, one sweep), and since the choices of layers before i are fixed, the output of layer i - 1 is
-the same for every candidate of layer i: it is recorded once and the layers before i are skipped (each run
-computes layers i.. only; :class:`_Prefix`), so a later layer costs less than an earlier one. Deterministic:
+window and layer, one sweep, after step 1's few), and since the choices of layers before i are fixed, the
+output of layer i - 1 is the same for every candidate of layer i: it is recorded once and the layers before i
+are skipped (each run computes layers i.. only; :class:`_Prefix`), so a later layer costs less than an earlier
+one. Deterministic:
 the windows are the calibration's first samples (seeded), candidates are compared in a fixed order.
 """
 
@@ -67,6 +71,7 @@ class LossSearch:
     seconds: float = 0.0
     forwards: int = 0  # forward passes run (each over the layers from the one being chosen)
     candidate_seconds: float = 0.0  # of ``seconds``: computing the other observers' ranges (attention's search)
+    start: str = "minmax"  # the observer every loss tensor started from (step 1)
 
     @property
     def seconds_per_layer(self) -> float:
@@ -74,7 +79,7 @@ class LossSearch:
 
     def to_json(self) -> dict:
         """What the artifact records (no timings: the same seed gives the same bytes)."""
-        return {"windows": self.windows,
+        return {"windows": self.windows, "start": self.start,
                 "layers": {str(i): {**self.choices[i], "from": list(self.candidates[i])} for i in sorted(self.choices)}}
 
 
@@ -244,9 +249,27 @@ def solve_by_loss(stats: KVStats, recipe: KVRecipe, model: torch.nn.Module,
         t0 = time.perf_counter()
         all_cands = {i: candidate_ranges(stats, i, recipe) for i in sorted(stats.layers)}
         search.candidate_seconds += time.perf_counter() - t0
-        # the reference every choice starts from: minmax for the loss tensors, the recipe's observer otherwise
+        # Step 1, the start: every loss tensor at one observer's range (the same observer in every layer), the one of
+        # least loss among those that beat all-minmax beyond the windows' noise; minmax when none does
         fixed = {i: dict(zip("kv", layer_ranges(stats, i, recipe), strict=True)) for i in sorted(stats.layers)}
+        uniform = [name for name in CANDIDATES if all(name in cands for cands in all_cands.values())]
+        tried_starts: list[tuple[str, list[float]]] = []
+        for name in uniform:
+            params = {(i, w): _qparams(all_cands[i][name][n] if recipe.spec(w).observer == "loss" else fixed[i][w],
+                                       recipe.spec(w)) for i in fixed for n, w in enumerate("kv")}
+            prefix.start = 0
+            losses, _ = _loss(model, ids, _RangeQuantizer(params), prefix, None)
+            search.forwards += len(ids)
+            tried_starts.append((name, losses))
+        better = [t for t in tried_starts[1:] if significantly_lower(t[1], tried_starts[0][1])]
+        search.start = min(better, key=lambda t: sum(t[1]))[0] if better else "minmax"
+        for i in fixed:
+            for n, w in enumerate("kv"):
+                if recipe.spec(w).observer == "loss":
+                    fixed[i][w] = all_cands[i][search.start][n]
         chosen = {(i, w): _qparams(fixed[i][w], recipe.spec(w)) for i in fixed for w in "kv"}
+        # Step 2, greedy refinement: layer by layer, K before V, a candidate replaces the current choice only beyond
+        # the windows' noise
         for i in sorted(stats.layers):
             cands = all_cands[i]
             search.candidates[i] = tuple(cands)
@@ -269,9 +292,9 @@ def solve_by_loss(stats: KVStats, recipe: KVRecipe, model: torch.nn.Module,
                         tried.append((name, rng, losses, outs))
                     else:
                         tried.append((name, rng, twin[2], twin[3]))
-                reference = tried[0]  # minmax, the first candidate
-                better = [t for t in tried[1:] if significantly_lower(t[2], reference[2])]
-                best = min(better, key=lambda t: sum(t[2])) if better else reference  # min keeps the first of equals
+                current = next(t for t in tried if t[0] == search.start)
+                better = [t for t in tried if t is not current and significantly_lower(t[2], current[2])]
+                best = min(better, key=lambda t: sum(t[2])) if better else current  # min keeps the first of equals
                 search.choices[i][which] = best[0]
                 fixed[i][which] = best[1]
                 chosen[(i, which)] = _qparams(best[1], spec)
