@@ -36,15 +36,10 @@ def own_cache(folder) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], obj
             AutoConfig.from_pretrained(folder))
 
 
-@pytest.fixture
-def calibrated(calibrated_tiny):
-    return calibrated_tiny
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("arch", [*HYBRIDS, "phi3"])
-def test_statistics_equal_the_models_own_cache_in_every_cached_layer(calibrated, arch, recipe):
-    folder, out = calibrated(arch, recipe)
+def test_statistics_equal_the_models_own_cache_in_every_cached_layer(calibrated_tiny, arch, recipe):
+    folder, out = calibrated_tiny(arch, recipe)
     expected, config = own_cache(folder)
     stats = KVStats.load(out)
     assert sorted(stats.layers) == sorted(expected)  # exactly the layers the model caches
@@ -83,8 +78,8 @@ GOLDEN = {
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
-def test_vllm_export_names_only_the_attention_layers(calibrated, arch, tmp_path):
-    folder, out = calibrated(arch, "fp8")
+def test_vllm_export_names_only_the_attention_layers(calibrated_tiny, arch, tmp_path):
+    folder, out = calibrated_tiny(arch, "fp8")
     result = export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
     want = {f"model.layers.{i}.self_attn.{w}_scale" for i in GOLDEN[arch] for w in ("k", "v")}
@@ -100,7 +95,7 @@ def test_vllm_export_names_only_the_attention_layers(calibrated, arch, tmp_path)
     assert len(refused) == (arch in ("granitemoehybrid", "qwen3_next")), result.warnings
 
 
-def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_path):
+def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated_tiny, tmp_path):
     """vLLM's Phi3ForCausalLM is a LlamaForCausalLM (vllm/model_executor/models/phi3.py: `class
     Phi3ForCausalLM(LlamaForCausalLM)`) whose LlamaAttention keeps its `Attention` at `self_attn.attn`
     (llama.py: `self.attn = Attention(..., prefix=f"{prefix}.attn")`); the checkpoint's fused
@@ -108,7 +103,7 @@ def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_pat
     `model.layers.{i}.self_attn.k_scale`, which base_config.py `get_cache_scale_mapper` (and, in loaders
     that call it, weight_utils.py `maybe_remap_kv_scale_name`: `.k_scale` -> `.attn.k_scale`) maps to
     `self_attn.attn.k_scale`."""
-    folder, out = calibrated("phi3", "fp8")
+    folder, out = calibrated_tiny("phi3", "fp8")
     export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
     assert set(written) == {f"model.layers.{i}.self_attn.{w}_scale" for i in range(3) for w in ("k", "v")}
@@ -121,8 +116,8 @@ def test_phi3_fused_qkv_exports_the_attention_modules_scales(calibrated, tmp_pat
 
 
 @pytest.mark.parametrize("arch", [a for a in HYBRIDS if a != "qwen3_5_text"])
-def test_transformers_loads_the_hybrid_export_onto_the_attention_layers(calibrated, arch, tmp_path):
-    folder, out = calibrated(arch, "fp8")
+def test_transformers_loads_the_hybrid_export_onto_the_attention_layers(calibrated_tiny, arch, tmp_path):
+    folder, out = calibrated_tiny(arch, "fp8")
     export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     scales = json.loads((out / "scales.json").read_text())["layers"]
@@ -133,9 +128,9 @@ def test_transformers_loads_the_hybrid_export_onto_the_attention_layers(calibrat
 
 
 @pytest.mark.parametrize("arch", [*HYBRIDS, "phi3"])
-def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_path):
-    folder, fp8 = calibrated(arch, "fp8")
-    _, int8 = calibrated(arch, "int8")
+def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated_tiny, arch, tmp_path):
+    folder, fp8 = calibrated_tiny(arch, "fp8")
+    _, int8 = calibrated_tiny(arch, "int8")
     table, rows = tiny_models.eval_rows(folder, [fp8, int8], tmp_path / "eval.json")
     layers = {"qwen3_next": [1, 3], "granitemoehybrid": [0, 2], "qwen3_5_text": [3], "phi3": [0, 1, 2]}[arch]
     assert table["model"]["cached_layers"] == layers
@@ -150,19 +145,14 @@ def test_eval_counts_the_memory_of_the_cached_layers_only(calibrated, arch, tmp_
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
-def test_inspect_finds_no_missing_layer_in_the_artifact_or_its_export(calibrated, arch, tmp_path, capsys):
-    folder, out = calibrated(arch, "fp8")
-    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
-    for path in (out, tmp_path / "export"):
-        capsys.readouterr()
-        code = main(["inspect", str(path)])
-        text = capsys.readouterr().out
-        assert code == 0 and "no defects" in text, text
+def test_inspect_finds_no_missing_layer_in_the_artifact_or_its_export(calibrated_tiny, arch, tmp_path, capsys):
+    folder, out = calibrated_tiny(arch, "fp8")
+    tiny_models.inspect_artifact_and_export(folder, out, tmp_path / "export", capsys)
 
 
-def test_plan_ranks_only_the_cached_layers_and_counts_their_bytes(calibrated, tmp_path):
+def test_plan_ranks_only_the_cached_layers_and_counts_their_bytes(calibrated_tiny, tmp_path):
     """qwen3_next caches layers 1 and 3: the plan skips one of them; bytes by hand (2 heads x 16 channels)."""
-    folder, int8 = calibrated("qwen3_next", "int8")
+    folder, int8 = calibrated_tiny("qwen3_next", "int8")
     code = main(["plan", str(int8), "--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32",
                  "--device", "cpu", "--skip", "1", "--force"])
     assert code == 0
@@ -175,10 +165,10 @@ def test_plan_ranks_only_the_cached_layers_and_counts_their_bytes(calibrated, tm
                                           "unquantized": 2 * per_layer_elements * 4}
 
 
-def test_report_draws_the_kv_cache_layers_of_a_hybrid_model(calibrated, tmp_path, capsys):
+def test_report_draws_the_kv_cache_layers_of_a_hybrid_model(calibrated_tiny, tmp_path, capsys):
     """granitemoehybrid caches layers 0 and 2 of 4: every heatmap has those two rows, labelled 0 and 2, and the
     validate / eval reports of the same model are read onto them."""
-    folder, out = calibrated("granitemoehybrid", "fp8")
+    folder, out = calibrated_tiny("granitemoehybrid", "fp8")
     common = ["--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32", "--device", "cpu"]
     assert main(["validate", str(out), *common]) == 0
     assert main(["eval", *common, "--scales", str(out), "--json", str(tmp_path / "eval.json")]) == 0
@@ -198,8 +188,8 @@ def test_report_draws_the_kv_cache_layers_of_a_hybrid_model(calibrated, tmp_path
 
 
 @pytest.mark.parametrize("export_format", ["sglang-json", "lmdeploy"])
-def test_per_decoder_layer_formats_refuse_a_hybrid_model_in_one_line(calibrated, tmp_path, capsys, export_format):
-    folder, out = calibrated("qwen3_next", "fp8" if export_format == "sglang-json" else "int8")
+def test_per_decoder_layer_formats_refuse_a_hybrid_model_in_one_line(calibrated_tiny, tmp_path, capsys, export_format):
+    folder, out = calibrated_tiny("qwen3_next", "fp8" if export_format == "sglang-json" else "int8")
     target = tmp_path / "export"
     code = main(["export-scales", str(out), "--format", export_format, "--legacy", "--model", str(folder),
                  "--out", str(target)])
@@ -240,11 +230,11 @@ def test_a_model_without_any_kv_cache_layer_is_refused_before_loading(tmp_path, 
 
 
 @pytest.mark.parametrize("bad", ["1,x", "3,1", "1,1", "9", "-1"])
-def test_an_artifact_with_malformed_cached_layers_is_refused(calibrated, tmp_path, bad):
+def test_an_artifact_with_malformed_cached_layers_is_refused(calibrated_tiny, tmp_path, bad):
     from kvq.artifacts.scales import KVScales
     from kvq.errors import UsageError
 
-    _, out = calibrated("qwen3_next", "fp8")
+    _, out = calibrated_tiny("qwen3_next", "fp8")
     scales = KVScales.load(out)
     scales.metadata["cached_layers"] = bad
     scales.save(tmp_path / "bad")

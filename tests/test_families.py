@@ -48,15 +48,10 @@ GOLDEN_SOURCE = {
 }
 
 
-@pytest.fixture
-def calibrated(calibrated_tiny):
-    return calibrated_tiny
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe):
-    folder, out = calibrated(arch, recipe)
+def test_statistics_equal_the_models_own_cache(calibrated_tiny, arch, recipe):
+    folder, out = calibrated_tiny(arch, recipe)
     expected = tiny_models.own_cache_absmax(folder, tiny_models.calibration_token_ids(folder))
     assert sorted(expected) == list(range(LAYERS))
     stats = KVStats.load(out)
@@ -67,8 +62,8 @@ def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_vllm_export_names_every_attention_layer(calibrated, arch, tmp_path):
-    folder, out = calibrated(arch, "fp8")
+def test_vllm_export_names_every_attention_layer(calibrated_tiny, arch, tmp_path):
+    folder, out = calibrated_tiny(arch, "fp8")
     code = main(["export-scales", str(out), "--format", "vllm", "--model", str(folder), "--out", str(tmp_path / "x")])
     assert code == 0
     written = load_file(tmp_path / "x" / "kvq-kv-scales.safetensors")
@@ -86,21 +81,21 @@ def test_vllm_export_names_every_attention_layer(calibrated, arch, tmp_path):
         assert main(["inspect", str(path)]) == 0
 
 
-def test_vllm_export_of_gpt_oss_warns_that_sglang_drops_its_scales(calibrated, tmp_path):
+def test_vllm_export_of_gpt_oss_warns_that_sglang_drops_its_scales(calibrated_tiny, tmp_path):
     """SGLang 0.5.23's GptOssForCausalLM.load_weights has no remap of `self_attn.k_scale` (its attention is
     `self_attn.attn`): sglang/srt/models/gpt_oss.py:1287 `if name not in params_dict: continue`."""
     from kvq.export import export_artifact
 
-    folder, out = calibrated("gpt_oss", "fp8")
+    folder, out = calibrated_tiny("gpt_oss", "fp8")
     result = export_artifact(out, "vllm", out=tmp_path / "x", model=str(folder))
     assert [w for w in result.warnings if w.startswith("SGLang 0.5.23 ignores KV scales for model type gpt_oss")]
     assert not [w for w in result.warnings if w.startswith("vLLM") and "for model type" in w]
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_eval_counts_the_real_cache(calibrated, arch, tmp_path):
-    folder, fp8 = calibrated(arch, "fp8")
-    _, int8 = calibrated(arch, "int8")
+def test_eval_counts_the_real_cache(calibrated_tiny, arch, tmp_path):
+    folder, fp8 = calibrated_tiny(arch, "fp8")
+    _, int8 = calibrated_tiny(arch, "int8")
     _, rows = tiny_models.eval_rows(folder, [fp8, int8], tmp_path / "eval.json")
     config = json.loads((folder / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

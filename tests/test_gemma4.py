@@ -41,15 +41,10 @@ SHAPES = {
 NUM_LAYERS = {"gemma4_global": 4, "gemma4_shared": 5, "gemma4_k_eq_v": 4}
 
 
-@pytest.fixture
-def calibrated(calibrated_tiny):
-    return calibrated_tiny
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("arch", GEMMA4)
-def test_statistics_equal_the_models_own_cache_in_every_layer_that_has_one(calibrated, arch, recipe):
-    folder, out = calibrated(arch, recipe)
+def test_statistics_equal_the_models_own_cache_in_every_layer_that_has_one(calibrated_tiny, arch, recipe):
+    folder, out = calibrated_tiny(arch, recipe)
     expected, config = own_cache(folder)
     assert {i: (tuple(k.shape), tuple(v.shape)) for i, (k, v) in expected.items()} == {
         i: ((h, d), (vh, vd)) for i, ((h, d), (vh, vd)) in SHAPES[arch].items()}  # the hand table is the cache's
@@ -93,8 +88,8 @@ GOLDEN = {
 
 
 @pytest.mark.parametrize("arch", GEMMA4)
-def test_vllm_export_names_every_attention_layer_as_vllm_loads_them(calibrated, arch, tmp_path):
-    folder, out = calibrated(arch, "fp8")
+def test_vllm_export_names_every_attention_layer_as_vllm_loads_them(calibrated_tiny, arch, tmp_path):
+    folder, out = calibrated_tiny(arch, "fp8")
     result = export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     written = load_file(tmp_path / "export" / "kvq-kv-scales.safetensors")
     assert set(written) == {f"model.layers.{i}.self_attn.{w}_scale" for i in GOLDEN[arch] for w in ("k", "v")}
@@ -107,9 +102,9 @@ def test_vllm_export_names_every_attention_layer_as_vllm_loads_them(calibrated, 
         assert any("KV-sharing layers 3 (reads layer 2), 4 (reads layer 1)" in note for note in result.notes)
 
 
-def test_per_head_vllm_export_has_each_layers_own_heads(calibrated, tmp_path):
+def test_per_head_vllm_export_has_each_layers_own_heads(calibrated_tiny, tmp_path):
     """A per-head fp8 export of gemma4_k_eq_v: (heads, 1, 1) per layer, 2 heads on sliding layers, 1 on full."""
-    folder, out = calibrated("gemma4_k_eq_v", "fp8")
+    folder, out = calibrated_tiny("gemma4_k_eq_v", "fp8")
     per_head = tmp_path / "per-head"
     assert main(["solve", str(out), "--recipe", "fp8-e4m3-per-head", "--out", str(per_head)]) == 0
     export_artifact(per_head, "vllm", out=tmp_path / "export", model=str(folder))
@@ -120,21 +115,16 @@ def test_per_head_vllm_export_has_each_layers_own_heads(calibrated, tmp_path):
 
 
 @pytest.mark.parametrize("arch", GEMMA4)
-def test_inspect_finds_no_defect_in_the_artifact_or_its_export(calibrated, arch, tmp_path, capsys):
-    folder, out = calibrated(arch, "fp8")
-    export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
-    for path in (out, tmp_path / "export"):
-        capsys.readouterr()
-        code = main(["inspect", str(path)])
-        text = capsys.readouterr().out
-        assert code == 0 and "no defects" in text, text
+def test_inspect_finds_no_defect_in_the_artifact_or_its_export(calibrated_tiny, arch, tmp_path, capsys):
+    folder, out = calibrated_tiny(arch, "fp8")
+    for text in tiny_models.inspect_artifact_and_export(folder, out, tmp_path / "export", capsys):
         assert "K/V heads x dim per layer 0: 2x16/2x16" in text
 
 
 @pytest.mark.parametrize("arch", GEMMA4)
-def test_eval_counts_the_memory_of_each_cached_layer_at_its_own_shape(calibrated, arch, tmp_path):
-    folder, fp8 = calibrated(arch, "fp8")
-    _, int8 = calibrated(arch, "int8")
+def test_eval_counts_the_memory_of_each_cached_layer_at_its_own_shape(calibrated_tiny, arch, tmp_path):
+    folder, fp8 = calibrated_tiny(arch, "fp8")
+    _, int8 = calibrated_tiny(arch, "int8")
     table, rows = tiny_models.eval_rows(folder, [fp8, int8], tmp_path / "eval.json")
     # by hand: K and V elements per token of each cached layer, summed
     elements = {"gemma4_global": 2 * (2 * 16 + 2 * 32 + 2 * 16 + 2 * 32),  # 384
@@ -147,10 +137,10 @@ def test_eval_counts_the_memory_of_each_cached_layer_at_its_own_shape(calibrated
     assert len(rows["fp8-e4m3-per-tensor"]["attention_error"]["per_layer"]) == len(SHAPES[arch])
 
 
-def test_scales_of_another_layer_shape_are_refused_in_one_line(calibrated, tmp_path, capsys):
+def test_scales_of_another_layer_shape_are_refused_in_one_line(calibrated_tiny, tmp_path, capsys):
     """gemma4_global's artifact on gemma4_k_eq_v (same layer count, other full-attention heads): eval refuses."""
-    _, out = calibrated("gemma4_global", "int8")
-    folder, _ = calibrated("gemma4_k_eq_v", "int8")
+    _, out = calibrated_tiny("gemma4_global", "int8")
+    folder, _ = calibrated_tiny("gemma4_k_eq_v", "int8")
     capsys.readouterr()
     code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(out), "--samples", "1",
                  "--seqlen", "16", "--device", "cpu"])
@@ -172,13 +162,13 @@ def test_engine_matrix_records_that_the_gemma4_loaders_apply_the_scales(engine, 
     assert not [w for w in loader_warnings(COMPRESSED_TENSORS, model_type) if w.startswith(engine)]
 
 
-def test_transformers_and_compressed_tensors_cannot_load_the_export_and_export_says_so(calibrated, tmp_path):
+def test_transformers_and_compressed_tensors_cannot_load_the_export_and_export_says_so(calibrated_tiny, tmp_path):
     """transformers 5.23 + compressed-tensors 0.20.1, run here (the oracle): initialize_attn_qparams reads
     config.head_dim (compressed_tensors/utils/helpers.py:481), which Gemma 4's per-layer config refuses. The
     engine matrix records it, and the export warns."""
     from transformers import AutoModelForCausalLM
 
-    folder, out = calibrated("gemma4_global", "fp8")
+    folder, out = calibrated_tiny("gemma4_global", "fp8")
     result = export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     with pytest.raises(RuntimeError, match="'head_dim' is a per-layer attribute"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "export")
@@ -186,14 +176,14 @@ def test_transformers_and_compressed_tensors_cannot_load_the_export_and_export_s
                                                        "for model type gemma4_text")]
 
 
-def test_multimodal_gemma4_calibrates_its_text_model_and_exports_the_names_vllm_maps(calibrated, tmp_path):
+def test_multimodal_gemma4_calibrates_its_text_model_and_exports_the_names_vllm_maps(calibrated_tiny, tmp_path):
     """model_type gemma4 (Gemma4ForConditionalGeneration): the text model's layers are
     ``model.language_model.layers.{i}``; vLLM 0.34.0 gemma4_mm.py:1080-1092 maps ``model.language_model.`` to
     ``language_model.model.`` and loads through AutoWeightsLoader (gemma4_mm.py:2458-2462, its ``quant_config``
     set at gemma4_mm.py:1101, so the cache-scale mapper applies): ``...self_attn.k_scale`` lands on
     ``language_model.model.layers.{i}.self_attn.attn.k_scale``. KV sharing as in gemma4_shared."""
-    folder, out = calibrated("gemma4_mm", "fp8")
-    _, text_out = calibrated("gemma4_shared", "fp8")  # the text model alone: the same layer shapes
+    folder, out = calibrated_tiny("gemma4_mm", "fp8")
+    _, text_out = calibrated_tiny("gemma4_shared", "fp8")  # the text model alone: the same layer shapes
     stats, text_stats = KVStats.load(out), KVStats.load(text_out)
     assert stats.metadata["model_type"] == "gemma4" and stats.metadata["cached_layers"] == "0,1,2"
     assert stats.metadata["kv_shapes"] == text_stats.metadata["kv_shapes"]
@@ -207,10 +197,10 @@ def test_multimodal_gemma4_calibrates_its_text_model_and_exports_the_names_vllm_
     assert main(["inspect", str(tmp_path / "export")]) == 0
 
 
-def test_validate_plan_and_report_read_each_layer_at_its_own_shape(calibrated, tmp_path, capsys):
+def test_validate_plan_and_report_read_each_layer_at_its_own_shape(calibrated_tiny, tmp_path, capsys):
     """gemma4_k_eq_v: sliding layers 0, 2 hold 2 KV heads, full-attention layers 1, 3 one (of 32 channels): the
     report's grids are 4 layers x 2 heads, the second head of layers 1 and 3 empty (null)."""
-    folder, out = calibrated("gemma4_k_eq_v", "int8")
+    folder, out = calibrated_tiny("gemma4_k_eq_v", "int8")
     run = ["--model", str(folder), "--dataset", "pydoc", "--samples", "2", "--seqlen", "32", "--device", "cpu"]
     assert main(["validate", str(out), *run]) == 0
     heads = {int(row["layer"]): row for row in json.loads((out / "validate.json").read_text())["heads"]}
@@ -228,12 +218,12 @@ def test_validate_plan_and_report_read_each_layer_at_its_own_shape(calibrated, t
     assert channels == [[4, 2 * 32]]  # the widest layer: 2 heads of 32 channels (full layers 1 head x 32, sliding 2 x 16)
 
 
-def test_inspect_flags_a_kv_sharing_layer_without_scales(calibrated, tmp_path, capsys):
+def test_inspect_flags_a_kv_sharing_layer_without_scales(calibrated_tiny, tmp_path, capsys):
     """A compressed-tensors Gemma 4 checkpoint whose KV-sharing layers carry no scale: vLLM would read their
     target's fp8 cache at scale 1.0 (see GOLDEN's notes); inspect names each such layer."""
     from safetensors.torch import save_file
 
-    folder, out = calibrated("gemma4_shared", "fp8")
+    folder, out = calibrated_tiny("gemma4_shared", "fp8")
     export = tmp_path / "export"
     export_artifact(out, "vllm", out=export, model=str(folder))
     path = export / "kvq-kv-scales.safetensors"
@@ -274,9 +264,9 @@ def test_query_scales_of_a_kv_sharing_model(tiny_model_factory, tmp_path):
                  "--seqlen", "16", "--device", "cpu"]) == 0
 
 
-def test_inspect_reads_clipping_per_layer_and_checks_each_layers_shape_against_the_model(calibrated, tmp_path, capsys):
-    folder, out = calibrated("gemma4_k_eq_v", "fp8")
-    other, _ = calibrated("gemma4_global", "fp8")
+def test_inspect_reads_clipping_per_layer_and_checks_each_layers_shape_against_the_model(calibrated_tiny, tmp_path, capsys):
+    folder, out = calibrated_tiny("gemma4_k_eq_v", "fp8")
+    other, _ = calibrated_tiny("gemma4_global", "fp8")
     export_artifact(out, "vllm", out=tmp_path / "export", model=str(folder))
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "export"), "--stats", str(out), "--tp", "2"]) == 0

@@ -181,19 +181,14 @@ OWN_CACHE = {"kimi_linear", "deepseek_v32", "glm_moe_dsa"}
 KV_LORA_RANK, ROPE_DIM = 32, 8  # tiny_models._MLA
 
 
-@pytest.fixture
-def calibrated(calibrated_tiny):
-    return calibrated_tiny
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("recipe_name", sorted(RECIPES))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe_name):
+def test_statistics_equal_the_models_own_cache(calibrated_tiny, arch, recipe_name):
     """Per layer and channel, the latent (K) and the rotary part (V) exactly as the model's own cache holds them."""
 
 
-    folder, out = calibrated(arch, recipe_name)
+    folder, out = calibrated_tiny(arch, recipe_name)
     token_ids = tiny_models.calibration_token_ids(folder)  # the samples `kvq calibrate` picks (seed 0)
     # the model's own cache (a hybrid model's own: its delta-attention layers keep a recurrent state in it)
     expected = tiny_models.own_cache_absmax(folder, token_ids, whole_windows=arch not in OWN_CACHE)
@@ -210,7 +205,7 @@ def test_statistics_equal_the_models_own_cache(calibrated, arch, recipe_name):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
+def test_vllm_export_writes_one_row_scale_per_layer(calibrated_tiny, arch, tmp_path):
     """The names every vLLM attention loads (model.layers.{i}.self_attn.k_scale / v_scale: the cache-scale mapper,
     quantization/base_config.py:261@0.34.0), both the row's absmax / 448 (concat_and_cache_mla's one scale,
     v1/attention/backend.py:1088-1110); and the warning that vLLM 0.34.0 does not load them for MLA
@@ -220,7 +215,7 @@ def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
     from kvq.cli import main
     from kvq.export import export_artifact
 
-    folder, out = calibrated(arch, "fp8")
+    folder, out = calibrated_tiny(arch, "fp8")
     result = export_artifact(out, "vllm", out=tmp_path / "x", model=str(folder))
     written = load_file(tmp_path / "x" / "kvq-kv-scales.safetensors")
     layers = KV_LAYERS.get(arch, list(range(LAYERS)))
@@ -245,28 +240,28 @@ def test_vllm_export_writes_one_row_scale_per_layer(calibrated, arch, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_exports_the_engine_cannot_apply_are_refused(calibrated, tmp_path, capsys):
+def test_exports_the_engine_cannot_apply_are_refused(calibrated_tiny, tmp_path, capsys):
     from kvq.cli import main
 
-    folder, int8 = calibrated("deepseek_v3", "int8")
+    folder, int8 = calibrated_tiny("deepseek_v3", "int8")
     code = main(["export-scales", str(int8), "--format", "vllm", "--model", str(folder), "--out", str(tmp_path / "a")])
     assert code == 2 and not (tmp_path / "a").exists()
     assert "no integer or fp4 MLA cache" in capsys.readouterr().err
-    _, fp8 = calibrated("deepseek_v3", "fp8")
+    _, fp8 = calibrated_tiny("deepseek_v3", "fp8")
     code = main(["export-scales", str(fp8), "--format", "modelopt", "--model", str(folder), "--out", str(tmp_path / "b")])
     assert code == 2 and "for an MLA (latent) KV cache" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("arch", ["deepseek_v3"])
-def test_eval_validate_plan_and_report(calibrated, arch, tmp_path):
+def test_eval_validate_plan_and_report(calibrated_tiny, arch, tmp_path):
     """eval counts the real cache: layers x (kv_lora_rank + qk_rope_head_dim) x bytes per token, by hand."""
     import json
 
     from kvq.cli import main
 
-    folder, fp8 = calibrated(arch, "fp8")
-    _, int8 = calibrated(arch, "int8")
+    folder, fp8 = calibrated_tiny(arch, "fp8")
+    _, int8 = calibrated_tiny(arch, "int8")
     report = tmp_path / "eval.json"
     code = main(["eval", "--model", str(folder), "--dataset", "pydoc", "--scales", str(fp8), "--scales", str(int8),
                  "--samples", "2", "--seqlen", "32", "--device", "cpu", "--json", str(report)])

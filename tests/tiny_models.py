@@ -191,6 +191,23 @@ def eval_rows(folder: Path, scales: list[Path], report: Path) -> tuple[dict, dic
     return table, {row["name"]: row for row in table["rows"]}
 
 
+def inspect_artifact_and_export(folder: Path, out: Path, export_dir: Path, capsys) -> list[str]:
+    """`kvq export-scales --format vllm` of the artifact ``out`` for model ``folder`` into ``export_dir``, then
+    `kvq inspect` of the artifact and of the export: each must exit 0 with "no defects"; their outputs."""
+    from kvq.cli import main
+    from kvq.export import export_artifact
+
+    export_artifact(out, "vllm", out=export_dir, model=str(folder))
+    texts = []
+    for path in (out, export_dir):
+        capsys.readouterr()
+        code = main(["inspect", str(path)])
+        text = capsys.readouterr().out
+        assert code == 0 and "no defects" in text, text
+        texts.append(text)
+    return texts
+
+
 def own_cache_absmax(folder: Path, token_ids: list[list[int]],
                      whole_windows: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The oracle of every capture test: per layer that holds a KV cache, the absmax per (KV head, channel) of the
