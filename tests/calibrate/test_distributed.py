@@ -46,7 +46,9 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(tiny_llama, tmp_path
     proc = _torchrun(2, *_calibrate_args(broken, out))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kvq: error: ")]
-    assert len(errors) == 2 and all("layer 1: K holds NaN or inf" in line for line in errors), errors
+    # Both ranks meet the NaN; torchrun stops the other workers as soon as one fails, so the second rank's line
+    # may or may not be written first (a race seen on a loaded 2-core machine): one or two lines, each the reason.
+    assert 1 <= len(errors) <= 2 and all("layer 1: K holds NaN or inf" in line for line in errors), errors
     assert not out.exists()
 
 
