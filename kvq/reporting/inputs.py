@@ -8,6 +8,7 @@ naming the file and what to pass instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from kvq.artifacts.files import SCALES_FILE, STATS_FILE, VALIDATE_JSON, StatedShape, require_file
@@ -15,7 +16,7 @@ from kvq.artifacts.scales import KVScales
 from kvq.artifacts.stats import KVStats
 from kvq.errors import UsageError
 from kvq.io.parse import parse_json
-from kvq.model.model_spec import layers_text
+from kvq.model.model_spec import KVShape, LayerKV, layers_text
 
 _MAX_JSON = 256 << 20  # a validate.json of a 100-layer, 64-head model is a few MB
 
@@ -35,24 +36,32 @@ class ReportInputs:
     @property
     def layers(self) -> tuple[int, ...]:
         """The layers with a KV cache the statistics hold (all of 0..num_layers-1 but in hybrid models)."""
-        return tuple(sorted(self.stats.layers))
+        return self.shape.kv_layers
+
+    @cached_property
+    def shape(self) -> KVShape:
+        """The KV cache the statistics hold: each layer's K and V (heads, dim) as its tensors are, the model's
+        decoder layers as the metadata states them (checked against the file when it was loaded; the layers the
+        file holds when it states none)."""
+        layers = {i: LayerKV(tuple(t.k.min.shape), tuple(t.v.min.shape)) for i, t in self.stats.layers.items()}
+        held = tuple(sorted(layers))
+        stated = StatedShape.parse(self.stats.metadata, str(self.out_dir / STATS_FILE)).num_layers
+        num_layers = stated if stated is not None else held[-1] + 1
+        return KVShape.from_layers(num_layers, layers, None if held == tuple(range(num_layers)) else held)
 
     @property
     def num_layers(self) -> int:
-        """The model's decoder layers, as the statistics' metadata states them (checked against the file's layers
-        when it was loaded); the layers the file holds when it states none."""
-        stated = StatedShape.parse(self.stats.metadata, str(self.out_dir / STATS_FILE)).num_layers
-        return stated if stated is not None else len(self.stats.layers)
+        return self.shape.num_layers
 
     @property
     def num_heads(self) -> int:
         """KV heads of the first KV-cache layer's keys (KVShape's convention for ``num_kv_heads``)."""
-        return int(self.stats.layers[self.layers[0]].k.min.shape[0])
+        return self.shape.num_kv_heads
 
     @property
     def head_dim(self) -> int:
         """head_dim of the first KV-cache layer's keys (KVShape's convention)."""
-        return int(self.stats.layers[self.layers[0]].k.min.shape[1])
+        return self.shape.head_dim
 
     @property
     def read(self) -> list[Path]:

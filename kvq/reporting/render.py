@@ -24,14 +24,7 @@ STATS_KEYS = ("model", "config_hash", "dataset", "dataset_origin", "samples", "s
 def shape_text(inputs: ReportInputs) -> str:
     """The model's KV cache in one line: layers x KV heads x head_dim, or per layer where they differ, and which
     layers hold a KV cache where not all do."""
-    first = (inputs.num_heads, inputs.head_dim)
-    if all(tuple(layer.k.min.shape) == first == tuple(layer.v.min.shape) for layer in inputs.stats.layers.values()):
-        text = f"{inputs.num_layers} layers x {inputs.num_heads} KV heads x head_dim {inputs.head_dim}"
-    else:
-        per = ", ".join(f"{i}: K {'x'.join(map(str, inputs.stats.layers[i].k.min.shape))} / V "
-                        f"{'x'.join(map(str, inputs.stats.layers[i].v.min.shape))}" for i in inputs.layers[:8])
-        text = (f"{inputs.num_layers} layers, KV heads x head_dim per layer {per}"
-                + (" ..." if len(inputs.layers) > 8 else ""))
+    text = inputs.shape.text()
     if len(inputs.layers) < inputs.num_layers:
         text += (f"; KV cache in {len(inputs.layers)} of {inputs.num_layers} layers ({layers_text(inputs.layers)}), "
                  "the others keep a recurrent state or read another layer's cache")
